@@ -1,0 +1,364 @@
+"""COCO-style bbox evaluation: result conversion, multi-process gathering, metrics, plots.
+
+Detections arrive as torchvision-style dicts (``boxes`` xyxy in original image pixels,
+``scores``, contiguous ``labels``); :func:`detections_to_coco` turns them into COCO result
+entries, :func:`evaluate_coco` runs ``COCOeval`` (pycocotools, or faster-coco-eval's C++
+port, which gives the same numbers) and :func:`evaluate_distributed` does the same in a
+``torch.distributed`` run, so that N processes report exactly what one process would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from focaldet.errors import ConfigError
+from focaldet.structures.boxes import xyxy_to_xywh
+
+STAT_NAMES = ("mAP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+BACKENDS = ("pycocotools", "faster_coco_eval")
+IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)  # COCOeval's default params.iouThrs
+RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)  # COCOeval's default params.recThrs
+BOX_DECIMALS = 3  # 1/1000 pixel: invisible to IoU, keeps the JSON small
+SCORE_DECIMALS = 5
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def detections_to_coco(
+    image_ids: Sequence[int] | torch.Tensor,
+    detections: Sequence[dict[str, torch.Tensor]],
+    label_to_cat_id: Sequence[int],
+) -> list[dict[str, Any]]:
+    """Convert per-image detections into COCO results entries.
+
+    Args:
+        image_ids: the dataset image id of each image, in the order of ``detections``.
+        detections: per image ``{"boxes": (M, 4) xyxy, "scores": (M,), "labels": (M,)}``,
+            boxes in original image pixels, labels contiguous ``0..K-1``.
+        label_to_cat_id: ``label_to_cat_id[label]`` is the dataset's category id.
+
+    Returns:
+        ``[{"image_id": int, "category_id": int, "bbox": [x, y, w, h], "score": float}]``,
+        the entries of one image contiguous and in input order (what
+        :func:`merge_rank_results` relies on). Boxes are rounded to 1/1000 pixel and scores
+        to 5 decimals; all values are plain Python numbers.
+    """
+    image_ids = [int(i) for i in image_ids]
+    if len(image_ids) != len(detections):
+        raise ValueError(f"{len(image_ids)} image ids for {len(detections)} detection dicts")
+    if not detections:
+        return []
+    lut = torch.as_tensor(list(label_to_cat_id), dtype=torch.int64)
+    counts = [len(d["scores"]) for d in detections]
+    boxes = torch.cat([d["boxes"].detach().reshape(-1, 4).double().cpu() for d in detections])
+    scores = torch.cat([d["scores"].detach().reshape(-1).double().cpu() for d in detections])
+    labels = torch.cat([d["labels"].detach().reshape(-1).long().cpu() for d in detections])
+    if labels.numel() and (labels.min() < 0 or labels.max() >= len(lut)):
+        raise ValueError(f"labels must lie in [0, {len(lut)}), got {labels.min()}..{labels.max()}")
+
+    img = torch.repeat_interleave(torch.tensor(image_ids, dtype=torch.int64), torch.tensor(counts))
+    xywh = xyxy_to_xywh(boxes).round(decimals=BOX_DECIMALS).tolist()
+    return [
+        {"image_id": i, "category_id": c, "bbox": b, "score": s}
+        for i, c, b, s in zip(
+            img.tolist(), lut[labels].tolist(), xywh, scores.round(decimals=SCORE_DECIMALS).tolist()
+        )
+    ]
+
+
+# --------------------------------------------------------------------------- gathering
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def merge_rank_results(per_rank: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Concatenate the per-rank result lists, keeping each image's entries only once.
+
+    ``DistributedSampler`` pads the last batch with repeated images, so the same image can
+    be evaluated on two ranks. Each rank's list holds every image's entries as one
+    contiguous run (as :func:`detections_to_coco` emits them); the first run seen for an
+    image id (lowest rank, earliest position) is kept and any later run of that id, on
+    another rank or on the same one, is dropped.
+    """
+    seen: set[int] = set()
+    merged: list[dict[str, Any]] = []
+    for results in per_rank:
+        run_image, keep = None, False
+        for entry in results:
+            image_id = entry["image_id"]
+            if image_id != run_image:  # a new run of one image's entries starts
+                run_image, keep = image_id, image_id not in seen
+                seen.add(image_id)
+            if keep:
+                merged.append(entry)
+    return merged
+
+
+def gather_results(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """All ranks' results, de-duplicated by image id (see :func:`merge_rank_results`).
+
+    In a ``torch.distributed`` run this is a collective (``all_gather_object``): every
+    rank must call it, and every rank gets the full merged list. Otherwise the local list
+    is only de-duplicated.
+    """
+    if not _distributed():
+        return merge_rank_results([results])
+    per_rank: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, list(results))
+    return merge_rank_results(per_rank)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class CocoEvalResult:
+    """Outcome of one COCO bbox evaluation.
+
+    Attributes:
+        stats: the 12 ``COCOeval.summarize()`` numbers under :data:`STAT_NAMES`, in [0, 1].
+            As in COCOeval, ``-1.0`` means "not computable" (e.g. ``APs`` when the ground
+            truth has no small objects).
+        per_class: class name -> AP@[.5:.95], computed like detectron2's
+            ``_derive_coco_results`` (mean over the precision entries > -1); ``nan`` when
+            the class has no ground truth in the evaluated images.
+        per_class_ap50: class name -> AP@.5, same rules.
+        num_gt: class name -> number of non-crowd ground-truth boxes evaluated.
+        precision: COCOeval's ``eval["precision"]`` array ``(T, R, K, A, M)`` for plots
+            (IoU thresholds, recall thresholds, classes, area ranges, max detections).
+        class_names: names in category-id order (the K axis of ``precision``).
+    """
+
+    stats: dict[str, float]
+    per_class: dict[str, float]
+    per_class_ap50: dict[str, float]
+    num_gt: dict[str, int]
+    precision: np.ndarray | None = field(default=None, repr=False)
+    class_names: list[str] = field(default_factory=list)
+
+    def table(self) -> str:
+        """The 12 summary numbers as an aligned two-column text table."""
+        lines = [f"{'metric':<7} {'value':>7}", "-" * 15]
+        lines += [f"{k:<7} {_fmt(v):>7}" for k, v in self.stats.items()]
+        return "\n".join(lines)
+
+    def per_class_table(self) -> str:
+        """Per-class AP@[.5:.95], AP@.5 and ground-truth box count as a text table."""
+        width = max([5, *(len(n) for n in self.class_names)])
+        lines = [f"{'class':<{width}} {'AP':>7} {'AP50':>7} {'#gt':>7}", "-" * (width + 24)]
+        for name in self.class_names:
+            ap, ap50, n = self.per_class[name], self.per_class_ap50[name], self.num_gt[name]
+            lines.append(f"{name:<{width}} {_fmt(ap):>7} {_fmt(ap50):>7} {n:>7d}")
+        return "\n".join(lines)
+
+
+def _fmt(value: float) -> str:
+    return "-" if math.isnan(value) or value < 0 else f"{value:.4f}"
+
+
+def _noop(*args: Any, **kwargs: Any) -> None:
+    pass
+
+
+def _backend_classes(backend: str):
+    """``(COCO, COCOeval, extra COCOeval kwargs)`` of a backend."""
+    name = backend.replace("-", "_")
+    if name == "pycocotools":
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+
+        return COCO, COCOeval, {}
+    if name == "faster_coco_eval":
+        try:
+            from faster_coco_eval import COCO as FCOCO
+            from faster_coco_eval import COCOeval_faster
+        except ImportError as e:
+            raise ConfigError("backend 'faster_coco_eval' needs `pip install faster-coco-eval`") from e
+        return FCOCO, COCOeval_faster, {"print_function": _noop}
+    raise ConfigError(f"unknown COCO eval backend {backend!r}; choose one of {BACKENDS}")
+
+
+def _to_backend_coco(coco_gt: Any, coco_cls: type) -> Any:
+    """``coco_gt`` (a COCO object of either library, or a JSON path) as a ``coco_cls``."""
+    if isinstance(coco_gt, coco_cls):
+        return coco_gt
+    if isinstance(coco_gt, (str, os.PathLike)):
+        with open(coco_gt) as f:
+            dataset = json.load(f)
+    else:
+        dataset = coco_gt.dataset
+    gt = coco_cls()
+    gt.dataset = dataset
+    gt.createIndex()
+    return gt
+
+
+def _empty_results_coco(coco_gt: Any, coco_cls: type) -> Any:
+    """A detections COCO with no annotations (pycocotools' ``loadRes([])`` crashes)."""
+    dt = coco_cls()
+    dt.dataset = {
+        "images": list(coco_gt.dataset["images"]),
+        "categories": list(coco_gt.dataset["categories"]),
+        "annotations": [],
+    }
+    dt.createIndex()
+    return dt
+
+
+def evaluate_coco(
+    coco_gt: Any,
+    results: Sequence[dict[str, Any]],
+    backend: str = "pycocotools",
+    class_names: Sequence[str] | None = None,
+    image_ids: Sequence[int] | None = None,
+) -> CocoEvalResult:
+    """Run COCO bbox evaluation of ``results`` against ``coco_gt``.
+
+    Args:
+        coco_gt: ground truth: a pycocotools or faster-coco-eval ``COCO`` object, or the
+            path of an instances JSON. Converted to the backend's class when needed.
+        results: COCO results entries (from :func:`detections_to_coco`); not modified.
+            An empty list is evaluated as "no detections": AP/AR 0 wherever there is
+            ground truth (and -1 where COCOeval cannot compute a number).
+        backend: ``"pycocotools"`` or ``"faster_coco_eval"`` (same numbers, faster).
+        class_names: names in ascending category-id order; defaults to the ground truth's
+            category names.
+        image_ids: evaluate only these images (e.g. a smoke run over a subset); default all
+            images of the ground truth, as COCOeval does.
+
+    The libraries' progress prints are silenced.
+    """
+    coco_cls, eval_cls, eval_kwargs = _backend_classes(backend)
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = _to_backend_coco(coco_gt, coco_cls)
+        if results:
+            dt = gt.loadRes([dict(r) for r in results])  # loadRes adds keys to the dicts
+        else:
+            dt = _empty_results_coco(gt, coco_cls)
+        ev = eval_cls(gt, dt, iouType="bbox", **eval_kwargs)
+        if image_ids is not None:
+            ev.params.imgIds = sorted({int(i) for i in image_ids})
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+
+    cat_ids = list(ev.params.catIds)  # sorted, the K axis of the precision array
+    if class_names is None:
+        class_names = [gt.cats[c]["name"] for c in cat_ids]
+    elif len(class_names) != len(cat_ids):
+        raise ValueError(f"{len(class_names)} class names for {len(cat_ids)} categories")
+    class_names = [str(n) for n in class_names]
+
+    precision = np.asarray(ev.eval["precision"])
+    gt_anns = gt.loadAnns(gt.getAnnIds(imgIds=list(ev.params.imgIds)))
+    gt_count = Counter(a["category_id"] for a in gt_anns if not a.get("iscrowd", 0))
+    per_class, per_class_ap50, num_gt = {}, {}, {}
+    for k, (name, cat_id) in enumerate(zip(class_names, cat_ids)):
+        per_class[name] = _mean_valid(precision[:, :, k, 0, -1])
+        per_class_ap50[name] = _mean_valid(precision[0, :, k, 0, -1])
+        num_gt[name] = gt_count[cat_id]
+
+    stats = {name: float(v) for name, v in zip(STAT_NAMES, ev.stats[: len(STAT_NAMES)])}
+    return CocoEvalResult(stats, per_class, per_class_ap50, num_gt, precision, class_names)
+
+
+def _mean_valid(precision: np.ndarray) -> float:
+    """detectron2's per-class AP: mean of the precision entries that are not -1."""
+    valid = precision[precision > -1]
+    return float(valid.mean()) if valid.size else float("nan")
+
+
+def evaluate_distributed(
+    coco_gt: Any,
+    local_results: Sequence[dict[str, Any]],
+    backend: str = "pycocotools",
+    class_names: Sequence[str] | None = None,
+    image_ids: Sequence[int] | None = None,
+) -> CocoEvalResult:
+    """:func:`evaluate_coco` over the results of all ranks; every rank gets the result.
+
+    A collective in a ``torch.distributed`` run: results are gathered and de-duplicated on
+    all ranks, evaluated on rank 0 only, and the :class:`CocoEvalResult` is broadcast, so
+    that every rank logs the same numbers. An exception on rank 0 is re-raised on every
+    rank instead of leaving the others waiting. Without distributed it is
+    :func:`evaluate_coco` on the de-duplicated local results.
+    """
+    results = gather_results(local_results)
+    if not _distributed():
+        return evaluate_coco(coco_gt, results, backend, class_names, image_ids)
+    payload: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            payload[0] = evaluate_coco(coco_gt, results, backend, class_names, image_ids)
+        except Exception as e:  # noqa: BLE001 - forwarded to every rank below
+            payload[0] = e
+    dist.broadcast_object_list(payload, src=0)
+    if isinstance(payload[0], BaseException):
+        raise payload[0]
+    return payload[0]
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def write_results_json(results: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
+    """Write COCO results to ``path`` atomically (temporary file, then ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(list(results), f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def plot_pr_curves(result: CocoEvalResult, path: str | os.PathLike, max_legend: int = 20) -> Path:
+    """Save precision-recall curves per class at IoU 0.5 and 0.75 as a PNG.
+
+    Area "all", at most 100 detections per image. Classes without ground truth are left
+    out; the mean over classes is drawn in bold black. The legend lists at most
+    ``max_legend`` classes.
+    """
+    from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas
+
+    if result.precision is None:
+        raise ValueError("this CocoEvalResult carries no precision array")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(12, 5), dpi=100, layout="constrained")
+    for ax, iou in zip(fig.subplots(1, 2), (0.5, 0.75)):
+        t = int(np.argmin(np.abs(IOU_THRESHOLDS - iou)))
+        curves = result.precision[t, :, :, 0, -1]  # (R, K)
+        valid = [k for k in range(curves.shape[1]) if (curves[:, k] > -1).any()]
+        for k in valid:
+            name = result.class_names[k] if k < len(result.class_names) else str(k)
+            ax.plot(RECALL_THRESHOLDS, curves[:, k], lw=1, label=f"{name} ({curves[:, k].mean():.3f})")
+        if valid:
+            mean = curves[:, valid].mean(axis=1)
+            ax.plot(RECALL_THRESHOLDS, mean, "k", lw=2.5, label=f"mean ({mean.mean():.3f})")
+        ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="recall", ylabel="precision", title=f"IoU={iou:.2f}")
+        ax.grid(alpha=0.3)
+        if 0 < len(valid) <= max_legend:
+            ax.legend(fontsize="small", loc="lower left")
+    fig.suptitle(f"Precision-recall (area all, maxDets 100): mAP={result.stats.get('mAP', float('nan')):.4f}")
+    fig.savefig(path)
+    return path

@@ -1,0 +1,115 @@
+"""Dense anchors on P3-P7 (RetinaNet, Sec. 4 of the paper).
+
+Each pyramid level ``l`` (stride ``2**l``) gets anchors of area ``(4 * stride)**2`` at three
+scales ``{2**0, 2**(1/3), 2**(2/3)}`` and three aspect ratios ``h/w in {1:2, 1:1, 2:1}``:
+9 anchors per location, covering 32-813 px. Anchors are laid out location-major then
+anchor-minor, ``(Hi, Wi, A)``, with ``A`` ordered ratio-major, scale-minor -- the order the
+head's ``(N, A*K, Hi, Wi)`` output is flattened in (and torchvision's).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+DEFAULT_SIZES = (32, 64, 128, 256, 512)
+DEFAULT_STRIDES = (8, 16, 32, 64, 128)
+DEFAULT_SCALES = (1.0, 2 ** (1 / 3), 2 ** (2 / 3))
+DEFAULT_RATIOS = (0.5, 1.0, 2.0)
+
+
+class AnchorGenerator(nn.Module):
+    """Anchors for every level of a feature pyramid, cached per (feature shapes, device).
+
+    Args:
+        sizes: base anchor side per level (P3..P7).
+        strides: feature stride per level, in input pixels.
+        scales: multipliers of the base size (octave scales).
+        aspect_ratios: ``h / w`` of the anchors.
+        offset: anchor centres at ``(i + offset) * stride``; 0.0 as detectron2 and torchvision.
+        torchvision_compat: reproduce torchvision's integer-rounded sizes (32, 40, 50, ...),
+            rounded cell anchors and its strides ``padded_size // feature_size`` (which
+            differ from 64 and 128 on P6/P7 when the padded size is not a multiple of 128),
+            for exact parity with ``retinanet_resnet50_fpn``.
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[float] = DEFAULT_SIZES,
+        strides: Sequence[int] = DEFAULT_STRIDES,
+        scales: Sequence[float] = DEFAULT_SCALES,
+        aspect_ratios: Sequence[float] = DEFAULT_RATIOS,
+        offset: float = 0.0,
+        torchvision_compat: bool = False,
+    ) -> None:
+        super().__init__()
+        if len(sizes) != len(strides):
+            raise ValueError(f"anchor sizes {list(sizes)} and strides {list(strides)} differ in length")
+        self.strides = tuple(int(s) for s in strides)
+        self.offset = float(offset)
+        self.torchvision_compat = torchvision_compat
+        self.num_anchors = len(scales) * len(aspect_ratios)
+        cells = [self._cell_anchors(size, scales, aspect_ratios, torchvision_compat) for size in sizes]
+        # (L, A, 4): not a buffer, anchors are derived state and never saved in checkpoints.
+        self._cells = torch.stack(cells)
+        self._cache: dict[tuple, list[Tensor]] = {}
+
+    @staticmethod
+    def _cell_anchors(size: float, scales, ratios, torchvision_compat: bool) -> Tensor:
+        """``(A, 4)`` anchors centred at the origin, ratio-major then scale-minor."""
+        if torchvision_compat:  # torchvision: sizes = (x, int(x * 2**(1/3)), int(x * 2**(2/3)))
+            side = torch.tensor([float(int(size * s)) for s in scales])
+        else:
+            side = torch.tensor([size * s for s in scales], dtype=torch.float64)
+        h_ratios = torch.sqrt(torch.tensor(ratios, dtype=side.dtype))
+        w_ratios = 1 / h_ratios
+        ws = (w_ratios[:, None] * side[None, :]).reshape(-1)  # (R*S,)
+        hs = (h_ratios[:, None] * side[None, :]).reshape(-1)
+        cell = torch.stack([-ws, -hs, ws, hs], dim=1) / 2
+        if torchvision_compat:
+            cell = cell.round()
+        return cell.float()
+
+    def feature_shapes(self, height: int, width: int) -> list[tuple[int, int]]:
+        """``(Hi, Wi)`` of each level for an input of ``height x width`` (ceil division)."""
+        return [(math.ceil(height / s), math.ceil(width / s)) for s in self.strides]
+
+    def forward(self, feature_shapes: Sequence[Sequence[int]], device: torch.device | str = "cpu",
+                image_size: Sequence[int] | None = None) -> Tensor:
+        """Anchors of all levels, concatenated: ``(R, 4)`` xyxy in input pixels, where
+        ``R = sum_i Hi*Wi*A``; level ``i`` occupies ``num_per_level(feature_shapes)[i]`` rows.
+        ``image_size`` (padded ``(H, W)``) is used only in ``torchvision_compat`` mode.
+
+        Cached: a detector sees the same few padded shapes over and over.
+        """
+        shapes = tuple(tuple(int(v) for v in s) for s in feature_shapes)
+        if self.torchvision_compat and image_size is not None:
+            strides = [(int(image_size[0]) // h, int(image_size[1]) // w) for h, w in shapes]
+        else:
+            strides = [(s, s) for s in self.strides]
+        key = (shapes, tuple(strides), str(torch.device(device)))
+        anchors = self._cache.get(key)
+        if anchors is None:
+            if len(self._cache) >= 64:  # multi-scale training sees a bounded set of shapes
+                self._cache.clear()
+            levels = [self._grid_anchors(c, st, hw) for c, st, hw in zip(self._cells, strides, shapes)]
+            anchors = self._cache[key] = torch.cat(levels).to(device)
+        return anchors
+
+    def num_per_level(self, feature_shapes: Sequence[Sequence[int]]) -> list[int]:
+        """Number of anchors of each level, ``Hi * Wi * A``."""
+        return [int(h) * int(w) * self.num_anchors for h, w in feature_shapes]
+
+    def _grid_anchors(self, cell: Tensor, stride: tuple[int, int], shape: tuple[int, int]) -> Tensor:
+        (sy, sx), (h, w) = stride, shape
+        ys = (torch.arange(h, dtype=torch.float32) + self.offset) * sy
+        xs = (torch.arange(w, dtype=torch.float32) + self.offset) * sx
+        y, x = torch.meshgrid(ys, xs, indexing="ij")
+        shifts = torch.stack([x, y, x, y], dim=-1).reshape(-1, 1, 4)  # (H*W, 1, 4)
+        return (shifts + cell[None]).reshape(-1, 4)  # (H*W, A, 4) -> (H*W*A, 4)
+
+    def extra_repr(self) -> str:
+        return f"strides={self.strides}, num_anchors={self.num_anchors}, offset={self.offset}"
