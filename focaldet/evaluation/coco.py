@@ -290,8 +290,12 @@ def evaluate_distributed(
     backend: str = "pycocotools",
     class_names: Sequence[str] | None = None,
     image_ids: Sequence[int] | None = None,
+    results_path: str | os.PathLike | None = None,
 ) -> CocoEvalResult:
     """:func:`evaluate_coco` over the results of all ranks; every rank gets the result.
+
+    With ``results_path``, the merged results are also written there (by rank 0) as a
+    COCO results JSON.
 
     A collective in a ``torch.distributed`` run: results are gathered and de-duplicated on
     all ranks, evaluated on rank 0 only, and the :class:`CocoEvalResult` is broadcast, so
@@ -301,10 +305,14 @@ def evaluate_distributed(
     """
     results = gather_results(local_results)
     if not _distributed():
+        if results_path is not None:
+            write_results_json(results, results_path)
         return evaluate_coco(coco_gt, results, backend, class_names, image_ids)
     payload: list[Any] = [None]
     if dist.get_rank() == 0:
         try:
+            if results_path is not None:
+                write_results_json(results, results_path)
             payload[0] = evaluate_coco(coco_gt, results, backend, class_names, image_ids)
         except Exception as e:  # noqa: BLE001 - forwarded to every rank below
             payload[0] = e

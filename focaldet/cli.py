@@ -1,0 +1,89 @@
+"""The ``focaldet`` command.
+
+``focaldet fit|validate|test|predict -c CONFIG.yaml [--key value ...]`` is Lightning's
+``LightningCLI`` over ``RetinaNetModule`` and ``CocoDataModule``; ``focaldet data ...`` are
+the dataset tools and ``focaldet bench`` the side-by-side benchmark.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from focaldet.data.datamodule import CocoDataModule
+from focaldet.module import RetinaNetModule
+
+
+class PredictionWriter(Callback):
+    """Writes ``focaldet predict``'s detections as one COCO-style results JSON
+    (``predictions.json`` in the run directory), with file and category names added."""
+
+    def on_predict_epoch_end(self, trainer, pl_module) -> None:
+        from focaldet.evaluation import gather_results, write_results_json
+
+        batches = trainer.predict_loop.predictions
+        entries = gather_results([e for batch in batches for e in batch])
+        if trainer.is_global_zero:
+            path = write_results_json(entries, Path(trainer.log_dir or trainer.default_root_dir) / "predictions.json")
+            print(f"wrote {len(entries)} detections to {path}", flush=True)
+
+
+class FocaldetCLI(LightningCLI):
+    """LightningCLI whose data module tells the model its classes (never typed twice)."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.label_map", "model.label_map", compute_fn=lambda m: m.to_dict(),
+                              apply_on="instantiate")
+        parser.link_arguments("data.batch_size", "model.batch_size")
+
+    def before_instantiate_classes(self) -> None:
+        self._resolved = self.parser.dump(self.config, skip_none=False) if self.subcommand is None else \
+            self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False)
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        self.model.run_config = self._resolved  # stored in every checkpoint
+        # Checkpoints live at a stable place, <default_root_dir>/checkpoints, not inside the
+        # logger's versioned folder: re-running a command with `--ckpt_path last` resumes it.
+        for cb in self.trainer.checkpoint_callbacks:
+            if cb.dirpath is None:
+                cb.dirpath = str(Path(self.trainer.default_root_dir) / "checkpoints")
+
+
+def trainer_defaults() -> dict:
+    return {
+        "default_root_dir": "runs",
+        "callbacks": [
+            ModelCheckpoint(monitor="val/mAP", mode="max", save_last=True, filename="best-{step}-{val/mAP:.4f}",
+                            auto_insert_metric_name=False),
+            LearningRateMonitor(logging_interval="step"),
+            PredictionWriter(),
+        ],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "data":
+        from focaldet.data.cli import main as data_main
+
+        return data_main(args[1:])
+    if args and args[0] == "bench":
+        from focaldet.bench import main as bench_main
+
+        return bench_main(args[1:])
+    FocaldetCLI(
+        RetinaNetModule, CocoDataModule,
+        trainer_defaults=trainer_defaults(),
+        save_config_kwargs={"overwrite": True},
+        args=argv,  # None: LightningCLI reads sys.argv itself
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

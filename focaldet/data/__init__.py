@@ -1,0 +1,58 @@
+"""Data layer: COCO-format datasets, augmentation pipelines, the Lightning data module,
+the synthetic shapes dataset, the data doctor and a VOC converter.
+
+`CocoDataModule` is imported lazily, so ``focaldet data ...`` tools do not pay for
+importing Lightning.
+"""
+
+from focaldet.data.coco import (
+    CocoDetection,
+    DataWarning,
+    ImageError,
+    ImageFolderDataset,
+    LabelMap,
+    load_coco,
+    read_coco_json,
+    read_image,
+)
+from focaldet.data.doctor import Report, check_dataset
+from focaldet.data.synth import SyntheticCoco, write_synthetic_coco
+from focaldet.data.transforms import (
+    ResizeShortestEdge,
+    build_pipeline,
+    build_transform,
+    build_transforms,
+    collate_detection,
+)
+from focaldet.data.voc import convert_voc_to_coco, voc_to_coco
+
+__all__ = [
+    "CocoDataModule",
+    "CocoDetection",
+    "DataWarning",
+    "ImageError",
+    "ImageFolderDataset",
+    "LabelMap",
+    "Report",
+    "ResizeShortestEdge",
+    "SyntheticCoco",
+    "build_pipeline",
+    "build_transform",
+    "build_transforms",
+    "check_dataset",
+    "collate_detection",
+    "convert_voc_to_coco",
+    "load_coco",
+    "read_coco_json",
+    "read_image",
+    "voc_to_coco",
+    "write_synthetic_coco",
+]
+
+
+def __getattr__(name: str):
+    if name == "CocoDataModule":
+        from focaldet.data.datamodule import CocoDataModule
+
+        return CocoDataModule
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

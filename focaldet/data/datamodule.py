@@ -1,0 +1,236 @@
+"""`CocoDataModule`: COCO-format train/val/test data and image-folder prediction for Lightning."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import cv2
+import lightning as L
+import torch
+from pycocotools.coco import COCO
+from torch.utils.data import DataLoader, get_worker_info
+
+from focaldet.data.coco import CocoDetection, ImageFolderDataset, LabelMap, load_coco
+from focaldet.data.transforms import build_transforms, collate_detection
+from focaldet.errors import ConfigError, DataError
+
+__all__ = ["CocoDataModule"]
+
+_STAGE_ALIASES = {"train": "train", "fit": "train", "val": "val", "validate": "val", "test": "test"}
+
+
+def _seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: give each worker its own augmentation random state.
+
+    albumentations keeps a private RNG inside ``Compose``; forked workers would all inherit
+    the same one (and restart it every epoch), so reseed it from torch's per-worker seed,
+    which Lightning's ``seed_everything`` makes reproducible.
+    """
+    cv2.setNumThreads(1)  # workers already run in parallel; avoid thread oversubscription
+    info = get_worker_info()
+    transforms = getattr(info.dataset, "transforms", None) if info is not None else None
+    if hasattr(transforms, "set_random_seed"):
+        transforms.set_random_seed(torch.initial_seed() % 2**32)
+
+
+class CocoDataModule(L.LightningDataModule):
+    """COCO-format detection data.
+
+    Args:
+        train_ann, train_images: COCO instances JSON and image folder for training.
+        val_ann, val_images: same for validation (also the evaluator's ground truth).
+        test_ann, test_images: same for testing.
+        predict_images: folder of unlabelled images for ``predict``.
+        batch_size: images per device and step.
+        num_workers: DataLoader worker processes.
+        pin_memory: pin batches (only when CUDA is available).
+        persistent_workers: keep workers between epochs (only when ``num_workers > 0``).
+        min_size: shorter side after resizing; a list is sampled per image in training
+            (multi-scale), evaluation uses its largest value.
+        max_size: cap on the longer side after resizing.
+        hflip_prob: horizontal flip probability in training.
+        train_transforms, eval_transforms: albumentations config lists replacing the default
+            pipelines (see `focaldet.data.transforms`).
+        size_divisibility: batches are padded to a multiple of this (128 = P7 stride).
+        filter_empty: drop training images without boxes.
+        label_map: ``LabelMap.to_dict()`` output, for predict-only use when no annotation
+            file is given (e.g. taken from a checkpoint).
+
+    The label map is read at construction from the first annotation file given (train,
+    else val, else test), so ``num_classes`` is known before the model is built.
+    """
+
+    def __init__(
+        self,
+        train_ann: str | None = None,
+        train_images: str | None = None,
+        val_ann: str | None = None,
+        val_images: str | None = None,
+        test_ann: str | None = None,
+        test_images: str | None = None,
+        predict_images: str | None = None,
+        batch_size: int = 4,
+        num_workers: int = 2,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        min_size: int | list[int] = 800,
+        max_size: int = 1333,
+        hflip_prob: float = 0.5,
+        train_transforms: list[dict[str, Any]] | None = None,
+        eval_transforms: list[dict[str, Any]] | None = None,
+        size_divisibility: int = 128,
+        filter_empty: bool = False,
+        label_map: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.paths = {
+            "train": (train_ann, train_images),
+            "val": (val_ann, val_images),
+            "test": (test_ann, test_images),
+        }
+        for split, (ann, images) in self.paths.items():
+            if (ann is None) != (images is None):
+                raise ConfigError(f"{split}_ann and {split}_images must be given together")
+        self.predict_images = predict_images
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.min_size = min_size
+        self.max_size = max_size
+        self.hflip_prob = hflip_prob
+        self.train_transforms = train_transforms
+        self.eval_transforms = eval_transforms
+        self.size_divisibility = size_divisibility
+        self.filter_empty = filter_empty
+
+        self._cocos: dict[Path, COCO] = {}
+        self.datasets: dict[str, CocoDetection | ImageFolderDataset] = {}
+        self._label_map = LabelMap.from_dict(label_map) if label_map is not None else None
+        first = next((split for split in ("train", "val", "test") if self.paths[split][0] is not None), None)
+        if first is not None:
+            json_map = LabelMap.from_categories(self._coco(first).dataset["categories"])
+            if self._label_map is not None and self._label_map.cat_ids != json_map.cat_ids:
+                raise DataError(
+                    f"{self.paths[first][0]}: category ids {json_map.cat_ids} differ from the "
+                    f"given label_map's {self._label_map.cat_ids}"
+                )
+            self._label_map = self._label_map or json_map
+
+    # ----------------------------------------------------------------------------------
+    # Label map and ground truth
+    # ----------------------------------------------------------------------------------
+
+    @property
+    def label_map(self) -> LabelMap:
+        """Category id <-> contiguous label mapping (from the annotations or ``label_map``)."""
+        if self._label_map is None:
+            raise ConfigError("no annotation file and no label_map given: the classes are unknown")
+        return self._label_map
+
+    @property
+    def num_classes(self) -> int:
+        return self.label_map.num_classes
+
+    def _coco(self, split: str) -> COCO:
+        """Parsed ``COCO`` of a split's annotation file, parsed once and cached."""
+        ann = self.paths[split][0]
+        if ann is None:
+            raise ConfigError(f"no {split}_ann given")
+        key = Path(ann).resolve()
+        if key not in self._cocos:
+            self._cocos[key] = load_coco(key)
+        return self._cocos[key]
+
+    def coco_gt(self, stage: str = "val") -> COCO:
+        """pycocotools ground truth of ``"val"``/``"validate"`` or ``"test"`` (for the evaluator)."""
+        split = _STAGE_ALIASES.get(stage)
+        if split is None:
+            raise ValueError(f"unknown stage {stage!r}; expected one of {sorted(_STAGE_ALIASES)}")
+        return self._coco(split)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"label_map": self._label_map.to_dict() if self._label_map is not None else None}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the label map saved in a checkpoint; it must agree with the annotations."""
+        if state_dict.get("label_map") is None:
+            return
+        saved = LabelMap.from_dict(state_dict["label_map"])
+        if self._label_map is not None and saved.cat_ids != self._label_map.cat_ids:
+            raise DataError(
+                f"the checkpoint's category ids {saved.cat_ids} differ from this data's {self._label_map.cat_ids}"
+            )
+        self._label_map = saved
+
+    # ----------------------------------------------------------------------------------
+    # Datasets and loaders
+    # ----------------------------------------------------------------------------------
+
+    def _transforms(self, train: bool) -> Callable:
+        custom = self.train_transforms if train else self.eval_transforms
+        # Seed the augmentation RNG from torch, so seed_everything() makes num_workers=0 runs
+        # reproducible too (workers reseed it in _seed_worker).
+        seed = int(torch.randint(0, 2**31 - 1, ()).item()) if train else None
+        return build_transforms(
+            train, self.min_size, self.max_size, self.hflip_prob, transforms=custom, seed=seed
+        )
+
+    def _coco_dataset(self, split: str) -> CocoDetection:
+        ann, images = self.paths[split]
+        return CocoDetection(
+            ann,
+            images,
+            transforms=self._transforms(train=split == "train"),
+            filter_empty=self.filter_empty and split == "train",
+            coco=self._coco(split),
+            label_map=self._label_map,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets a stage needs (all available ones for ``stage=None``)."""
+        splits = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}
+        for split in splits.get(stage, ["train", "val", "test", "predict"]):
+            if split in self.datasets:
+                continue
+            if split == "predict":
+                if self.predict_images is not None:
+                    self.datasets[split] = ImageFolderDataset(self.predict_images, self._transforms(train=False))
+            elif self.paths[split][0] is not None:
+                self.datasets[split] = self._coco_dataset(split)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if split not in self.datasets:
+            self.setup({"train": "fit", "val": "validate", "test": "test", "predict": "predict"}[split])
+        if split not in self.datasets:
+            what = "predict_images" if split == "predict" else f"{split}_ann and {split}_images"
+            raise ConfigError(f"no {split} data: set {what}")
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=False,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            collate_fn=functools.partial(collate_detection, size_divisibility=self.size_divisibility),
+            worker_init_fn=_seed_worker,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation batches; an empty list (no validation) when no ``val_ann`` is set."""
+        if self.paths["val"][0] is None:
+            return []
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", shuffle=False)

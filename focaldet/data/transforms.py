@@ -1,0 +1,198 @@
+"""Augmentation pipelines (albumentations) and batch collation.
+
+Pipelines are built from plain config lists, so they can live in YAML::
+
+    - {name: ResizeShortestEdge, min_size: [640, 672, 704, 736, 768, 800], max_size: 1333}
+    - {name: HorizontalFlip, p: 0.5}
+
+``name`` is a focaldet transform (`ResizeShortestEdge`), an albumentations class name, or a
+dotted import path (``my_pkg.aug.MyTransform``) for a user's own transform; the other keys
+are its constructor arguments. Containers (``OneOf``, ``SomeOf``, ...) take a nested
+``transforms`` list. Boxes travel as ``pascal_voc`` (``xyxy`` pixels) with a ``labels``
+field, so a transform that drops a box drops its label too.
+
+Note that albumentations' ``LongestMaxSize`` *always* rescales the longer side to
+``max_size`` (it upscales too); use `ResizeShortestEdge` for the detectron2 rule
+"shorter side to ``min_size``, unless the longer side would exceed ``max_size``".
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import albumentations as A
+import torch
+from albumentations.augmentations.geometric.resize import MaxSizeTransform
+
+from focaldet.errors import ConfigError
+
+__all__ = [
+    "ResizeShortestEdge",
+    "build_pipeline",
+    "build_transform",
+    "build_transforms",
+    "collate_detection",
+]
+
+
+class ResizeShortestEdge(MaxSizeTransform):
+    """Scale so the shorter side is ``min_size`` while the longer side stays <= ``max_size``.
+
+    The scale is ``min(min_size / min(h, w), max_size / max(h, w))`` (detectron2's
+    ``ResizeShortestEdge``, the RetinaNet paper's 800/1333); the output size is
+    ``round(h * scale), round(w * scale)`` and boxes follow the actual size ratio.
+
+    Args:
+        min_size: target shorter side; a list picks one value at random per image
+            (multi-scale training).
+        max_size: cap on the longer side.
+        interpolation: OpenCV interpolation flag.
+        p: probability of applying the transform.
+    """
+
+    def __init__(
+        self,
+        min_size: int | Sequence[int] = 800,
+        max_size: int = 1333,
+        interpolation: int = 1,  # cv2.INTER_LINEAR
+        p: float = 1.0,
+    ) -> None:
+        super().__init__(max_size=int(max_size), interpolation=interpolation, p=p)
+        sizes = [min_size] if isinstance(min_size, int) else list(min_size)
+        if not sizes or any(int(s) <= 0 for s in sizes) or int(max_size) <= 0:
+            raise ValueError(f"ResizeShortestEdge: sizes must be positive, got min_size={min_size}, max_size={max_size}")
+        self.min_size = min_size if isinstance(min_size, int) else [int(s) for s in sizes]
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        h, w = params["shape"][:2]
+        short = self.py_random.choice(self.min_size) if isinstance(self.min_size, list) else self.min_size
+        return {"scale": min(short / min(h, w), self.max_size / max(h, w))}
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("min_size", "max_size", "interpolation")
+
+
+_FOCALDET_TRANSFORMS: dict[str, type] = {"ResizeShortestEdge": ResizeShortestEdge}
+
+
+def _resolve(name: str) -> type:
+    if name in _FOCALDET_TRANSFORMS:
+        return _FOCALDET_TRANSFORMS[name]
+    if "." not in name:
+        cls = getattr(A, name, None)
+        if cls is None:
+            raise ConfigError(f"unknown transform {name!r}: not a focaldet or albumentations transform")
+        return cls
+    module_name, _, attr = name.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"cannot import transform {name!r}: {e}") from None
+
+
+def build_transform(spec: Mapping[str, Any]) -> Any:
+    """One transform from ``{"name": ..., **kwargs}`` (nested ``transforms`` for containers)."""
+    if not isinstance(spec, Mapping) or "name" not in spec:
+        raise ConfigError(f"a transform must be a mapping with a 'name' key, got {spec!r}")
+    kwargs = {k: v for k, v in spec.items() if k != "name"}
+    name = str(spec["name"])
+    cls = _resolve(name)
+    if "transforms" in kwargs:
+        kwargs["transforms"] = [build_transform(t) for t in kwargs["transforms"]]
+    params = inspect.signature(cls).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(kwargs) - set(params))
+        if unknown:
+            raise ConfigError(f"transform {name}: unknown argument(s) {unknown}; valid: {sorted(params)}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"transform {name}: {e}") from None
+
+
+def build_pipeline(transforms: Sequence[Mapping[str, Any]], min_visibility: float = 0.0, seed: int | None = None) -> A.Compose:
+    """Compose config dicts into a box-aware pipeline.
+
+    Called as ``pipeline(image=(H, W, 3) uint8, bboxes=(G, 4) xyxy, labels=(G,))``; returns
+    the same keys. Boxes are clipped to the image; a box whose visible fraction falls below
+    ``min_visibility`` (or that leaves the image) is dropped together with its label.
+    """
+    return A.Compose(
+        [build_transform(t) for t in transforms],
+        bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels"], min_visibility=min_visibility, clip=True),
+        seed=seed,
+    )
+
+
+def build_transforms(
+    train: bool,
+    min_size: int | Sequence[int] = 800,
+    max_size: int = 1333,
+    hflip_prob: float = 0.5,
+    transforms: Sequence[Mapping[str, Any]] | None = None,
+    min_visibility: float = 0.0,
+    seed: int | None = None,
+) -> A.Compose:
+    """The train or eval pipeline.
+
+    With ``transforms=None`` this is the RetinaNet/detectron2 recipe: shorter side to
+    ``min_size`` (a list samples one per image in train; eval uses its largest value),
+    longer side <= ``max_size``, and in train a horizontal flip with ``hflip_prob``.
+    A ``transforms`` config list replaces that recipe entirely (include a resize yourself).
+    """
+    if transforms is None:
+        if not train and not isinstance(min_size, int):
+            min_size = max(min_size)
+        transforms = [{"name": "ResizeShortestEdge", "min_size": min_size, "max_size": max_size}]
+        if train and hflip_prob > 0:
+            transforms.append({"name": "HorizontalFlip", "p": hflip_prob})
+    return build_pipeline(transforms, min_visibility=min_visibility, seed=seed)
+
+
+def collate_detection(batch: Sequence[Mapping[str, Any]], size_divisibility: int = 128) -> dict[str, Any]:
+    """Stack dataset samples into a padded batch.
+
+    Images are zero-padded at the bottom/right to a common size that is a multiple of
+    ``size_divisibility`` (128 = the P7 stride). Returns::
+
+        images       (N, 3, Hp, Wp) uint8
+        image_sizes  (N, 2) int64  (h, w) after transforms, before padding
+        orig_sizes   (N, 2) int64  (h, w) of the image files
+        boxes        (N, Gmax, 4) float32 xyxy, zero-padded
+        labels       (N, Gmax) int64, padded with -1 (``labels >= 0`` is the valid mask)
+        image_ids    (N,) int64
+        file_names   list[str]
+
+    Map detections back to original pixels with
+    ``rescale_boxes(boxes, image_sizes[i], orig_sizes[i])``.
+    """
+    if not batch:
+        raise ValueError("collate_detection got an empty batch")
+    n = len(batch)
+    div = max(int(size_divisibility), 1)
+    max_h = max(s["image"].shape[1] for s in batch)
+    max_w = max(s["image"].shape[2] for s in batch)
+    hp, wp = -(-max_h // div) * div, -(-max_w // div) * div
+    gmax = max(len(s["labels"]) for s in batch)
+
+    images = torch.zeros((n, 3, hp, wp), dtype=torch.uint8)
+    boxes = torch.zeros((n, gmax, 4), dtype=torch.float32)
+    labels = torch.full((n, gmax), -1, dtype=torch.int64)
+    for i, s in enumerate(batch):
+        _, h, w = s["image"].shape
+        images[i, :, :h, :w] = s["image"]
+        g = len(s["labels"])
+        boxes[i, :g] = s["boxes"]
+        labels[i, :g] = s["labels"]
+    return {
+        "images": images,
+        "image_sizes": torch.tensor([s["size"] for s in batch], dtype=torch.int64).reshape(n, 2),
+        "orig_sizes": torch.tensor([s["orig_size"] for s in batch], dtype=torch.int64).reshape(n, 2),
+        "boxes": boxes,
+        "labels": labels,
+        "image_ids": torch.tensor([s["image_id"] for s in batch], dtype=torch.int64),
+        "file_names": [s["file_name"] for s in batch],
+    }

@@ -1,0 +1,284 @@
+"""``RetinaNetModule``: the Lightning wrapper around model + criterion.
+
+Lightning owns the loop, DDP, AMP (``--trainer.precision``), gradient clipping
+(``--trainer.gradient_clip_val``), checkpointing and logging; this module adds the
+detection recipe: SGD with the linear-scaling rule, warmup + multi-step decay, COCO mAP,
+and a guard against non-finite losses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from focaldet.errors import ConfigError, NonFiniteLossError
+from focaldet.evaluation import detections_to_coco, evaluate_distributed, write_results_json
+from focaldet.losses import RetinaNetCriterion
+from focaldet.modeling import AnchorGenerator, Matcher, PostProcess, RetinaNet
+from focaldet.structures.boxes import rescale_boxes
+
+
+class RetinaNetModule(L.LightningModule):
+    """RetinaNet training, evaluation and prediction.
+
+    Model (see ``focaldet.models.RetinaNet``):
+        num_classes: linked from the data module by the CLI; never typed by hand.
+        backbone: e.g. ``{class_path: focaldet.models.ResNetBackbone, init_args: {depth: 18}}``;
+            default ResNet-50, frozen BN, stem and stage 1 frozen.
+        anchor_generator, matcher, postprocess: plain objects, paper defaults when omitted.
+        cls_loss: any class loss of ``focaldet.losses`` (default ``SigmoidFocalLoss``).
+        box_loss: any box loss of ``focaldet.losses`` (default ``SmoothL1Loss``).
+        fpn_channels, p6_from, num_convs, head_norm, prior_prob: see ``RetinaNet``.
+        normalizer_momentum: EMA of the positive count (detectron2: 0.9); None = per batch.
+    Optimisation:
+        base_lr: learning rate for ``base_batch_size`` images; scaled linearly with the
+            global batch (``batch_size`` x devices x nodes x gradient accumulation).
+        batch_size: per-device batch size, linked from ``data.batch_size`` by the CLI.
+        optimizer: ``"sgd"`` (the paper's recipe) or ``"adamw"`` (converges faster when
+            training small models from scratch, as in ``configs/synth.yaml``).
+        momentum, weight_decay: SGD momentum and (both optimizers) weight decay;
+            ``decay_norm_and_bias=False`` exempts norm and bias parameters.
+        warmup_iters, warmup_factor: linear warmup from ``base_lr * warmup_factor``.
+        lr_steps, lr_gamma: multiply the learning rate by ``lr_gamma`` at these iterations.
+        nonfinite: ``"raise"`` stops at a NaN/Inf loss naming the step; ``"skip"`` skips that step.
+    Evaluation / prediction:
+        eval_backend: ``"pycocotools"`` or ``"faster_coco_eval"`` (same numbers, faster).
+        label_map: category ids and names, linked from the data module and saved in checkpoints.
+        draw_predictions: ``predict`` also writes images with the detections drawn.
+        draw_score_threshold: minimum score of the drawn detections.
+        channels_last: run convolutions in NHWC memory format (pays on GPUs with tensor cores).
+        flush_denormal: flush subnormal floats to zero on CPU. Training from scratch fills
+            the N(0, 0.01)-initialised head with subnormals after a few SGD steps, which x86
+            CPUs process ~7x slower (measured: 4.3 s vs 0.65 s per step); GPUs flush anyway.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: nn.Module | None = None,
+        anchor_generator: AnchorGenerator | None = None,
+        matcher: Matcher | None = None,
+        postprocess: PostProcess | None = None,
+        cls_loss: nn.Module | None = None,
+        box_loss: nn.Module | None = None,
+        fpn_channels: int = 256,
+        p6_from: str = "c5",
+        num_convs: int = 4,
+        head_norm: str | None = None,
+        prior_prob: float = 0.01,
+        normalizer_momentum: float | None = None,
+        base_lr: float = 0.01,
+        base_batch_size: int = 16,
+        batch_size: int = 16,
+        optimizer: str = "sgd",
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        decay_norm_and_bias: bool = True,
+        warmup_iters: int = 1000,
+        warmup_factor: float = 0.001,
+        lr_steps: list[int] | None = None,
+        lr_gamma: float = 0.1,
+        nonfinite: str = "raise",
+        eval_backend: str = "pycocotools",
+        label_map: dict | None = None,
+        draw_predictions: bool = False,
+        draw_score_threshold: float = 0.3,
+        channels_last: bool = False,
+        flush_denormal: bool = True,
+    ):
+        super().__init__()
+        if optimizer not in ("sgd", "adamw"):
+            raise ConfigError(f"model.optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
+        if nonfinite not in ("raise", "skip"):
+            raise ConfigError(f"model.nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        self.save_hyperparameters(ignore=["backbone", "anchor_generator", "matcher", "postprocess", "cls_loss", "box_loss"])
+        self.model = RetinaNet(
+            num_classes, backbone=backbone, anchor_generator=anchor_generator, postprocess=postprocess,
+            fpn_channels=fpn_channels, p6_from=p6_from, num_convs=num_convs, head_norm=head_norm,
+            prior_prob=prior_prob,
+            # the head sizes itself from what the loss declares, never from the loss's type
+            background_logit=bool(getattr(cls_loss, "background_logit", False)),
+        )
+        self.criterion = RetinaNetCriterion(cls_loss, box_loss, matcher, self.model.box_coder,
+                                            normalizer_momentum=normalizer_momentum)
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self._results: list[dict] = []
+        self._preview: tuple | None = None  # first batch of validate/test, drawn as a PNG
+        self.last_eval = None  # CocoEvalResult of the last validation/test epoch
+        self.run_config: str | None = None  # resolved YAML, set by the CLI, stored in checkpoints
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def class_names(self) -> list[str]:
+        lm = self.hparams.label_map
+        return list(lm["names"]) if lm else [str(i) for i in range(self.hparams.num_classes)]
+
+    @property
+    def label_to_cat_id(self) -> list[int]:
+        lm = self.hparams.label_map
+        return list(lm["cat_ids"]) if lm else list(range(self.hparams.num_classes))
+
+    def _forward(self, batch: dict) -> dict:
+        x = self.model.normalize(batch["images"], batch["image_sizes"])
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x)
+
+    def _detect(self, batch: dict) -> list[dict]:
+        """Detections mapped back to each image's original pixels."""
+        detections = self.model.detect(self._forward(batch), batch["image_sizes"])
+        if self._preview is None and self.trainer.state.fn in ("validate", "test") and self.trainer.is_global_zero:
+            self._preview = _preview(batch, detections)
+        for det, size, orig in zip(detections, batch["image_sizes"].tolist(), batch["orig_sizes"].tolist()):
+            det["boxes"] = rescale_boxes(det["boxes"], size, orig)
+        return detections
+
+    def _run_dir(self) -> Path:
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.flush_denormal:
+            torch.set_flush_denormal(True)  # a no-op where unsupported; each DDP process calls it
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: dict, batch_idx: int):
+        losses = self.criterion(self._forward(batch), batch["boxes"], batch["labels"])
+        loss = losses["loss"]
+        finite = torch.isfinite(loss.detach()).float()
+        if dist.is_available() and dist.is_initialized():  # every rank takes the same decision
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite.item():
+            msg = (f"non-finite loss at step {self.global_step} (loss_cls={losses['loss_cls'].item():.4g}, "
+                   f"loss_box={losses['loss_box'].item():.4g})")
+            if self.hparams.nonfinite == "raise":
+                raise NonFiniteLossError(msg + ": lower the learning rate, set --trainer.gradient_clip_val, "
+                                         "or pass --model.nonfinite skip")
+            rank_zero_info(msg + ": step skipped")
+            self.log("train/skipped_steps", 1.0, reduce_fx="sum")
+            return None
+        n = batch["images"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log_dict({"train/loss_cls": losses["loss_cls"], "train/loss_box": losses["loss_box"],
+                       "train/num_pos": losses["num_pos"]}, batch_size=n)
+        return loss
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        world = self.trainer.world_size if self._trainer is not None else 1
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        lr = hp.base_lr * hp.batch_size * world * accumulate / hp.base_batch_size
+        decay, no_decay = [], []
+        for module in self.modules():
+            for name, p in module.named_parameters(recurse=False):
+                if not p.requires_grad:
+                    continue
+                is_norm = isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm))
+                (no_decay if not hp.decay_norm_and_bias and (is_norm or name == "bias") else decay).append(p)
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        if hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=lr, momentum=hp.momentum)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=lr)
+        steps = sorted(hp.lr_steps or [])
+
+        def factor(it: int) -> float:
+            warm = 1.0 if it >= hp.warmup_iters else hp.warmup_factor + (1 - hp.warmup_factor) * it / hp.warmup_iters
+            return warm * hp.lr_gamma ** sum(it >= s for s in steps)
+
+        rank_zero_info(f"{hp.optimizer} lr {lr:g} (base {hp.base_lr:g} x {hp.batch_size * world * accumulate} / "
+                       f"{hp.base_batch_size} images), warmup {hp.warmup_iters} it, decay at {steps}")
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ evaluation
+    def on_validation_epoch_start(self) -> None:
+        self._results, self._preview = [], None
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        detections = self._detect(batch)
+        self._results.extend(detections_to_coco(batch["image_ids"].tolist(), detections, self.label_to_cat_id))
+
+    def on_validation_epoch_end(self) -> None:
+        self._evaluate("val")
+
+    on_test_epoch_start = on_validation_epoch_start
+    test_step = validation_step
+
+    def on_test_epoch_end(self) -> None:
+        self._evaluate("test")
+
+    def _evaluate(self, stage: str) -> None:
+        coco_gt = self.trainer.datamodule.coco_gt(stage)
+        result = evaluate_distributed(coco_gt, self._results, backend=self.hparams.eval_backend,
+                                      class_names=self.class_names,
+                                      results_path=self._run_dir() / f"{stage}_detections.json")
+        self._results = []
+        self.last_eval = result
+        self.log_dict({f"{stage}/{k}": float(v) for k, v in result.stats.items()})
+        if self.trainer.is_global_zero and self.trainer.state.fn in ("validate", "test"):
+            print(f"\nCOCO bbox evaluation ({stage}, {len(coco_gt.getImgIds())} images)\n{result.table()}\n"
+                  f"\n{result.per_class_table()}\n", flush=True)
+            self._write_pictures(stage, result)
+
+    def _write_pictures(self, stage: str, result) -> None:
+        """``{stage}_detections.png`` (first batch, ground truth in white) and ``{stage}_pr_curves.png``."""
+        from focaldet.evaluation import plot_pr_curves
+        from focaldet.visualize import save_detection_grid
+
+        out = self._run_dir()
+        written = [plot_pr_curves(result, out / f"{stage}_pr_curves.png")]
+        if self._preview is not None:
+            images, detections, targets = self._preview
+            written.append(save_detection_grid(images, detections, self.class_names, out / f"{stage}_detections.png",
+                                               targets=targets, score_threshold=self.hparams.draw_score_threshold))
+        print("wrote " + ", ".join(str(p) for p in written), flush=True)
+        self._preview = None
+
+    # ------------------------------------------------------------------ prediction
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        detections = self._detect(batch)
+        entries = detections_to_coco(batch["image_ids"].tolist(), detections, self.label_to_cat_id)
+        names = dict(zip(self.label_to_cat_id, self.class_names))
+        files = dict(zip(batch["image_ids"].tolist(), batch["file_names"]))
+        for e in entries:
+            e["file_name"], e["category_name"] = files[e["image_id"]], names[e["category_id"]]
+        if self.hparams.draw_predictions:
+            self._draw(batch, detections)
+        return entries
+
+    def _draw(self, batch: dict, detections: list[dict]) -> None:
+        from focaldet.data import read_image
+        from focaldet.visualize import save_detection_grid
+
+        out = self._run_dir() / "predictions"
+        out.mkdir(parents=True, exist_ok=True)
+        root = Path(self.trainer.datamodule.predict_images)
+        for det, name in zip(detections, batch["file_names"]):
+            image = torch.from_numpy(read_image(root / name)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+            save_detection_grid([image], [{k: v.cpu() for k, v in det.items()}], self.class_names,
+                                out / f"{Path(name).stem}.png", ncols=1,
+                                score_threshold=self.hparams.draw_score_threshold)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["focaldet"] = {"label_map": self.hparams.label_map, "config": self.run_config}
+
+
+def _preview(batch: dict, detections: list[dict], max_images: int = 8) -> tuple[list, list, list]:
+    """CPU copies of the first images of a batch (unpadded), their detections and ground truth."""
+    images, dets, targets = [], [], []
+    for i, (h, w) in enumerate(batch["image_sizes"].tolist()[:max_images]):
+        images.append(batch["images"][i, :, :h, :w].cpu())
+        dets.append({k: v.detach().cpu().clone() for k, v in detections[i].items()})
+        keep = batch["labels"][i] >= 0
+        targets.append({"boxes": batch["boxes"][i][keep].cpu(), "labels": batch["labels"][i][keep].cpu()})
+    return images, dets, targets

@@ -1,0 +1,47 @@
+"""Helpers shared by the CLI tests: a tiny, fast training config over a synthetic set."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(tmp_path: Path, data, **overrides) -> Path:
+    """A YAML config that trains a ~1M-parameter RetinaNet on 128 px images in ~0.1 s/step."""
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "max_steps": 4, "val_check_interval": 4,
+            "check_val_every_n_epoch": None, "log_every_n_steps": 1, "enable_progress_bar": False,
+            "enable_model_summary": False, "default_root_dir": str(tmp_path / "run"),
+        },
+        "model": {
+            "backbone": {"class_path": "focaldet.models.ResNetBackbone",
+                         "init_args": {"depth": 18, "norm": "frozen_bn", "freeze_at": 0}},
+            "fpn_channels": 32, "num_convs": 1, "warmup_iters": 2,
+        },
+        "data": {
+            "train_ann": str(data.train_ann), "train_images": str(data.images),
+            "val_ann": str(data.val_ann), "val_images": str(data.images),
+            "batch_size": 2, "num_workers": 0, "min_size": 128, "max_size": 128,
+        },
+    }
+    for key, value in overrides.items():
+        section, name = key.split(".", 1)
+        cfg[section][name] = value
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``focaldet ARGS`` in a fresh process (needed for DDP and kill tests)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "focaldet.cli", *args], cwd=cwd or REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)

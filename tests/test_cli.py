@@ -1,0 +1,110 @@
+"""`focaldet fit|validate|test|predict` end to end, in-process, on a tiny synthetic set."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from pycocotools.coco import COCO
+
+from focaldet.cli import main
+from focaldet.errors import NonFiniteLossError
+from focaldet.losses import RetinaNetCriterion
+
+from helpers import REPO, tiny_config
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def test_fit_validate_test_predict(tmp_path, synth_coco, capsys):
+    cfg = tiny_config(tmp_path, synth_coco)
+    run = tmp_path / "run"
+    main(["fit", "-c", str(cfg)])
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert "last.ckpt" in ckpts and any(n.startswith("best-") for n in ckpts)
+
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    meta = ckpt["focaldet"]
+    assert meta["label_map"]["cat_ids"] == [1, 3, 7, 8]  # non-contiguous ids travel with the model
+    assert "SigmoidFocalLoss" not in meta["config"] and "train_ann" in meta["config"]
+    assert ckpt["hyper_parameters"]["num_classes"] == 4  # linked from the data, never typed
+
+    capsys.readouterr()
+    main(["validate", "-c", str(cfg), "--ckpt_path", "last"])
+    out = capsys.readouterr().out
+    assert "COCO bbox evaluation (val" in out and "AP50" in out
+    for name in ("circle", "square", "triangle", "cross"):
+        assert name in out  # per-class table
+
+    main(["test", "-c", str(cfg), "--ckpt_path", "last", "--data.test_ann", str(synth_coco.val_ann),
+          "--data.test_images", str(synth_coco.images)])
+    version = max((run / "lightning_logs").iterdir(), key=lambda p: int(p.name.split("_")[1]))
+    results = json.loads((version / "test_detections.json").read_text())
+    gt = COCO(str(synth_coco.val_ann))
+    if results:
+        gt.loadRes(str(version / "test_detections.json"))  # valid COCO results
+        assert {r["category_id"] for r in results} <= {1, 3, 7, 8}
+
+    low_thresh = tmp_path / "low_thresh.yaml"  # an undertrained model: keep every candidate
+    low_thresh.write_text("model:\n  postprocess:\n    class_path: focaldet.models.PostProcess\n"
+                          "    init_args: {score_thresh: 0.0, detections_per_img: 5}\n")
+    main(["predict", "-c", str(cfg), "-c", str(low_thresh), "--ckpt_path", "last",
+          "--data.predict_images", str(synth_coco.images), "--model.draw_predictions", "true"])
+    version = max((run / "lightning_logs").iterdir(), key=lambda p: int(p.name.split("_")[1]))
+    preds = json.loads((version / "predictions.json").read_text())
+    assert preds and {"file_name", "category_name", "bbox", "score"} <= set(preds[0])
+    pngs = list((version / "predictions").glob("*.png"))
+    assert len(pngs) == len(list(Path(synth_coco.images).glob("*.jpg")))
+
+
+@pytest.mark.parametrize("loss_cfg", sorted((REPO / "configs" / "losses").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_loss_trains_from_the_cli(tmp_path, synth_coco, loss_cfg):
+    cfg = tiny_config(tmp_path, synth_coco, **{"trainer.max_steps": 2, "trainer.limit_val_batches": 0})
+    main(["fit", "-c", str(cfg), "-c", str(loss_cfg)])
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_loss_swapped_on_the_command_line(tmp_path, synth_coco):
+    cfg = tiny_config(tmp_path, synth_coco, **{"trainer.max_steps": 1, "trainer.limit_val_batches": 0})
+    main(["fit", "-c", str(cfg), "--model.cls_loss", "focaldet.losses.SoftmaxFocalLoss"])
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    assert state["model.head.cls_logits.weight"].shape[0] == 9 * 5  # K + 1 logits per anchor
+
+
+def test_print_config(tmp_path, synth_coco, capsys):
+    cfg = tiny_config(tmp_path, synth_coco)
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "-c", str(cfg), "--print_config"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "focaldet.models.ResNetBackbone" in out and "train_ann" in out
+
+
+@pytest.mark.parametrize("mode", ["raise", "skip"])
+def test_non_finite_loss(tmp_path, synth_coco, monkeypatch, mode):
+    real = RetinaNetCriterion.forward
+
+    def nan_at_step_one(self, outputs, boxes, labels):
+        losses = real(self, outputs, boxes, labels)
+        if self.calls == 1:
+            losses["loss"] = losses["loss"] * float("nan")
+        self.calls += 1
+        return losses
+
+    monkeypatch.setattr(RetinaNetCriterion, "calls", 0, raising=False)
+    monkeypatch.setattr(RetinaNetCriterion, "forward", nan_at_step_one)
+    cfg = tiny_config(tmp_path, synth_coco, **{"trainer.max_steps": 3, "trainer.limit_val_batches": 0})
+    if mode == "raise":
+        with pytest.raises(NonFiniteLossError, match="non-finite loss at step 1"):
+            main(["fit", "-c", str(cfg)])
+    else:
+        main(["fit", "-c", str(cfg), "--model.nonfinite", "skip"])
+        ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_data_subcommand_is_wired(tmp_path):
+    assert main(["data", "synth", "--out", str(tmp_path / "s"), "--num-images", "4", "--size", "64"]) == 0
+    assert (tmp_path / "s" / "annotations" / "instances_train.json").is_file()

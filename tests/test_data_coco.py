@@ -1,0 +1,208 @@
+"""COCO dataset: sample format, label mapping, crowd/degenerate handling, error messages."""
+
+from __future__ import annotations
+
+import gc
+import json
+import warnings
+
+import pytest
+import torch
+from torch._utils import ExceptionWrapper
+from torch.utils.data import DataLoader
+
+from focaldet.data import CocoDetection, DataWarning, ImageFolderDataset, LabelMap, collate_detection, load_coco
+from focaldet.errors import DataError
+
+# ----------------------------------------------------------------------------- LabelMap
+
+
+def test_label_map_sorts_ids_and_maps_both_ways():
+    lm = LabelMap.from_categories([{"id": 7, "name": "c"}, {"id": 1, "name": "a"}, {"id": 3, "name": "b"}])
+    assert lm.num_classes == 3
+    assert lm.cat_ids == [1, 3, 7] and lm.names == ["a", "b", "c"]
+    assert [lm.to_label(c) for c in (1, 3, 7)] == [0, 1, 2]
+    ids = lm.to_cat_id(torch.tensor([[2, 0], [1, 1]]))
+    assert ids.dtype == torch.int64 and ids.tolist() == [[7, 1], [3, 3]]
+    with pytest.raises(DataError, match="category id 5"):
+        lm.to_label(5)
+    with pytest.raises(DataError, match=r"labels must lie in 0..2"):
+        lm.to_cat_id(torch.tensor([0, -1]))  # e.g. collate padding
+
+
+def test_label_map_dict_roundtrip_is_plain_lists():
+    lm = LabelMap([12, 4], ["x", "y"])
+    state = lm.to_dict()
+    assert state == {"cat_ids": [4, 12], "names": ["y", "x"]}
+    assert json.loads(json.dumps(state)) == state
+    assert LabelMap.from_dict(state) == lm
+
+
+# ----------------------------------------------------------------------------- samples
+
+
+def test_sample_format(synth_coco):
+    ds = CocoDetection(synth_coco.train_ann, synth_coco.images)
+    assert len(ds) == 12
+    assert ds.label_map.cat_ids == [1, 3, 7, 8]
+    s = ds[0]
+    assert s["image"].dtype == torch.uint8 and s["image"].shape == (3, 128, 128)
+    assert s["boxes"].dtype == torch.float32 and s["boxes"].shape[1] == 4
+    assert s["labels"].dtype == torch.int64 and s["labels"].shape == (len(s["boxes"]),)
+    assert isinstance(s["image_id"], int) and s["image_id"] == ds.image_ids[0]
+    assert s["orig_size"] == (128, 128) and s["size"] == (128, 128)
+    assert s["file_name"].endswith(".jpg")
+
+
+def test_boxes_and_labels_match_json(synth_coco):
+    ds = CocoDetection(synth_coco.train_ann, synth_coco.images)
+    data = json.loads(synth_coco.train_ann.read_text())
+    for i in range(len(ds)):
+        s = ds[i]
+        anns = [a for a in data["annotations"] if a["image_id"] == s["image_id"]]
+        expected = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)]).reshape(-1, 4)
+        torch.testing.assert_close(s["boxes"], expected)
+        assert ds.label_map.to_cat_id(s["labels"]).tolist() == [a["category_id"] for a in anns]
+
+
+def test_crowd_degenerate_and_clipping(make_coco):
+    ann, images = make_coco(
+        images=[(64, 48), (64, 48)],
+        annotations=[
+            {"image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20]},  # kept
+            {"image_id": 1, "category_id": 1, "bbox": [50, 40, 30, 30]},  # clipped to (50, 40, 64, 48)
+            {"image_id": 1, "category_id": 1, "bbox": [5, 5, 30, 30], "iscrowd": 1},  # crowd: not trained
+            {"image_id": 1, "category_id": 1, "bbox": [30, 30, 0.5, 10]},  # degenerate
+            {"image_id": 1, "category_id": 1, "bbox": [70, 10, 10, 10]},  # outside -> degenerate
+            {"image_id": 2, "category_id": 1, "bbox": [1, 1, 0, 0]},  # degenerate: image 2 is empty
+        ],
+    )
+    with pytest.warns(DataWarning) as record:
+        ds = CocoDetection(ann, images)
+    messages = [str(w.message) for w in record if issubclass(w.category, DataWarning)]
+    assert len(messages) == 1  # one summary, not one per box
+    assert "dropped 3 degenerate box" in messages[0] and "4, 5, 6" in messages[0]
+    assert ds.num_crowd == 1 and ds.num_degenerate == 3
+    assert len(ds) == 2
+    assert ds[0]["boxes"].tolist() == [[10, 10, 30, 30], [50, 40, 64, 48]]
+    assert ds[1]["boxes"].shape == (0, 4) and ds[1]["labels"].shape == (0,)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        filtered = CocoDetection(ann, images, filter_empty=True)
+    assert filtered.image_ids == [1]
+
+
+def test_label_map_mismatch_is_an_error(synth_coco):
+    with pytest.raises(DataError, match="differ from the label map"):
+        CocoDetection(synth_coco.train_ann, synth_coco.images, label_map=LabelMap([1, 2], ["a", "b"]))
+
+
+def test_image_folder_dataset(synth_coco):
+    ds = ImageFolderDataset(synth_coco.images)
+    assert len(ds) == 16
+    s = ds[3]
+    assert s["image_id"] == 3 and s["file_name"] == "synth_000004.jpg"
+    assert s["boxes"].shape == (0, 4) and s["labels"].shape == (0,)
+    batch = collate_detection([ds[0], ds[1]])
+    assert batch["boxes"].shape == (2, 0, 4) and batch["labels"].shape == (2, 0)
+    assert batch["image_ids"].tolist() == [0, 1]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_malformed_json_names_line_and_column(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('{\n  "images": [],\n  "annotations": [,]\n}')
+    with pytest.raises(DataError) as e:
+        load_coco(path)
+    assert str(path) in str(e.value) and "line 3, column 19" in str(e.value)
+
+
+def test_missing_annotation_file(tmp_path):
+    with pytest.raises(DataError, match="annotation file not found"):
+        load_coco(tmp_path / "nope.json")
+
+
+def test_annotation_with_missing_image_id(make_coco):
+    ann, images = make_coco(annotations=[{"image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]},
+                                         {"image_id": 42, "category_id": 1, "bbox": [1, 1, 5, 5]}])
+    with pytest.raises(DataError, match=r"annotation 2 refers to image id 42"):
+        CocoDetection(ann, images)
+
+
+def test_unknown_category_id(make_coco):
+    ann, images = make_coco(annotations=[{"image_id": 1, "category_id": 9, "bbox": [1, 1, 5, 5]}])
+    with pytest.raises(DataError, match=r"annotation 1 has category id 9, which is not in 'categories' \[1\]"):
+        CocoDetection(ann, images)
+
+
+def test_invalid_bbox(make_coco):
+    ann, images = make_coco(annotations=[{"image_id": 1, "category_id": 1, "bbox": [1, 1, 5]}])
+    with pytest.raises(DataError, match="annotation 1 has an invalid bbox"):
+        CocoDetection(ann, images)
+
+
+def test_missing_image_names_path_and_id(make_coco):
+    ann, images = make_coco(images=[(32, 32), (32, 32)])
+    (images / "img_2.jpg").unlink()
+    ds = CocoDetection(ann, images)
+    ds[0]
+    with pytest.raises(DataError) as e:
+        ds[1]
+    assert str(images / "img_2.jpg") in str(e.value) and "image id 2" in str(e.value)
+    assert "file not found" in str(e.value)
+
+
+def test_corrupt_image(make_coco):
+    ann, images = make_coco()
+    (images / "img_1.jpg").write_bytes(b"definitely not a jpeg")
+    with pytest.raises(DataError, match=r"img_1\.jpg \(image id 1\): not a decodable image"):
+        CocoDetection(ann, images)[0]
+
+
+def test_size_mismatch_with_json(make_coco):
+    ann, images = make_coco(images=[(40, 30)])
+    data = json.loads(ann.read_text())
+    data["images"][0]["width"] = 50
+    ann.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"is 40x30 \(w x h\) on disk but 50x30"):
+        CocoDetection(ann, images)[0]
+
+
+def _assert_one_line_missing_image(message, images):
+    assert "\n" not in message and "Traceback" not in message
+    assert message.startswith(f"cannot read image {images / 'img_1.jpg'} (image id 1): file not found")
+    assert message.endswith("[DataLoader worker process 0]")
+
+
+def test_worker_error_is_one_readable_line(make_coco):
+    """What a DataLoader does with a worker's exception: wrap it, re-raise it in the main process."""
+    ann, images = make_coco(images=[(32, 32)])
+    (images / "img_1.jpg").unlink()
+    ds = CocoDetection(ann, images)
+    try:
+        ds[0]
+    except DataError:
+        wrapper = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(DataError) as e:
+        wrapper.reraise()
+    _assert_one_line_missing_image(str(e.value), images)
+
+
+@pytest.mark.slow  # torch waits ~5 s for a worker to shut down after it raised
+def test_worker_error_from_real_dataloader(make_coco):
+    ann, images = make_coco(images=[(32, 32)])
+    (images / "img_1.jpg").unlink()
+    loader = DataLoader(CocoDetection(ann, images), batch_size=1, num_workers=1, collate_fn=collate_detection)
+    iterator = iter(loader)
+    try:
+        next(iterator)
+    except DataError as e:
+        message = str(e)
+    else:
+        pytest.fail("no DataError")
+    del iterator
+    gc.collect()  # shut the worker down here, not during a later test
+    _assert_one_line_missing_image(message, images)

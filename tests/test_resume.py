@@ -1,0 +1,44 @@
+"""Kill a training process with SIGKILL mid-run and resume it."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from helpers import REPO, tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+def test_kill_and_resume(tmp_path, synth_coco):
+    steps = 40
+    cfg = tiny_config(tmp_path, synth_coco, **{"trainer.max_steps": steps, "trainer.limit_val_batches": 0})
+    every = tmp_path / "every2.yaml"
+    every.write_text("trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+                     "      init_args: {every_n_train_steps: 2, save_last: true, filename: 'step-{step}'}\n")
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    cmd = [sys.executable, "-m", "focaldet.cli", "fit", "-c", str(cfg), "-c", str(every)]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not any(ckpt_dir.glob("step-*.ckpt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)  # let it get somewhere between two checkpoints
+    assert proc.poll() is None, "training finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    for path in ckpt_dir.glob("*.ckpt"):  # every checkpoint on disk is complete
+        torch.load(path, map_location="cpu", weights_only=False)
+    killed_at = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
+    assert 0 < killed_at < steps
+
+    done = subprocess.run(cmd + ["--ckpt_path", "last"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    final = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)
+    assert final["global_step"] == steps
+    assert "Restoring states from the checkpoint" in done.stderr + done.stdout
