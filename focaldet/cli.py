@@ -26,8 +26,9 @@ class PredictionWriter(Callback):
 
         batches = trainer.predict_loop.predictions
         entries = gather_results([e for batch in batches for e in batch])
+        run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective: every rank
         if trainer.is_global_zero:
-            path = write_results_json(entries, Path(trainer.log_dir or trainer.default_root_dir) / "predictions.json")
+            path = write_results_json(entries, run_dir / "predictions.json")
             print(f"wrote {len(entries)} detections to {path}", flush=True)
 
 

@@ -141,6 +141,7 @@ class RetinaNetModule(L.LightningModule):
         return detections
 
     def _run_dir(self) -> Path:
+        """The logger's versioned run folder (a collective under DDP: call it on every rank)."""
         return Path(self.trainer.log_dir or self.trainer.default_root_dir)
 
     def setup(self, stage: str) -> None:
@@ -218,23 +219,22 @@ class RetinaNetModule(L.LightningModule):
 
     def _evaluate(self, stage: str) -> None:
         coco_gt = self.trainer.datamodule.coco_gt(stage)
+        out = self._run_dir()  # every rank: trainer.log_dir is a collective under DDP
         result = evaluate_distributed(coco_gt, self._results, backend=self.hparams.eval_backend,
-                                      class_names=self.class_names,
-                                      results_path=self._run_dir() / f"{stage}_detections.json")
+                                      class_names=self.class_names, results_path=out / f"{stage}_detections.json")
         self._results = []
         self.last_eval = result
         self.log_dict({f"{stage}/{k}": float(v) for k, v in result.stats.items()})
         if self.trainer.is_global_zero and self.trainer.state.fn in ("validate", "test"):
             print(f"\nCOCO bbox evaluation ({stage}, {len(coco_gt.getImgIds())} images)\n{result.table()}\n"
                   f"\n{result.per_class_table()}\n", flush=True)
-            self._write_pictures(stage, result)
+            self._write_pictures(stage, result, out)
 
-    def _write_pictures(self, stage: str, result) -> None:
+    def _write_pictures(self, stage: str, result, out: Path) -> None:
         """``{stage}_detections.png`` (first batch, ground truth in white) and ``{stage}_pr_curves.png``."""
         from focaldet.evaluation import plot_pr_curves
         from focaldet.visualize import save_detection_grid
 
-        out = self._run_dir()
         written = [plot_pr_curves(result, out / f"{stage}_pr_curves.png")]
         if self._preview is not None:
             images, detections, targets = self._preview

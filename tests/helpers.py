@@ -35,6 +35,7 @@ def tiny_config(tmp_path: Path, data, **overrides) -> Path:
     for key, value in overrides.items():
         section, name = key.split(".", 1)
         cfg[section][name] = value
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
