@@ -60,10 +60,13 @@ class RetinaNetCriterion(nn.Module):
         Returns:
             ``{"loss", "loss_cls", "loss_box", "num_pos"}``.
         """
-        cls_logits = torch.cat(outputs["cls_logits"], dim=1)  # (N, R, C)
+        # Class logits stay per level (N, Ri, C): concatenating them would copy every logit
+        # (31M at 512 px and 80 classes), and every class loss is a sum, so it is summed
+        # level by level.
+        cls_logits = outputs["cls_logits"]
         box_deltas = torch.cat(outputs["box_deltas"], dim=1)  # (N, R, 4)
         anchors = outputs["anchors"]  # (R, 4)
-        num_classes = cls_logits.shape[-1] - int(getattr(self.cls_loss, "background_logit", False))
+        num_classes = cls_logits[0].shape[-1] - int(getattr(self.cls_loss, "background_logit", False))
 
         matches = self.matcher(anchors, gt_boxes, gt_labels >= 0)
         fg = matches.labels == FOREGROUND  # (N, R)
@@ -73,7 +76,7 @@ class RetinaNetCriterion(nn.Module):
             cls_target = torch.where(fg, matched_labels, num_classes)
         else:
             cls_target = torch.full_like(matches.gt_index, num_classes)
-        weight = (matches.labels >= 0).to(cls_logits.dtype if cls_logits.is_floating_point() else torch.float32)
+        weight = (matches.labels >= 0).float()  # (N, R)
 
         num_pos = _world_mean(fg.sum().float())
         if self.normalizer_momentum is not None:
@@ -84,7 +87,10 @@ class RetinaNetCriterion(nn.Module):
         else:
             normalizer = num_pos.clamp(min=1.0)
 
-        loss_cls = self.cls_loss(cls_logits, cls_target, weight) / normalizer
+        counts = [t.shape[1] for t in cls_logits]
+        loss_cls = sum(self.cls_loss(x, t, w) for x, t, w in
+                       zip(cls_logits, cls_target.split(counts, dim=1), weight.split(counts, dim=1)))
+        loss_cls = loss_cls / normalizer
 
         n_idx, r_idx = fg.nonzero(as_tuple=True)  # (P,), (P,)
         pred = box_deltas[n_idx, r_idx]  # (P, 4)

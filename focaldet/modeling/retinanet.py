@@ -113,8 +113,12 @@ class RetinaNet(nn.Module):
         """Detections in the batch's pixel coordinates from ``forward``'s outputs."""
         counts = [t.shape[1] for t in outputs["box_deltas"]]
         anchors = outputs["anchors"].split(counts)
-        scores = [self.scores(t) for t in outputs["cls_logits"]]
-        return self.postprocess(scores, outputs["box_deltas"], anchors, image_sizes, self.box_coder)
+        if self.background_logit:
+            scores = [self.scores(t) for t in outputs["cls_logits"]]
+            return self.postprocess(scores, outputs["box_deltas"], anchors, image_sizes, self.box_coder)
+        # sigmoid is increasing: select the top-k on the logits, squash only the selected
+        return self.postprocess(outputs["cls_logits"], outputs["box_deltas"], anchors, image_sizes,
+                                self.box_coder, score_fn=torch.sigmoid)
 
     # ------------------------------------------------------------------ inference on raw images
     def _resize(self, image: Tensor) -> Tensor:
@@ -123,6 +127,8 @@ class RetinaNet(nn.Module):
             return image
         h, w = image.shape[-2:]
         scale = min(self.min_size / min(h, w), self.max_size / max(h, w))
+        if scale == 1.0:  # bilinear at scale 1 samples every pixel centre: the identity
+            return image
         return F.interpolate(image[None], scale_factor=scale, mode="bilinear",
                              recompute_scale_factor=True, align_corners=False)[0]
 

@@ -1,0 +1,133 @@
+"""``focaldet bench``: the harness runs every case and writes the JSON it promises.
+
+No timing is asserted (the numbers depend on the machine); see docs/benchmarks.md.
+"""
+
+import json
+
+import pytest
+import torch
+
+from focaldet import bench
+
+
+def test_format_table_and_ratio_direction():
+    table = bench.format_table({"loss": {"focaldet": 0.5, "torchvision": 2.0, "ratio": 4.0},
+                                "memory": {"focaldet": 2**20, "torchvision": 2**21, "ratio": 2.0}})
+    assert "loss" in table and "4.00x" in table and "1.0" in table
+
+
+def test_unknown_case_is_an_error(capsys):
+    assert bench.main(["--cases", "nope"]) == 2
+    assert "unknown case" in capsys.readouterr().err
+
+
+def test_freeze_batchnorm_keeps_the_function():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-1, 1)
+        net[1].running_var.uniform_(0.5, 2)
+        net[1].weight.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 8, 8)
+    ref = net.eval()(x)
+    bench.freeze_batchnorm(net)
+    assert type(net[1]).__name__ == "FrozenBatchNorm2d"
+    torch.testing.assert_close(net.train()(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_synthetic_eval_data_is_valid_coco():
+    dataset, results = bench.synthetic_coco_eval_data(5, 7, seed=0, num_classes=3)
+    assert len(dataset["images"]) == 5 and len(results) == 35
+    assert {r["category_id"] for r in results} <= {c["id"] for c in dataset["categories"]}
+
+
+@pytest.mark.slow
+def test_quick_run_writes_json_with_every_case(tmp_path):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--quiet", "--device", "cpu", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert list(results) == list(bench.CASES)
+    for case, r in results.items():
+        assert set(r) == {"focaldet", "torchvision", "ratio"}, case
+        assert all(isinstance(v, (int, float)) and v > 0 for v in r.values()), (case, r)
+        assert r["ratio"] == pytest.approx(
+            r["focaldet"] / r["torchvision"] if case == "data" else r["torchvision"] / r["focaldet"])
+
+
+# ----------------------------------------------------------------------------- the optimised hot paths
+# (see docs/benchmarks.md): each keeps the result of the straightforward version.
+
+def test_matcher_equals_torchvision_matcher():
+    from torchvision.models.detection._utils import Matcher as TorchvisionMatcher
+    from torchvision.ops import box_iou
+
+    from focaldet.modeling import AnchorGenerator, Matcher
+    from focaldet.modeling.matcher import BACKGROUND, FOREGROUND, IGNORE
+
+    gen = AnchorGenerator(torchvision_compat=True)
+    anchors = gen(gen.feature_shapes(256, 256), "cpu", image_size=(256, 256))
+    boxes, labels = bench.random_targets(3, 12, 256, 5, seed=0, device="cpu")
+    labels[0, 6:] = -1  # padding
+    valid = labels >= 0
+    ours = Matcher()(anchors, boxes, valid)
+    ref_matcher = TorchvisionMatcher(0.5, 0.4, allow_low_quality_matches=True)
+    for i in range(3):
+        ref = ref_matcher(box_iou(boxes[i][valid[i]], anchors))
+        assert torch.equal(ours.labels[i] == FOREGROUND, ref >= 0)
+        assert torch.equal(ours.labels[i] == BACKGROUND, ref == -1)
+        assert torch.equal(ours.labels[i] == IGNORE, ref == -2)
+        assert torch.equal(ours.gt_index[i][ref >= 0], ref[ref >= 0])
+
+
+def test_grouped_nms_equals_batched_nms():
+    from torchvision.ops import batched_nms
+
+    from focaldet.modeling.postprocess import grouped_nms
+
+    g = torch.Generator().manual_seed(0)
+    for n in (0, 1, 500, 3000):  # 3000 x 4 > 4000: torchvision's per-group loop
+        xy = torch.rand(n, 2, generator=g) * 300
+        boxes = torch.cat([xy, xy + torch.rand(n, 2, generator=g) * 80 + 1], 1)
+        scores = torch.rand(n, generator=g).round(decimals=2)  # many ties
+        groups = torch.randint(0, 37, (n,), generator=g)
+        ours, ref = grouped_nms(boxes, scores, groups, 0.5), batched_nms(boxes, scores, groups, 0.5)
+        assert sorted(ours.tolist()) == sorted(ref.tolist())
+        assert torch.equal(scores[ours], scores[ref])
+
+
+def test_topk_over_best_anchors_equals_full_topk():
+    from focaldet.modeling import PostProcess
+
+    scores = torch.rand(3, 700, 6, generator=torch.Generator().manual_seed(0))
+    top, anchor, cls = PostProcess(topk_candidates=100)._topk(scores)
+    ref = scores.reshape(3, -1).topk(100, dim=1).values
+    torch.testing.assert_close(top.sort(dim=1, descending=True).values, ref)
+    torch.testing.assert_close(scores[torch.arange(3)[:, None], anchor, cls], top)
+
+
+def test_focal_loss_backward_twice_through_a_retained_graph():
+    from focaldet.losses import SigmoidFocalLoss
+
+    x = torch.randn(300, 5, requires_grad=True)
+    labels, weight = torch.randint(0, 6, (300,)), torch.ones(300)
+    loss = SigmoidFocalLoss()(x, labels, weight)
+    (g1,) = torch.autograd.grad(loss * 3, x, retain_graph=True)  # uses the forward's gradient
+    (g2,) = torch.autograd.grad(loss * 3, x)  # recomputes it
+    torch.testing.assert_close(g1, g2)
+
+
+@pytest.mark.slow
+def test_compiled_focal_loss_equals_eager():
+    from focaldet.losses import SigmoidFocalLoss
+
+    g = torch.Generator().manual_seed(1)
+    for shape in ((2, 50, 4), (3, 70, 4)):  # a second shape: dynamic, no recompile error
+        logits = (torch.randn(*shape, generator=g) * 3).requires_grad_()
+        labels = torch.randint(0, 5, shape[:2], generator=g)
+        weight = (torch.rand(shape[:2], generator=g) > 0.2).float()
+        eager = SigmoidFocalLoss()(logits, labels, weight)
+        (ge,) = torch.autograd.grad(eager, logits)
+        compiled = SigmoidFocalLoss(compile=True)(logits, labels, weight)
+        (gc,) = torch.autograd.grad(compiled, logits)
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(gc, ge, rtol=1e-5, atol=1e-6)
