@@ -42,8 +42,9 @@ class FocaldetCLI(LightningCLI):
         parser.link_arguments("data.batch_size", "model.batch_size")
 
     def before_instantiate_classes(self) -> None:
-        self._resolved = self.parser.dump(self.config, skip_none=False) if self.subcommand is None else \
-            self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False)
+        # the same resolution of "config of this subcommand" as Lightning's SaveConfigCallback
+        sub = self.subcommand
+        self._resolved = self._parser(sub).dump(self.config.get(str(sub), self.config), skip_none=False)
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from focaldet.errors import ConfigError, NonFiniteLossError
-from focaldet.evaluation import detections_to_coco, evaluate_distributed, write_results_json
+from focaldet.evaluation import detections_to_coco, evaluate_distributed
 from focaldet.losses import RetinaNetCriterion
 from focaldet.modeling import AnchorGenerator, Matcher, PostProcess, RetinaNet
 from focaldet.structures.boxes import rescale_boxes

@@ -50,7 +50,6 @@ def test_one_step_two_processes_equals_one_process_two_images(tmp_path):
         ckpt = torch.load(tmp_path / name / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
         assert ckpt["global_step"] == 1
         weights[name] = ckpt["state_dict"]
-    init = tiny_config(tmp_path / "init", data)  # the same seed gives the same initial weights
     moved = 0.0
     for key, w1 in weights["one"].items():
         torch.testing.assert_close(weights["two"][key], w1, atol=1e-5, rtol=1e-4, msg=key)
