@@ -57,7 +57,7 @@ class Settings:
     device: str = "cpu"
     amp: str | None = None  # "bf16" | "fp16"
     compile: bool = False  # focaldet's focal loss through torch.compile
-    channels_last: bool = False  # focaldet's model in NHWC, as RetinaNetModule(channels_last=True)
+    channels_last: bool = True  # focaldet's model in NHWC (its default); --channels-first turns it off
     num_classes: int = 80
     # train_step / inference / memory
     size: int = 320
@@ -187,7 +187,7 @@ def build_pair(settings: Settings, size: int, frozen_bn: bool, cls_bias: float |
         with torch.no_grad():
             tv.head.classification_head.cls_logits.bias.fill_(cls_bias)
     tv = tv.to(settings.device)
-    fd = RetinaNet.from_torchvision(tv)
+    fd = RetinaNet.from_torchvision(tv, channels_last=settings.channels_last)
     return tv, fd
 
 
@@ -210,11 +210,16 @@ def _criterion(fd, settings: Settings):
 
 
 def _focaldet_forward(fd, images: Tensor, sizes: Tensor, settings: Settings) -> dict:
-    """``RetinaNetModule``'s forward: normalise the padded uint8 batch, NHWC if asked, run."""
-    x = fd.normalize(images, sizes)
+    """``RetinaNetModule``'s forward: normalise the padded uint8 batch and run."""
+    return fd(fd.normalize(images, sizes))
+
+
+def _padded_batch(n: int, s: int, gen: torch.Generator, settings: Settings) -> Tensor:
+    """A uint8 ``(n, 3, s, s)`` batch in the memory order ``collate_detection`` gives focaldet."""
+    images = torch.randint(0, 256, (n, 3, s, s), generator=gen, dtype=torch.uint8)
     if settings.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return fd(x)
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images.to(settings.device)
 
 
 def _warm_compile(settings: Settings, criterion, outputs_fn: Callable[[], dict], boxes, labels) -> None:
@@ -231,11 +236,9 @@ def case_train_step(settings: Settings) -> dict[str, float]:
     n, s, dev = settings.batch, settings.size, settings.device
     tv, fd = build_pair(settings, s, frozen_bn=True)
     tv.train(), fd.train()
-    if settings.channels_last:
-        fd.to(memory_format=torch.channels_last)
     criterion = _criterion(fd, settings)
     gen = torch.Generator().manual_seed(settings.seed + 1)
-    images = torch.randint(0, 256, (n, 3, s, s), generator=gen, dtype=torch.uint8).to(dev)
+    images = _padded_batch(n, s, gen, settings)
     sizes = torch.tensor([[s, s]] * n, device=dev)
     boxes, labels = random_targets(n, settings.gt_per_image, s, settings.num_classes, settings.seed + 2, dev)
 
@@ -244,8 +247,10 @@ def case_train_step(settings: Settings) -> dict[str, float]:
             loss = criterion(_focaldet_forward(fd, images, sizes, settings), boxes, labels)["loss"]
         loss.backward()
 
+    tv_images = images.contiguous()  # torchvision's own layout, NCHW
+
     def torchvision_step():
-        batch = [img.float() / 255 for img in images]
+        batch = [img.float() / 255 for img in tv_images]
         targets = [{"boxes": b, "labels": lab} for b, lab in zip(boxes, labels)]
         with _autocast(settings):
             losses = tv(batch, targets)
@@ -385,8 +390,6 @@ def case_inference(settings: Settings) -> dict[str, float]:
     gen = torch.Generator().manual_seed(settings.seed + 6)
     images = [torch.rand(3, s, s, generator=gen).to(dev) for _ in range(n)]
 
-    if settings.channels_last:
-        fd.to(memory_format=torch.channels_last)
 
     def focaldet_infer():
         return fd.predict(images)
@@ -404,9 +407,10 @@ def case_inference(settings: Settings) -> dict[str, float]:
 
 # --------------------------------------------------------------------------- data
 class _DecodeOnly(torch.utils.data.Dataset):
-    """The decode limit: ``cv2.imread`` + ``cvtColor`` of each file, nothing else. Only the
-    image's shape goes back to the main process (sending the pixels would cost a pickled
-    copy per image, more than the pipeline's shared-memory tensors cost)."""
+    """The decode limit: the pipeline's own decoder (``read_image``: the file's bytes ->
+    RGB array, the fastest way OpenCV offers) on each file, nothing else. Only the image's
+    shape goes back to the main process (sending the pixels would cost a pickled copy per
+    image, more than the pipeline's shared-memory batches cost)."""
 
     def __init__(self, paths: Sequence[str]):
         self.paths = list(paths)
@@ -415,19 +419,13 @@ class _DecodeOnly(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        import cv2
+        from focaldet.data import read_image
 
-        return cv2.cvtColor(cv2.imread(self.paths[i], cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB).shape
+        return read_image(self.paths[i]).shape
 
 
 def _list_collate(batch):
     return batch
-
-
-def _decode_worker_init(_: int) -> None:
-    import cv2
-
-    cv2.setNumThreads(1)  # as CocoDataModule's workers
 
 
 def _data_source(settings: Settings, tmp: Path) -> tuple[Path, Path, str]:
@@ -472,11 +470,10 @@ def case_data(settings: Settings) -> dict[str, float]:
         if limit < len(dataset):
             dm.datasets["train"] = torch.utils.data.Subset(dataset, range(limit))
         paths = [str(dataset.image_dir / rec["file_name"]) for rec in dataset.records[:limit]]
+        pipeline = dm.train_dataloader()  # also makes OpenCV single-threaded before any worker forks
         decode = DataLoader(_DecodeOnly(paths), batch_size=settings.data_batch, shuffle=True,
                             num_workers=settings.workers, collate_fn=_list_collate,
-                            persistent_workers=settings.workers > 0,
-                            worker_init_fn=_decode_worker_init)
-        pipeline = dm.train_dataloader()
+                            persistent_workers=settings.workers > 0)
         _log(settings, f"data: {name}, {limit} images per epoch, batch {settings.data_batch}, "
                        f"{settings.workers} workers")
         rates: dict[str, list[float]] = {"focaldet": [], "torchvision": []}
@@ -640,15 +637,15 @@ def _train_step_fn(side: str, settings: Settings) -> tuple[Callable[[], None], C
 
     def inputs(n: int, s: int, g: int, seed: int):
         gen = torch.Generator().manual_seed(seed)
-        images = torch.randint(0, 256, (n, 3, s, s), generator=gen, dtype=torch.uint8).to(dev)
+        images = _padded_batch(n, s, gen, settings)
+        if side != "focaldet":
+            images = images.contiguous()  # torchvision's own layout, NCHW
         sizes = torch.tensor([[s, s]] * n, device=dev)
         return (images, sizes, *random_targets(n, g, s, settings.num_classes, seed + 1, dev))
 
     if side == "focaldet":
         del tv
         model = fd.train()
-        if settings.channels_last:
-            fd.to(memory_format=torch.channels_last)
         criterion = _criterion(fd, settings)
 
         def run(images, sizes, boxes, labels):
@@ -781,8 +778,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, help="classes (default 80)")
     p.add_argument("--amp", choices=("bf16", "fp16"), help="autocast dtype for train_step/inference/memory")
     p.add_argument("--compile", action="store_true", help="focaldet's focal loss through torch.compile")
-    p.add_argument("--channels-last", action="store_true",
-                   help="focaldet's model in channels_last (NHWC), as RetinaNetModule(channels_last=True)")
+    p.add_argument("--channels-first", action="store_true",
+                   help="focaldet's model in NCHW, as RetinaNetModule(channels_last=False) (default: NHWC)")
     p.add_argument("--repeats", type=int, help="timed calls per side (default 5; 2 with --quick)")
     p.add_argument("--warmup", type=int, help="untimed calls per side first (default 1)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
@@ -796,7 +793,7 @@ def _parser() -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     settings = (Settings.quick if args.quick else Settings)(device=device, amp=args.amp, compile=args.compile,
-                                                          channels_last=args.channels_last, verbose=not args.quiet)
+                                                          channels_last=not args.channels_first, verbose=not args.quiet)
     for name in ("size", "batch", "loss_size", "loss_batch", "num_classes", "repeats", "warmup", "workers",
                  "data_dir", "eval_images"):
         value = getattr(args, name)

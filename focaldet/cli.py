@@ -2,7 +2,8 @@
 
 ``focaldet fit|validate|test|predict -c CONFIG.yaml [--key value ...]`` is Lightning's
 ``LightningCLI`` over ``RetinaNetModule`` and ``CocoDataModule``; ``focaldet data ...`` are
-the dataset tools and ``focaldet bench`` the side-by-side benchmark.
+the dataset tools, ``focaldet bench`` the side-by-side benchmark and
+``focaldet equal-budget`` the side-by-side training run.
 """
 
 from __future__ import annotations
@@ -78,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         from focaldet.bench import main as bench_main
 
         return bench_main(args[1:])
+    if args and args[0] == "equal-budget":
+        from focaldet.equal_budget import main as equal_budget_main
+
+        return equal_budget_main(args[1:])
     FocaldetCLI(
         RetinaNetModule, CocoDataModule,
         trainer_defaults=trainer_defaults(),

@@ -52,7 +52,8 @@ class RetinaNetModule(L.LightningModule):
         label_map: category ids and names, linked from the data module and saved in checkpoints.
         draw_predictions: ``predict`` also writes images with the detections drawn.
         draw_score_threshold: minimum score of the drawn detections.
-        channels_last: run convolutions in NHWC memory format (pays on GPUs with tensor cores).
+        channels_last: run the model in NHWC memory order (``RetinaNet(channels_last=...)``):
+            faster with oneDNN on CPU and with tensor cores on GPU.
         flush_denormal: flush subnormal floats to zero on CPU. Training from scratch fills
             the N(0, 0.01)-initialised head with subnormals after a few SGD steps, which x86
             CPUs process ~7x slower (measured: 4.3 s vs 0.65 s per step); GPUs flush anyway.
@@ -89,7 +90,7 @@ class RetinaNetModule(L.LightningModule):
         label_map: dict | None = None,
         draw_predictions: bool = False,
         draw_score_threshold: float = 0.3,
-        channels_last: bool = False,
+        channels_last: bool = True,
         flush_denormal: bool = True,
     ):
         super().__init__()
@@ -101,14 +102,12 @@ class RetinaNetModule(L.LightningModule):
         self.model = RetinaNet(
             num_classes, backbone=backbone, anchor_generator=anchor_generator, postprocess=postprocess,
             fpn_channels=fpn_channels, p6_from=p6_from, num_convs=num_convs, head_norm=head_norm,
-            prior_prob=prior_prob,
+            prior_prob=prior_prob, channels_last=channels_last,
             # the head sizes itself from what the loss declares, never from the loss's type
             background_logit=bool(getattr(cls_loss, "background_logit", False)),
         )
         self.criterion = RetinaNetCriterion(cls_loss, box_loss, matcher, self.model.box_coder,
                                             normalizer_momentum=normalizer_momentum)
-        if channels_last:
-            self.model.to(memory_format=torch.channels_last)
         self._results: list[dict] = []
         self._preview: tuple | None = None  # first batch of validate/test, drawn as a PNG
         self.last_eval = None  # CocoEvalResult of the last validation/test epoch
@@ -126,14 +125,19 @@ class RetinaNetModule(L.LightningModule):
         return list(lm["cat_ids"]) if lm else list(range(self.hparams.num_classes))
 
     def _forward(self, batch: dict) -> dict:
-        x = self.model.normalize(batch["images"], batch["image_sizes"])
-        if self.hparams.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.model(x)
+        return self.model(self.model.normalize(batch["images"], batch["image_sizes"]))
+
+    def _losses(self, batch: dict) -> dict:
+        """``{"loss", "loss_cls", "loss_box", ...}`` of a training batch."""
+        return self.criterion(self._forward(batch), batch["boxes"], batch["labels"])
+
+    def _detections(self, batch: dict) -> list[dict]:
+        """Detections in the batch's (resized) pixel coordinates."""
+        return self.model.detect(self._forward(batch), batch["image_sizes"])
 
     def _detect(self, batch: dict) -> list[dict]:
         """Detections mapped back to each image's original pixels."""
-        detections = self.model.detect(self._forward(batch), batch["image_sizes"])
+        detections = self._detections(batch)
         if self._preview is None and self.trainer.state.fn in ("validate", "test") and self.trainer.is_global_zero:
             self._preview = _preview(batch, detections)
         for det, size, orig in zip(detections, batch["image_sizes"].tolist(), batch["orig_sizes"].tolist()):
@@ -150,7 +154,7 @@ class RetinaNetModule(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict, batch_idx: int):
-        losses = self.criterion(self._forward(batch), batch["boxes"], batch["labels"])
+        losses = self._losses(batch)
         loss = losses["loss"]
         finite = torch.isfinite(loss.detach()).float()
         if dist.is_available() and dist.is_initialized():  # every rank takes the same decision
@@ -166,8 +170,7 @@ class RetinaNetModule(L.LightningModule):
             return None
         n = batch["images"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
-        self.log_dict({"train/loss_cls": losses["loss_cls"], "train/loss_box": losses["loss_box"],
-                       "train/num_pos": losses["num_pos"]}, batch_size=n)
+        self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=n)
         return loss
 
     def configure_optimizers(self):

@@ -57,12 +57,15 @@ def test_quick_run_writes_json_with_every_case(tmp_path):
 # ----------------------------------------------------------------------------- the optimised hot paths
 # (see docs/benchmarks.md): each keeps the result of the straightforward version.
 
-def test_matcher_equals_torchvision_matcher():
+@pytest.mark.parametrize("block", [1 << 18, 1000])  # the default blocks, and many small ones
+def test_matcher_equals_torchvision_matcher(block, monkeypatch):
     from torchvision.models.detection._utils import Matcher as TorchvisionMatcher
     from torchvision.ops import box_iou
 
-    from focaldet.modeling import AnchorGenerator, Matcher
+    from focaldet.modeling import AnchorGenerator, Matcher, matcher
     from focaldet.modeling.matcher import BACKGROUND, FOREGROUND, IGNORE
+
+    monkeypatch.setattr(matcher, "MAX_IOU_ELEMENTS_CPU", block)
 
     gen = AnchorGenerator(torchvision_compat=True)
     anchors = gen(gen.feature_shapes(256, 256), "cpu", image_size=(256, 256))
@@ -77,6 +80,17 @@ def test_matcher_equals_torchvision_matcher():
         assert torch.equal(ours.labels[i] == BACKGROUND, ref == -1)
         assert torch.equal(ours.labels[i] == IGNORE, ref == -2)
         assert torch.equal(ours.gt_index[i][ref >= 0], ref[ref >= 0])
+
+
+def test_pairwise_iou_equals_box_iou():
+    from torchvision.ops import box_iou
+
+    from focaldet.modeling.matcher import pairwise_iou
+    boxes, _ = bench.random_targets(3, 12, 256, 5, seed=1, device="cpu")  # (3, 12, 4)
+    anchors, _ = bench.random_targets(1, 500, 256, 5, seed=2, device="cpu")
+    got = pairwise_iou(boxes, anchors[0])  # (3, 12, 500)
+    for i in range(3):
+        assert torch.equal(got[i], box_iou(boxes[i], anchors[0]))
 
 
 def test_grouped_nms_equals_batched_nms():

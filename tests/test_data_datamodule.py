@@ -115,3 +115,15 @@ def test_custom_transforms_and_worker_loading(synth_coco):
     assert all(b["image_sizes"].tolist() == [[96, 96]] * len(b["image_ids"]) for b in batches)
     assert next(iter(dm.val_dataloader()))["image_sizes"][0].tolist() == [64, 64]
     assert not _dm(synth_coco).train_dataloader().persistent_workers  # num_workers=0
+
+
+def test_workers_forked_after_opencv_was_used_do_not_hang(synth_coco):
+    """OpenCV's thread pool does not survive fork(): workers forked after the main process
+    resized images (here: a num_workers=0 epoch) used to hang in their first OpenCV call."""
+    import cv2
+    cv2.setNumThreads(2)
+    for _ in _dm(synth_coco, num_workers=0).train_dataloader():  # the pool is busy in this process
+        pass
+    loader = _dm(synth_coco, num_workers=1).train_dataloader()
+    assert cv2.getNumThreads() == 1  # 0 = OpenCV's "sequential" setting, reported as 1
+    assert sum(len(b["image_ids"]) for b in loader) == 12

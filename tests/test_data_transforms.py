@@ -129,6 +129,39 @@ def test_collate_pads_to_divisibility():
     assert empty["boxes"].shape == (1, 0, 4) and empty["labels"].shape == (1, 0)
 
 
+def _hwc_sample(seed, h, w):
+    pixels = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    return {"image": torch.from_numpy(pixels).permute(2, 0, 1), "boxes": torch.zeros(0, 4),
+            "labels": torch.zeros(0, dtype=torch.int64), "image_id": seed, "orig_size": (h, w),
+            "size": (h, w), "file_name": f"{seed}.jpg"}
+
+
+class _Samples(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return _hwc_sample(i, 50 + 30 * i, 70)
+
+
+def test_collate_copies_pixels_once_into_a_channels_last_batch():
+    """Samples are (3, H, W) views of (H, W, 3) arrays; the batch is NHWC in memory, also when a
+    DataLoader worker builds it in shared memory (dirty padding would leak into the model)."""
+    samples = [_Samples()[0], _Samples()[1]]
+    assert samples[0]["image"].permute(1, 2, 0).is_contiguous()
+    batch = collate_detection(samples)
+    images = batch["images"]
+    assert images.shape == (2, 3, 128, 128) and images.is_contiguous(memory_format=torch.channels_last)
+    loader = torch.utils.data.DataLoader(_Samples(), batch_size=2, num_workers=1, collate_fn=collate_detection)
+    from_worker = next(iter(loader))["images"]
+    assert from_worker.is_contiguous(memory_format=torch.channels_last) and from_worker.is_shared()
+    for b in (images, from_worker):
+        for i, s in enumerate(samples):
+            h, w = s["size"]
+            assert torch.equal(b[i, :, :h, :w], s["image"])
+            assert b[i, :, h:].eq(0).all() and b[i, :, :, w:].eq(0).all()
+
+
 def test_eval_pipeline_boxes_map_back_to_json(synth_coco):
     """JSON boxes -> eval resize -> padded batch -> rescale_boxes == JSON boxes (1e-3 px)."""
     data = json.loads(synth_coco.train_ann.read_text())

@@ -49,10 +49,11 @@ def torchvision_pair():
     tv = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=5, min_size=224, max_size=360).eval()
     with torch.no_grad():  # random weights, bias set so that hundreds of detections pass 0.05
         tv.head.classification_head.cls_logits.bias.fill_(-1.5)
-    return tv, RetinaNet.from_torchvision(tv)
+    return tv, RetinaNet.from_torchvision(tv, channels_last=False)
 
 
 def test_torchvision_parity(torchvision_pair):
+    """Bit-for-bit the same detections as torchvision's RetinaNet with the same weights."""
     tv, ours = torchvision_pair
     torch.manual_seed(1)
     # sizes whose padded size is not a multiple of 128: torchvision's P6/P7 strides are reproduced
@@ -93,3 +94,98 @@ def test_bad_backbone_settings_are_clear():
         ResNetBackbone(depth=42)
     with pytest.raises(ConfigError, match="not found"):
         ResNetBackbone(18, weights="/nonexistent/r18.pth")
+
+
+def test_channels_last_is_the_same_model(torchvision_pair):
+    """NHWC (the default) changes only the memory order: raw outputs agree to float rounding."""
+    tv, nchw = torchvision_pair
+    nhwc = RetinaNet.from_torchvision(tv)
+    assert nhwc.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 256, 384)
+    with torch.no_grad():
+        a, b = nchw(x), nhwc(x)
+    for key in ("cls_logits", "box_deltas"):
+        for u, v in zip(a[key], b[key]):
+            torch.testing.assert_close(v, u, atol=1e-4, rtol=1e-4)
+
+
+def test_frozen_bn_fused_path_equals_torchvision():
+    from torchvision.ops import FrozenBatchNorm2d as TvFrozen
+
+    from focaldet.modeling.backbone import FrozenBatchNorm2d
+    torch.manual_seed(0)
+    ours, ref = FrozenBatchNorm2d(8), TvFrozen(8)
+    for name, value in {"weight": torch.rand(8), "bias": torch.randn(8), "running_mean": torch.randn(8),
+                        "running_var": torch.rand(8) + 0.1}.items():
+        getattr(ours, name).copy_(value), getattr(ref, name).copy_(value)
+    x = torch.randn(2, 8, 5, 7)
+    torch.testing.assert_close(ours(x), ref(x))  # no grad: one fused F.batch_norm
+    xg = x.clone().requires_grad_()
+    ours(xg).sum().backward()
+    xr = x.clone().requires_grad_()
+    ref(xr).sum().backward()
+    torch.testing.assert_close(xg.grad, xr.grad)
+
+
+def test_to_torchvision_twin_detects_the_same():
+    """``to_torchvision`` builds torchvision's RetinaNet with our architecture and weights;
+    with anchors that torchvision's rounding leaves exact, detections are the same."""
+    from focaldet.models import AnchorGenerator
+    torch.manual_seed(0)
+    ours = RetinaNet(3, backbone=ResNetBackbone(18, norm="bn", freeze_at=1), fpn_channels=32, num_convs=2,
+                     anchor_generator=AnchorGenerator(sizes=[16, 32, 64, 128, 256], scales=[1.0, 2.0],
+                                                      aspect_ratios=[1.0, 4.0]),
+                     min_size=128, max_size=256, channels_last=False).eval()
+    with torch.no_grad():
+        ours.head.cls_logits.bias.normal_(0, 1)  # scores above the threshold everywhere
+    tv = ours.to_torchvision().eval()
+    assert len(tv.head.classification_head.conv) == 2 and tv.transform.size_divisible == 128
+    assert not tv.backbone.body.conv1.weight.requires_grad and tv.backbone.body.layer1[0].conv1.weight.requires_grad
+    images = [torch.rand(3, 128, 192), torch.rand(3, 128, 150)]
+    with torch.no_grad():
+        ref, got = tv(images), ours.predict(images)
+    for r, g in zip(ref, got):  # the same detections, up to the order of equal scores
+        assert len(g["boxes"]) == len(r["boxes"]) == 100
+        torch.testing.assert_close(g["scores"], r["scores"], atol=1e-5, rtol=0)
+        same = (torch.cdist(g["boxes"], r["boxes"], p=1) < 1e-3) & (g["labels"][:, None] == r["labels"][None])
+        assert same.any(1).all() and same.any(0).all()
+
+
+def test_to_torchvision_refuses_what_torchvision_cannot_express():
+    from focaldet.errors import ConfigError
+    from focaldet.losses import RetinaNetCriterion, SmoothL1Loss
+    model = RetinaNet(3, backbone=ResNetBackbone(18), fpn_channels=32, num_convs=1)
+    with pytest.raises(ConfigError, match="box loss"):
+        model.to_torchvision(RetinaNetCriterion(box_loss=SmoothL1Loss(beta=0.1)))
+    with pytest.raises(ConfigError, match="GroupNorm|gn|norm"):
+        RetinaNet(3, backbone=ResNetBackbone(18, norm="gn"), fpn_channels=32, num_convs=1).to_torchvision()
+
+
+def test_twin_losses_equal_torchvision_losses():
+    """Same weights, same image, same boxes: focaldet's criterion and torchvision's
+    ``compute_loss`` agree (one image, so both normalise by the same positive count), and so
+    do the gradients -- the implementation is faithful, not just similar."""
+    from focaldet.losses import L1Loss, RetinaNetCriterion
+    from focaldet.models import AnchorGenerator
+    torch.manual_seed(0)
+    ours = RetinaNet(3, backbone=ResNetBackbone(18, norm="frozen_bn", freeze_at=0), fpn_channels=32, num_convs=1,
+                     anchor_generator=AnchorGenerator(scales=[1.0, 2.0], aspect_ratios=[1.0, 4.0]),
+                     channels_last=False).train()
+    criterion = RetinaNetCriterion(box_loss=L1Loss(), box_coder=ours.box_coder)
+    tv = ours.to_torchvision(criterion).train()
+    image = torch.randint(0, 256, (1, 3, 160, 224), dtype=torch.uint8)
+    boxes = torch.tensor([[[10.0, 20.0, 90.0, 100.0], [100.0, 30.0, 140.0, 150.0], [150.0, 5.0, 220.0, 60.0]]])
+    labels = torch.tensor([[0, 2, 1]])
+    padded = torch.zeros(1, 3, 256, 256, dtype=torch.uint8)  # as collate_detection pads it
+    padded[:, :, :160, :224] = image
+    got = criterion(ours(ours.normalize(padded, torch.tensor([[160, 224]]))), boxes, labels)
+    ref = tv([image[0].float() / 255], [{"boxes": boxes[0], "labels": labels[0]}])
+    assert got["num_pos"] > 3
+    torch.testing.assert_close(got["loss_cls"], ref["classification"].detach(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got["loss_box"], ref["bbox_regression"].detach(), rtol=1e-4, atol=1e-6)
+    got["loss"].backward()
+    sum(ref.values()).backward()
+    for a, b in [(ours.head.cls_logits.weight, tv.head.classification_head.cls_logits.weight),
+                 (ours.head.bbox_pred.weight, tv.head.regression_head.bbox_reg.weight),
+                 (ours.backbone.layer2[0].conv1.weight, tv.backbone.body.layer2[0].conv1.weight)]:
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-6)

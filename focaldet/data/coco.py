@@ -6,7 +6,8 @@ converts between category ids and labels in both directions and is stored in che
 
 A dataset sample is a dict::
 
-    image      (3, H, W) uint8 tensor, RGB, after transforms (the model normalises)
+    image      (3, H, W) uint8 tensor, RGB, after transforms (the model normalises);
+               a view of the decoded (H, W, 3) array
     boxes      (G, 4) float32 xyxy, in pixels of the transformed image
     labels     (G,) int64 contiguous labels
     image_id   int, the COCO image id (running index for an image folder)
@@ -245,6 +246,10 @@ def load_coco(path: str | os.PathLike) -> COCO:
 # --------------------------------------------------------------------------------------
 
 
+# OpenCV >= 4.11 decodes straight to RGB (libjpeg-turbo writes RGB): no BGR -> RGB pass.
+_IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
+
+
 def read_image(path: str | os.PathLike, image_id: int | None = None) -> np.ndarray:
     """Decode an image file to ``(H, W, 3)`` uint8 RGB (EXIF orientation applied, as OpenCV does).
 
@@ -258,10 +263,10 @@ def read_image(path: str | os.PathLike, image_id: int | None = None) -> np.ndarr
         raise ImageError(f"cannot read {what}: file not found") from None
     except OSError as e:
         raise ImageError(f"cannot read {what}: {e.strerror or e}") from None
-    image = cv2.imdecode(buffer, cv2.IMREAD_COLOR) if buffer.size else None
+    image = cv2.imdecode(buffer, _IMREAD_RGB or cv2.IMREAD_COLOR) if buffer.size else None
     if image is None:
         raise ImageError(f"cannot read {what}: not a decodable image (corrupt or unsupported format)")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return image if _IMREAD_RGB else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 def _apply_transforms(
@@ -278,7 +283,8 @@ def _apply_transforms(
         boxes, labels = boxes[keep], labels[keep]
     h, w = image.shape[:2]
     return {
-        "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+        # (H, W, 3) -> (3, H, W) view, no copy: the collate copies it once, into the batch
+        "image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1),
         "boxes": torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4),
         "labels": torch.as_tensor(labels, dtype=torch.int64).reshape(-1),
         "size": (int(h), int(w)),

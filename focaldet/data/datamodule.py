@@ -22,6 +22,18 @@ __all__ = ["CocoDataModule"]
 _STAGE_ALIASES = {"train": "train", "fit": "train", "val": "val", "validate": "val", "test": "test"}
 
 
+def disable_opencv_threads() -> None:
+    """Run OpenCV single-threaded in this process, before DataLoader workers are forked.
+
+    OpenCV's thread pool does not survive ``fork()``: a worker forked after the main process
+    used it (e.g. a resize in a ``num_workers=0`` validation loop) hangs for ever in its first
+    call that touches the pool -- ``cv2.setNumThreads`` included (observed: the worker blocks
+    in ``pthread_cond_destroy``). With no pool in the parent there is none to inherit, and
+    the workers, which already run in parallel, should not start threads of their own anyway.
+    """
+    cv2.setNumThreads(0)
+
+
 def _seed_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: give each worker its own augmentation random state.
 
@@ -29,7 +41,6 @@ def _seed_worker(worker_id: int) -> None:
     the same one (and restart it every epoch), so reseed it from torch's per-worker seed,
     which Lightning's ``seed_everything`` makes reproducible.
     """
-    cv2.setNumThreads(1)  # workers already run in parallel; avoid thread oversubscription
     info = get_worker_info()
     transforms = getattr(info.dataset, "transforms", None) if info is not None else None
     if hasattr(transforms, "set_random_seed"):
@@ -208,6 +219,8 @@ class CocoDataModule(L.LightningDataModule):
         if split not in self.datasets:
             what = "predict_images" if split == "predict" else f"{split}_ann and {split}_images"
             raise ConfigError(f"no {split} data: set {what}")
+        if self.num_workers > 0:
+            disable_opencv_threads()
         return DataLoader(
             self.datasets[split],
             batch_size=self.batch_size,

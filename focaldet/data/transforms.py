@@ -158,7 +158,7 @@ def collate_detection(batch: Sequence[Mapping[str, Any]], size_divisibility: int
     Images are zero-padded at the bottom/right to a common size that is a multiple of
     ``size_divisibility`` (128 = the P7 stride). Returns::
 
-        images       (N, 3, Hp, Wp) uint8
+        images       (N, 3, Hp, Wp) uint8, stored channels-last (NHWC strides, see below)
         image_sizes  (N, 2) int64  (h, w) after transforms, before padding
         orig_sizes   (N, 2) int64  (h, w) of the image files
         boxes        (N, Gmax, 4) float32 xyxy, zero-padded
@@ -168,6 +168,13 @@ def collate_detection(batch: Sequence[Mapping[str, Any]], size_divisibility: int
 
     Map detections back to original pixels with
     ``rescale_boxes(boxes, image_sizes[i], orig_sizes[i])``.
+
+    The pixels are copied once: each sample's ``(3, H, W)`` image is a view of the decoder's
+    ``(H, W, 3)`` array, and is copied row by row into an ``(N, Hp, Wp, 3)`` buffer -- in
+    shared memory when this runs in a DataLoader worker, as ``default_collate`` does, so
+    the batch reaches the main process without another copy. The batch is that buffer
+    seen as ``(N, 3, Hp, Wp)``: ``torch.channels_last``, the layout the model's
+    convolutions run in.
     """
     if not batch:
         raise ValueError("collate_detection got an empty batch")
@@ -178,12 +185,19 @@ def collate_detection(batch: Sequence[Mapping[str, Any]], size_divisibility: int
     hp, wp = -(-max_h // div) * div, -(-max_w // div) * div
     gmax = max(len(s["labels"]) for s in batch)
 
-    images = torch.zeros((n, 3, hp, wp), dtype=torch.uint8)
+    if torch.utils.data.get_worker_info() is not None:  # shared memory, filled in place
+        storage = torch.UntypedStorage._new_shared(n * hp * wp * 3)
+        nhwc = torch.empty(0, dtype=torch.uint8).set_(storage).view(n, hp, wp, 3)
+    else:
+        nhwc = torch.empty((n, hp, wp, 3), dtype=torch.uint8)
+    images = nhwc.permute(0, 3, 1, 2)  # (N, Hp, Wp, 3) -> (N, 3, Hp, Wp) view, channels_last
     boxes = torch.zeros((n, gmax, 4), dtype=torch.float32)
     labels = torch.full((n, gmax), -1, dtype=torch.int64)
     for i, s in enumerate(batch):
         _, h, w = s["image"].shape
         images[i, :, :h, :w] = s["image"]
+        nhwc[i, h:] = 0  # the padding below and to the right
+        nhwc[i, :h, w:] = 0
         g = len(s["labels"])
         boxes[i, :g] = s["boxes"]
         labels[i, :g] = s["labels"]

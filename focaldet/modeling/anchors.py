@@ -48,7 +48,9 @@ class AnchorGenerator(nn.Module):
         super().__init__()
         if len(sizes) != len(strides):
             raise ValueError(f"anchor sizes {list(sizes)} and strides {list(strides)} differ in length")
+        self.sizes = tuple(float(s) for s in sizes)
         self.strides = tuple(int(s) for s in strides)
+        self.scales, self.aspect_ratios = tuple(scales), tuple(aspect_ratios)
         self.offset = float(offset)
         self.torchvision_compat = torchvision_compat
         self.num_anchors = len(scales) * len(aspect_ratios)

@@ -5,14 +5,28 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
-from torchvision.ops import FrozenBatchNorm2d
+from torchvision import ops
 
 from focaldet.errors import ConfigError
 
 RESNET_OUT_CHANNELS = {18: (128, 256, 512), 34: (128, 256, 512), 50: (512, 1024, 2048), 101: (512, 1024, 2048)}
 NORMS = ("frozen_bn", "bn", "gn")
+
+
+class FrozenBatchNorm2d(ops.FrozenBatchNorm2d):
+    """``torchvision.ops.FrozenBatchNorm2d`` (same state dict) that runs as one fused
+    ``F.batch_norm`` when no gradient flows through it, as detectron2's: at inference this
+    is one pass over the activations instead of a multiply and an add. With a gradient it
+    is torchvision's ``x * scale + bias`` (``F.batch_norm``'s backward would also compute
+    the frozen weights' gradients)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.requires_grad:
+            return super().forward(x)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
 
 def _norm_layer(norm: str):

@@ -40,6 +40,9 @@ class RetinaNet(nn.Module):
         min_size, max_size: ``predict`` resizes the shorter side to ``min_size`` and caps
             the longer side at ``max_size`` (torchvision's resize); ``None`` keeps the size.
         size_divisibility: ``predict`` pads batches to a multiple of this.
+        channels_last: keep weights and activations in NHWC memory order (``torch.channels_last``),
+            which oneDNN (CPU) and cuDNN (tensor cores) run faster than NCHW; the data
+            pipeline already delivers NHWC batches. Numerically the same model.
     """
 
     def __init__(
@@ -60,6 +63,7 @@ class RetinaNet(nn.Module):
         min_size: int | None = 800,
         max_size: int | None = 1333,
         size_divisibility: int = 128,
+        channels_last: bool = True,
     ):
         super().__init__()
         self.num_classes = num_classes
@@ -77,6 +81,8 @@ class RetinaNet(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False)
         self.min_size, self.max_size = min_size, max_size
         self.size_divisibility = size_divisibility
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.to(memory_format=self.memory_format)
 
     # ------------------------------------------------------------------ training path
     def normalize(self, images: Tensor, image_sizes: Tensor | None = None) -> Tensor:
@@ -97,6 +103,7 @@ class RetinaNet(nn.Module):
         Returns a dict with ``cls_logits``: per level ``(N, Hi*Wi*A, C)``, ``box_deltas``:
         per level ``(N, Hi*Wi*A, 4)``, and ``anchors``: ``(R, 4)`` for all levels, R = sum Hi*Wi*A.
         """
+        x = x.contiguous(memory_format=self.memory_format)  # a no-op for the data pipeline's NHWC batches
         features = self.fpn(self.backbone(x))
         cls_logits, box_deltas = self.head(features)
         shapes = [f.shape[-2:] for f in features]
@@ -132,7 +139,7 @@ class RetinaNet(nn.Module):
         return F.interpolate(image[None], scale_factor=scale, mode="bilinear",
                              recompute_scale_factor=True, align_corners=False)[0]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def predict(self, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
         """Detect objects in ``images``: a list of ``(3, Hi, Wi)`` float tensors in [0, 1].
 
@@ -145,7 +152,9 @@ class RetinaNet(nn.Module):
         d = self.size_divisibility
         h = math.ceil(int(sizes[:, 0].max()) / d) * d
         w = math.ceil(int(sizes[:, 1].max()) / d) * d
-        batch = torch.stack([F.pad(im, (0, w - im.shape[-1], 0, h - im.shape[-2])) for im in resized])
+        batch = torch.empty((len(resized), 3, h, w), device=device, memory_format=self.memory_format).zero_()
+        for i, im in enumerate(resized):  # one copy per image, into the model's layout
+            batch[i, :, : im.shape[-2], : im.shape[-1]] = im
         detections = self.detect(self(batch), sizes)
         for det, size, img in zip(detections, sizes.tolist(), images):
             det["boxes"] = rescale_boxes(det["boxes"], size, img.shape[-2:])
@@ -153,10 +162,25 @@ class RetinaNet(nn.Module):
 
     # ------------------------------------------------------------------ interop
     @classmethod
-    def from_torchvision(cls, tv_model: nn.Module) -> RetinaNet:
+    def from_torchvision(cls, tv_model: nn.Module, **kwargs) -> RetinaNet:
         """A focaldet RetinaNet equal to a ``torchvision.models.detection.RetinaNet``
         (v1, ``retinanet_resnet50_fpn``): weights, anchors, normalisation and inference
-        settings are copied, so both return the same detections on the same images."""
+        settings are copied, so both return the same detections on the same images
+        (bit-equal with ``channels_last=False``; NHWC convolutions round differently).
+        ``kwargs`` go to the constructor (e.g. ``channels_last``)."""
         from focaldet.modeling.interop import retinanet_from_torchvision
 
-        return retinanet_from_torchvision(cls, tv_model)
+        return retinanet_from_torchvision(cls, tv_model, **kwargs)
+
+    def to_torchvision(self, criterion: nn.Module | None = None) -> nn.Module:
+        """The same detector as a ``torchvision.models.detection.RetinaNet``: same backbone,
+        FPN, head depth, anchors, box coder, inference settings and weights (frozen layers
+        stay frozen), built from torchvision's own classes. Like focaldet's, it does not
+        resize training images (torchvision's ``_skip_resize``); ``predict``-style inference
+        resizes to ``min_size``/``max_size`` as ``RetinaNet.predict`` does. With a ``RetinaNetCriterion``
+        its box loss is set to match (``L1Loss``, ``GIoULoss`` or ``SmoothL1Loss(beta=1)``);
+        what torchvision cannot express raises ``ConfigError``. Used for equal-budget
+        comparisons (``focaldet equal-budget``)."""
+        from focaldet.modeling.interop import retinanet_to_torchvision
+
+        return retinanet_to_torchvision(self, criterion)
