@@ -20,6 +20,7 @@ import torch
 from torchvision.ops import box_iou
 
 from focaldet.data.coco import MIN_BOX_SIDE, read_coco_json
+from focaldet.data.transforms import shortest_edge_scale
 from focaldet.errors import DataError
 
 __all__ = ["Report", "best_anchor_iou", "check_dataset"]
@@ -166,7 +167,7 @@ class _Problems:
 
 def _resized_size(h: int, w: int, min_size: int, max_size: int) -> tuple[int, int]:
     """Image size after `ResizeShortestEdge` (same rule and rounding)."""
-    scale = min(min_size / min(h, w), max_size / max(h, w))
+    scale = shortest_edge_scale(h, w, min_size, max_size)
     return max(1, round(h * scale)), max(1, round(w * scale))
 
 

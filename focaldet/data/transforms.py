@@ -35,7 +35,14 @@ __all__ = [
     "build_transform",
     "build_transforms",
     "collate_detection",
+    "shortest_edge_scale",
 ]
+
+
+def shortest_edge_scale(h: int, w: int, min_size: int, max_size: int) -> float:
+    """The scale that brings the shorter side of an ``h x w`` image to ``min_size`` unless
+    the longer side would then exceed ``max_size`` (detectron2's rule)."""
+    return min(min_size / min(h, w), max_size / max(h, w))
 
 
 class ResizeShortestEdge(MaxSizeTransform):
@@ -69,7 +76,7 @@ class ResizeShortestEdge(MaxSizeTransform):
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         h, w = params["shape"][:2]
         short = self.py_random.choice(self.min_size) if isinstance(self.min_size, list) else self.min_size
-        return {"scale": min(short / min(h, w), self.max_size / max(h, w))}
+        return {"scale": shortest_edge_scale(h, w, short, self.max_size)}
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
         return ("min_size", "max_size", "interpolation")
