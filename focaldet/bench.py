@@ -58,6 +58,7 @@ class Settings:
     amp: str | None = None  # "bf16" | "fp16"
     compile: bool = False  # focaldet's focal loss through torch.compile
     channels_last: bool = True  # focaldet's model in NHWC (its default); --channels-first turns it off
+    fuse_bn: bool = True  # inference: focaldet's frozen BN folded into the convolutions; --keep-bn turns it off
     num_classes: int = 80
     # train_step / inference / memory
     size: int = 320
@@ -268,19 +269,21 @@ def case_train_step(settings: Settings) -> dict[str, float]:
 
 def _head_outputs(settings: Settings, n: int, size: int, bias_mean: float, seed: int):
     """Random head outputs of ``n`` images of ``size`` px in both layouts: focaldet's per
-    level ``(N, Ri, C)`` list and torchvision's concatenated ``(N, R, C)``, plus anchors."""
+    level ``(N, Ri, C)`` list and torchvision's concatenated ``(N, R, C)``, plus anchors
+    (flat, and as focaldet's per-level grids)."""
     from focaldet.modeling import AnchorGenerator
 
     dev, k = settings.device, settings.num_classes
     gen_anchors = AnchorGenerator(sizes=(32, 64, 128, 256, 512), torchvision_compat=True)
     shapes = gen_anchors.feature_shapes(size, size)
     anchors = gen_anchors(shapes, dev, image_size=(size, size))
+    grids = gen_anchors.grids(shapes, dev, image_size=(size, size))
     counts = gen_anchors.num_per_level(shapes)
     gen = torch.Generator().manual_seed(seed)
     r = anchors.shape[0]
     logits = (torch.randn(n, r, k, generator=gen) * 0.5 + bias_mean).to(dev)
     deltas = (torch.randn(n, r, 4, generator=gen) * 0.1).to(dev)
-    return logits, deltas, anchors, counts
+    return logits, deltas, anchors, grids, counts
 
 
 def case_loss(settings: Settings) -> dict[str, float]:
@@ -295,7 +298,7 @@ def case_loss(settings: Settings) -> dict[str, float]:
                                 min_size=s, max_size=s).to(dev)
     fd = RetinaNet.from_torchvision(tv)
     criterion = _criterion(fd, settings)
-    logits, deltas, anchors, counts = _head_outputs(settings, n, s, bias_mean=-4.6, seed=settings.seed + 3)
+    logits, deltas, anchors, grids, counts = _head_outputs(settings, n, s, bias_mean=-4.6, seed=settings.seed + 3)
     boxes, labels = random_targets(n, settings.loss_gt, s, settings.num_classes, settings.seed + 4, dev)
     _log(settings, f"loss: {n} images x {anchors.shape[0]} anchors x {settings.num_classes} classes "
                    f"= {logits.numel() / 1e6:.1f}M logits, {settings.loss_gt} boxes per image")
@@ -308,7 +311,7 @@ def case_loss(settings: Settings) -> dict[str, float]:
     del logits, deltas
 
     def fd_outputs():
-        return {"cls_logits": fd_cls, "box_deltas": fd_reg, "anchors": anchors}
+        return {"cls_logits": fd_cls, "box_deltas": fd_reg, "anchors": anchors, "anchor_grids": grids}
 
     def focaldet_loss():
         criterion(fd_outputs(), boxes, labels)["loss"].backward()
@@ -338,7 +341,7 @@ def case_postprocess(settings: Settings) -> dict[str, float]:
                                 min_size=s, max_size=s).to(dev).eval()
     fd = RetinaNet.from_torchvision(tv)
     # logit -1.1 +- 0.5: sigmoid ~0.1-0.5, every level has >= 1000 candidates above 0.05
-    logits, deltas, anchors, counts = _head_outputs(settings, n, s, bias_mean=-1.1, seed=settings.seed + 5)
+    logits, deltas, anchors, _, counts = _head_outputs(settings, n, s, bias_mean=-1.1, seed=settings.seed + 5)
     split = {"cls_logits": list(logits.split(counts, dim=1)), "bbox_regression": list(deltas.split(counts, dim=1))}
     tv_anchors = [list(anchors.split(counts))] * n
     shapes = [(s, s)] * n
@@ -383,13 +386,15 @@ def _match_note(fd_dets: list[dict[str, Tensor]], tv_dets: list[dict[str, Tensor
 
 def case_inference(settings: Settings) -> dict[str, float]:
     """List of float images in [0, 1] -> detections in input pixels, eval mode.
-    torchvision keeps its BatchNorm2d (eval mode); focaldet uses its frozen BN."""
+    torchvision keeps its BatchNorm2d (eval mode); focaldet folds its frozen BN into the
+    convolutions (``RetinaNet.fuse_batchnorm``, as a deployment would) unless ``--keep-bn``."""
     n, s, dev = settings.batch, settings.size, settings.device
     tv, fd = build_pair(settings, s, frozen_bn=False, cls_bias=-1.5)
     tv.eval(), fd.eval()
+    if settings.fuse_bn:
+        fd.fuse_batchnorm()
     gen = torch.Generator().manual_seed(settings.seed + 6)
     images = [torch.rand(3, s, s, generator=gen).to(dev) for _ in range(n)]
-
 
     def focaldet_infer():
         return fd.predict(images)
@@ -780,6 +785,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="focaldet's focal loss through torch.compile")
     p.add_argument("--channels-first", action="store_true",
                    help="focaldet's model in NCHW, as RetinaNetModule(channels_last=False) (default: NHWC)")
+    p.add_argument("--keep-bn", action="store_true",
+                   help="inference: keep focaldet's frozen BN (default: folded into the convolutions)")
     p.add_argument("--repeats", type=int, help="timed calls per side (default 5; 2 with --quick)")
     p.add_argument("--warmup", type=int, help="untimed calls per side first (default 1)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
@@ -793,7 +800,8 @@ def _parser() -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     settings = (Settings.quick if args.quick else Settings)(device=device, amp=args.amp, compile=args.compile,
-                                                          channels_last=not args.channels_first, verbose=not args.quiet)
+                                                          channels_last=not args.channels_first,
+                                                          fuse_bn=not args.keep_bn, verbose=not args.quiet)
     for name in ("size", "batch", "loss_size", "loss_batch", "num_classes", "repeats", "warmup", "workers",
                  "data_dir", "eval_images"):
         value = getattr(args, name)
@@ -832,6 +840,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _log(settings, f"device {settings.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
                    f"amp {settings.amp}, compile {settings.compile}, channels_last {settings.channels_last}, "
+                   f"fuse_bn {settings.fuse_bn}, "
                    f"repeats {settings.repeats}")
     _warn_if_busy(settings)
     results = run_cases(cases, settings)

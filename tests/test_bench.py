@@ -57,22 +57,26 @@ def test_quick_run_writes_json_with_every_case(tmp_path):
 # ----------------------------------------------------------------------------- the optimised hot paths
 # (see docs/benchmarks.md): each keeps the result of the straightforward version.
 
-@pytest.mark.parametrize("block", [1 << 18, 1000])  # the default blocks, and many small ones
-def test_matcher_equals_torchvision_matcher(block, monkeypatch):
+@pytest.mark.parametrize("grids", [False, True])  # flat anchors, and focaldet's anchor grids
+@pytest.mark.parametrize("block", [None, 1000])  # the default blocks, and many small ones
+def test_matcher_equals_torchvision_matcher(block, grids, monkeypatch):
     from torchvision.models.detection._utils import Matcher as TorchvisionMatcher
     from torchvision.ops import box_iou
 
     from focaldet.modeling import AnchorGenerator, Matcher, matcher
     from focaldet.modeling.matcher import BACKGROUND, FOREGROUND, IGNORE
 
-    monkeypatch.setattr(matcher, "MAX_IOU_ELEMENTS_CPU", block)
+    if block is not None:
+        monkeypatch.setattr(matcher, "MAX_IOU_ELEMENTS_CPU", block)
+        monkeypatch.setattr(matcher, "MAX_GRID_IOU_ELEMENTS_CPU", block)
 
     gen = AnchorGenerator(torchvision_compat=True)
-    anchors = gen(gen.feature_shapes(256, 256), "cpu", image_size=(256, 256))
+    shapes = gen.feature_shapes(256, 256)
+    anchors = gen(shapes, "cpu", image_size=(256, 256))
     boxes, labels = bench.random_targets(3, 12, 256, 5, seed=0, device="cpu")
     labels[0, 6:] = -1  # padding
     valid = labels >= 0
-    ours = Matcher()(anchors, boxes, valid)
+    ours = Matcher()(anchors, boxes, valid, grids=gen.grids(shapes, "cpu", image_size=(256, 256)) if grids else None)
     ref_matcher = TorchvisionMatcher(0.5, 0.4, allow_low_quality_matches=True)
     for i in range(3):
         ref = ref_matcher(box_iou(boxes[i][valid[i]], anchors))
@@ -91,6 +95,23 @@ def test_pairwise_iou_equals_box_iou():
     got = pairwise_iou(boxes, anchors[0])  # (3, 12, 500)
     for i in range(3):
         assert torch.equal(got[i], box_iou(boxes[i], anchors[0]))
+
+
+@pytest.mark.parametrize("compat,offset,size", [(True, 0.0, (256, 384)), (False, 0.5, (200, 330))])
+def test_grid_iou_equals_pairwise_iou(compat, offset, size):
+    from focaldet.modeling import AnchorGenerator
+    from focaldet.modeling.matcher import grid_iou, pairwise_iou
+
+    gen = AnchorGenerator(offset=offset, torchvision_compat=compat)
+    shapes = gen.feature_shapes(*size)
+    anchors = gen(shapes, image_size=size).split(gen.num_per_level(shapes))
+    boxes, _ = bench.random_targets(2, 7, max(size), 5, seed=3, device="cpu")  # (2, 7, 4)
+    for grid, level in zip(gen.grids(shapes, image_size=size), anchors):
+        assert torch.equal(grid.anchors(), level)
+        h = grid.ys.shape[0]
+        for rows in (slice(0, h), slice(h // 3, h // 3 + 2)):  # the whole level, and a band of rows
+            flat = level[rows.start * grid.row_size:min(rows.stop, h) * grid.row_size]
+            assert torch.equal(grid_iou(boxes, grid, rows), pairwise_iou(boxes, flat))
 
 
 def test_grouped_nms_equals_batched_nms():

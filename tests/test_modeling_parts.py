@@ -52,6 +52,27 @@ def test_anchor_cache_reuses_tensors():
     gen = AnchorGenerator()
     shapes = gen.feature_shapes(128, 128)
     assert gen(shapes) is gen(shapes)
+    assert gen.grids(shapes) is gen.grids(shapes)
+
+
+def test_anchor_grids_hold_the_flat_anchors():
+    gen = AnchorGenerator(offset=0.5)
+    shapes = gen.feature_shapes(96, 160)
+    grids = gen.grids(shapes)
+    assert [len(g) for g in grids] == gen.num_per_level(shapes)
+    assert torch.equal(torch.cat([g.anchors() for g in grids]), gen(shapes))
+    # anchor (y, x, a) of P4 is cell[a] shifted to the centre of grid cell (y, x)
+    g, (y, x, a) = grids[1], (2, 3, 4)
+    row = (y * len(g.xs) + x) * len(g.cell) + a
+    expected = g.cell[a] + torch.tensor([(x + 0.5) * 16, (y + 0.5) * 16] * 2)
+    assert torch.equal(gen(shapes)[len(grids[0]) + row], expected)
+
+
+def test_matcher_rejects_grids_of_other_anchors():
+    gen = AnchorGenerator()
+    gt = torch.tensor([[[0, 0, 10, 10]]], dtype=torch.float)
+    with pytest.raises(ValueError, match="anchor grids hold"):
+        Matcher()(ANCHORS, gt, torch.ones(1, 1, dtype=torch.bool), grids=gen.grids(gen.feature_shapes(64, 64)))
 
 
 # ----------------------------------------------------------------------------- matcher

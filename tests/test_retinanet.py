@@ -127,6 +127,36 @@ def test_frozen_bn_fused_path_equals_torchvision():
     torch.testing.assert_close(xg.grad, xr.grad)
 
 
+def test_fuse_batchnorm_keeps_the_outputs(torchvision_pair):
+    """Frozen BN folded into the convolutions (inference): the same raw outputs and detections."""
+    import copy
+
+    from torchvision.ops import FrozenBatchNorm2d
+
+    from focaldet.modeling.backbone import fuse_frozen_batchnorm
+    _, ours = torchvision_pair
+    model = copy.deepcopy(ours)
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():  # statistics and affine far from the identity
+        if isinstance(m, FrozenBatchNorm2d):
+            c = m.weight.shape[0]
+            m.weight.copy_(0.5 + torch.rand(c, generator=g)), m.bias.copy_(0.1 * torch.randn(c, generator=g))
+            m.running_mean.copy_(0.1 * torch.randn(c, generator=g)), m.running_var.copy_(0.5 + torch.rand(c, generator=g))
+    fused = copy.deepcopy(model).fuse_batchnorm()
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in fused.modules())
+    assert fuse_frozen_batchnorm(ResNetBackbone(18)) == 20  # stem, 8 blocks x 2, 3 downsample branches
+    x = torch.randn(2, 3, 256, 320)
+    with torch.no_grad():
+        a, b = model(x), fused(x)
+    for key in ("cls_logits", "box_deltas"):
+        for u, v in zip(a[key], b[key]):
+            torch.testing.assert_close(v, u, atol=1e-4, rtol=1e-4)
+    images = [torch.rand(3, 200, 300, generator=g)]
+    ref, got = model.predict(images)[0], fused.predict(images)[0]
+    assert len(ref["scores"]) > 50 and torch.equal(got["labels"], ref["labels"])
+    torch.testing.assert_close(got["scores"], ref["scores"], atol=1e-4, rtol=0)
+
+
 def test_to_torchvision_twin_detects_the_same():
     """``to_torchvision`` builds torchvision's RetinaNet with our architecture and weights;
     with anchors that torchvision's rounding leaves exact, detections are the same."""

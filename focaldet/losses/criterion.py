@@ -55,7 +55,7 @@ class RetinaNetCriterion(nn.Module):
 
         Args:
             outputs: ``RetinaNet.forward``'s dict (per-level ``cls_logits (N, Ri, C)``,
-                ``box_deltas (N, Ri, 4)``, ``anchors (R, 4)``).
+                ``box_deltas (N, Ri, 4)``, ``anchors (R, 4)``, optionally ``anchor_grids``).
             gt_boxes: ``(N, G, 4)`` xyxy, padded. gt_labels: ``(N, G)`` in [0, K), -1 = padding.
         Returns:
             ``{"loss", "loss_cls", "loss_box", "num_pos"}``.
@@ -68,7 +68,7 @@ class RetinaNetCriterion(nn.Module):
         anchors = outputs["anchors"]  # (R, 4)
         num_classes = cls_logits[0].shape[-1] - int(getattr(self.cls_loss, "background_logit", False))
 
-        matches = self.matcher(anchors, gt_boxes, gt_labels >= 0)
+        matches = self.matcher(anchors, gt_boxes, gt_labels >= 0, grids=outputs.get("anchor_grids"))
         fg = matches.labels == FOREGROUND  # (N, R)
         # class target per anchor: matched gt's label on foreground, K (background) elsewhere
         if gt_labels.shape[1] > 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +20,34 @@ DEFAULT_SIZES = (32, 64, 128, 256, 512)
 DEFAULT_STRIDES = (8, 16, 32, 64, 128)
 DEFAULT_SCALES = (1.0, 2 ** (1 / 3), 2 ** (2 / 3))
 DEFAULT_RATIOS = (0.5, 1.0, 2.0)
+
+
+@dataclass(frozen=True)
+class AnchorGrid:
+    """The anchors of one level as a grid: anchor ``(y, x, a)``, row ``(y * W + x) * A + a``
+    of the level's ``(H*W*A, 4)`` anchors, is ``cell[a] + (xs[x], ys[y], xs[x], ys[y])``.
+
+    Its x-extents depend on ``(x, a)`` only and its y-extents on ``(y, a)`` only, which lets
+    the matcher compute the IoU with ``H + W`` overlaps per box instead of ``H * W``.
+    """
+
+    xs: Tensor  # (W,) centre x of each column, input pixels
+    ys: Tensor  # (H,) centre y of each row
+    cell: Tensor  # (A, 4) xyxy anchors centred at the origin
+
+    @property
+    def row_size(self) -> int:
+        """Anchors per grid row, ``W * A``."""
+        return self.xs.shape[0] * self.cell.shape[0]
+
+    def __len__(self) -> int:
+        return self.ys.shape[0] * self.row_size
+
+    def anchors(self) -> Tensor:
+        """``(H*W*A, 4)`` xyxy, location-major then anchor-minor."""
+        y, x = torch.meshgrid(self.ys, self.xs, indexing="ij")
+        shifts = torch.stack([x, y, x, y], dim=-1).reshape(-1, 1, 4)  # (H*W, 1, 4)
+        return (shifts + self.cell[None]).reshape(-1, 4)  # (H*W, A, 4) -> (H*W*A, 4)
 
 
 class AnchorGenerator(nn.Module):
@@ -57,7 +86,7 @@ class AnchorGenerator(nn.Module):
         cells = [self._cell_anchors(size, scales, aspect_ratios, torchvision_compat) for size in sizes]
         # (L, A, 4): not a buffer, anchors are derived state and never saved in checkpoints.
         self._cells = torch.stack(cells)
-        self._cache: dict[tuple, list[Tensor]] = {}
+        self._cache: dict[tuple, tuple[Tensor, list[AnchorGrid]]] = {}
 
     @staticmethod
     def _cell_anchors(size: float, scales, ratios, torchvision_compat: bool) -> Tensor:
@@ -87,31 +116,37 @@ class AnchorGenerator(nn.Module):
 
         Cached: a detector sees the same few padded shapes over and over.
         """
+        return self._cached(feature_shapes, device, image_size)[0]
+
+    def grids(self, feature_shapes: Sequence[Sequence[int]], device: torch.device | str = "cpu",
+              image_size: Sequence[int] | None = None) -> list[AnchorGrid]:
+        """The same anchors as ``forward``, one `AnchorGrid` per level (cached alike)."""
+        return self._cached(feature_shapes, device, image_size)[1]
+
+    def _cached(self, feature_shapes, device, image_size) -> tuple[Tensor, list[AnchorGrid]]:
         shapes = tuple(tuple(int(v) for v in s) for s in feature_shapes)
         if self.torchvision_compat and image_size is not None:
             strides = [(int(image_size[0]) // h, int(image_size[1]) // w) for h, w in shapes]
         else:
             strides = [(s, s) for s in self.strides]
         key = (shapes, tuple(strides), str(torch.device(device)))
-        anchors = self._cache.get(key)
-        if anchors is None:
+        cached = self._cache.get(key)
+        if cached is None:
             if len(self._cache) >= 64:  # multi-scale training sees a bounded set of shapes
                 self._cache.clear()
-            levels = [self._grid_anchors(c, st, hw) for c, st, hw in zip(self._cells, strides, shapes)]
-            anchors = self._cache[key] = torch.cat(levels).to(device)
-        return anchors
+            grids = [self._grid(c, st, hw, device) for c, st, hw in zip(self._cells, strides, shapes)]
+            cached = self._cache[key] = (torch.cat([g.anchors() for g in grids]), grids)
+        return cached
 
     def num_per_level(self, feature_shapes: Sequence[Sequence[int]]) -> list[int]:
         """Number of anchors of each level, ``Hi * Wi * A``."""
         return [int(h) * int(w) * self.num_anchors for h, w in feature_shapes]
 
-    def _grid_anchors(self, cell: Tensor, stride: tuple[int, int], shape: tuple[int, int]) -> Tensor:
+    def _grid(self, cell: Tensor, stride: tuple[int, int], shape: tuple[int, int], device) -> AnchorGrid:
         (sy, sx), (h, w) = stride, shape
         ys = (torch.arange(h, dtype=torch.float32) + self.offset) * sy
         xs = (torch.arange(w, dtype=torch.float32) + self.offset) * sx
-        y, x = torch.meshgrid(ys, xs, indexing="ij")
-        shifts = torch.stack([x, y, x, y], dim=-1).reshape(-1, 1, 4)  # (H*W, 1, 4)
-        return (shifts + cell[None]).reshape(-1, 4)  # (H*W, A, 4) -> (H*W*A, 4)
+        return AnchorGrid(xs.to(device), ys.to(device), cell.to(device))
 
     def extra_repr(self) -> str:
         return f"strides={self.strides}, num_anchors={self.num_anchors}, offset={self.offset}"

