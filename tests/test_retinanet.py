@@ -101,9 +101,13 @@ def test_channels_last_is_the_same_model(torchvision_pair):
     tv, nchw = torchvision_pair
     nhwc = RetinaNet.from_torchvision(tv)
     assert nhwc.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
-    x = torch.randn(2, 3, 256, 384)
+    _assert_same_raw_outputs(nchw, nhwc, torch.randn(2, 3, 256, 384))
+
+
+def _assert_same_raw_outputs(model, other, x):
+    """``model(x)`` and ``other(x)`` agree to float rounding, level by level."""
     with torch.no_grad():
-        a, b = nchw(x), nhwc(x)
+        a, b = model(x), other(x)
     for key in ("cls_logits", "box_deltas"):
         for u, v in zip(a[key], b[key]):
             torch.testing.assert_close(v, u, atol=1e-4, rtol=1e-4)
@@ -145,12 +149,7 @@ def test_fuse_batchnorm_keeps_the_outputs(torchvision_pair):
     fused = copy.deepcopy(model).fuse_batchnorm()
     assert not any(isinstance(m, FrozenBatchNorm2d) for m in fused.modules())
     assert fuse_frozen_batchnorm(ResNetBackbone(18)) == 20  # stem, 8 blocks x 2, 3 downsample branches
-    x = torch.randn(2, 3, 256, 320)
-    with torch.no_grad():
-        a, b = model(x), fused(x)
-    for key in ("cls_logits", "box_deltas"):
-        for u, v in zip(a[key], b[key]):
-            torch.testing.assert_close(v, u, atol=1e-4, rtol=1e-4)
+    _assert_same_raw_outputs(model, fused, torch.randn(2, 3, 256, 320))
     images = [torch.rand(3, 200, 300, generator=g)]
     ref, got = model.predict(images)[0], fused.predict(images)[0]
     assert len(ref["scores"]) > 50 and torch.equal(got["labels"], ref["labels"])
