@@ -11,7 +11,16 @@ import torch
 from torch._utils import ExceptionWrapper
 from torch.utils.data import DataLoader
 
-from focaldet.data import CocoDetection, DataWarning, ImageFolderDataset, LabelMap, collate_detection, load_coco
+from focaldet.data import (
+    CocoDetection,
+    DataWarning,
+    ImageFolderDataset,
+    LabelMap,
+    collate_detection,
+    load_coco,
+    write_synthetic_coco,
+)
+from focaldet.data.transforms import ResizeShortestEdge
 from focaldet.errors import DataError
 
 # ----------------------------------------------------------------------------- LabelMap
@@ -206,3 +215,59 @@ def test_worker_error_from_real_dataloader(make_coco):
     del iterator
     gc.collect()  # shut the worker down here, not during a later test
     _assert_one_line_missing_image(message, images)
+
+
+# ----------------------------------------------------------------------------- decoding at reduced size
+def test_decode_reduction_follows_the_leading_resize():
+    import albumentations as A
+
+    from focaldet.data.transforms import build_transforms, decode_reduction
+    photo = (3024, 4032)  # h, w
+    assert decode_reduction(build_transforms(False, min_size=800, max_size=1333), *photo) == 2  # scale 0.26
+    assert decode_reduction(build_transforms(True, min_size=[640, 800], max_size=1333), *photo) == 2  # largest
+    assert decode_reduction(build_transforms(False, min_size=256, max_size=512), *photo) == 8  # scale 0.085
+    assert decode_reduction(build_transforms(False, min_size=800, max_size=1333), 480, 640) == 1  # upscaled
+    assert decode_reduction(None, *photo) == 1
+    flip_first = A.Compose([A.HorizontalFlip(p=0.5), ResizeShortestEdge(256, 512)])
+    assert decode_reduction(flip_first, *photo) == 1  # only a leading resize is understood
+    assert decode_reduction(A.Compose([ResizeShortestEdge(256, 512, p=0.5)]), *photo) == 1
+
+
+@pytest.mark.filterwarnings("ignore:.*degenerate box")  # squashing the images clips a few boxes away
+def test_reduced_decode_gives_the_same_sample(tmp_path, monkeypatch):
+    """A 1600x1200 photo evaluated at 256 px is decoded at 1/4: the same image size and boxes
+    (to rounding), nearly the same pixels, as a full decode resized."""
+    import cv2
+
+    from focaldet.data import coco as coco_module
+    from focaldet.data.transforms import build_transforms
+    synth = write_synthetic_coco(tmp_path, num_images=3, seed=1, image_size=1600, val_fraction=0.34)
+    for path in synth.images.glob("*.jpg"):  # 1600x1200: not square, not a multiple of 8 high
+        cv2.imwrite(str(path), cv2.resize(cv2.imread(str(path)), (1600, 1203)))
+    data = json.loads(synth.train_ann.read_text())
+    for img in data["images"]:
+        img["height"] = 1203
+    synth.train_ann.write_text(json.dumps(data))
+    reads = []
+    read_image = coco_module.read_image
+    monkeypatch.setattr(coco_module, "read_image", lambda *a: reads.append(a[2]) or read_image(*a))
+    eval_transforms = build_transforms(False, min_size=256, max_size=512)
+    dataset = CocoDetection(synth.train_ann, synth.images, transforms=eval_transforms)
+    reduced = [dataset[i] for i in range(len(dataset))]
+    monkeypatch.setattr(coco_module, "decode_reduction", lambda *a: 1)
+    full = [dataset[i] for i in range(len(dataset))]
+    for a, b in zip(reduced, full):
+        assert a["size"] == b["size"] == (256, 340) and len(a["boxes"]) == len(b["boxes"]) > 0
+        torch.testing.assert_close(a["boxes"], b["boxes"], atol=0.5, rtol=0)  # input pixels at 256 px
+        assert (a["image"].float() - b["image"].float()).abs().mean() < 2.5  # gray levels (measured: 1.3-1.4)
+    assert reads == [4] * len(dataset) + [1] * len(dataset)
+
+
+def test_size_mismatch_at_reduced_decode_names_the_size_on_disk(make_coco):
+    from focaldet.data.transforms import build_transforms
+    ann, images = make_coco(images=[(1600, 1200)])
+    data = json.loads(ann.read_text())
+    data["images"][0]["width"] = 1640  # still decodes at 1/4 for 256 px: 410 vs 400 columns
+    ann.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"is 1600x1200 \(w x h\) on disk but 1640x1200"):
+        CocoDetection(ann, images, transforms=build_transforms(False, min_size=256, max_size=512))[0]

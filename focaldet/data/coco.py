@@ -34,6 +34,7 @@ from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from focaldet.data.transforms import decode_reduction
 from focaldet.errors import DataError
 
 __all__ = [
@@ -248,22 +249,35 @@ def load_coco(path: str | os.PathLike) -> COCO:
 
 # OpenCV >= 4.11 decodes straight to RGB (libjpeg-turbo writes RGB): no BGR -> RGB pass.
 _IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
+_IMREAD_REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 
 
-def read_image(path: str | os.PathLike, image_id: int | None = None) -> np.ndarray:
+def _imread_flags(reduce: int) -> int:
+    """OpenCV flags decoding to RGB when OpenCV can (>= 4.11), else BGR, at ``1/reduce`` size."""
+    if reduce not in (1, *_IMREAD_REDUCED):
+        raise ValueError(f"reduce must be 1, 2, 4 or 8, got {reduce}")
+    flags = cv2.IMREAD_COLOR if reduce == 1 else _IMREAD_REDUCED[reduce]
+    return (flags & ~cv2.IMREAD_COLOR) | _IMREAD_RGB if _IMREAD_RGB else flags
+
+
+def read_image(path: str | os.PathLike, image_id: int | None = None, reduce: int = 1) -> np.ndarray:
     """Decode an image file to ``(H, W, 3)`` uint8 RGB (EXIF orientation applied, as OpenCV does).
+
+    ``reduce`` 2, 4 or 8 decodes it that many times smaller on each side (JPEG: scaled in
+    the DCT, ``ceil(H / reduce)`` rows; other formats: resized by OpenCV).
 
     Raises `ImageError` naming the path (and the image id, when given) if the file is
     missing or cannot be decoded.
     """
     what = f"image {path}" + (f" (image id {image_id})" if image_id is not None else "")
+    flags = _imread_flags(reduce)
     try:
         buffer = np.fromfile(path, dtype=np.uint8)
     except FileNotFoundError:
         raise ImageError(f"cannot read {what}: file not found") from None
     except OSError as e:
         raise ImageError(f"cannot read {what}: {e.strerror or e}") from None
-    image = cv2.imdecode(buffer, _IMREAD_RGB or cv2.IMREAD_COLOR) if buffer.size else None
+    image = cv2.imdecode(buffer, flags) if buffer.size else None
     if image is None:
         raise ImageError(f"cannot read {what}: not a decodable image (corrupt or unsupported format)")
     return image if _IMREAD_RGB else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
@@ -388,20 +402,30 @@ class CocoDetection(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         rec = self.records[index]
-        path = self.image_dir / rec["file_name"]
-        image = read_image(path, rec["image_id"])
-        if image.shape[:2] != (rec["height"], rec["width"]):
-            raise ImageError(
-                f"image {path} (image id {rec['image_id']}) is {image.shape[1]}x{image.shape[0]} (w x h) "
-                f"on disk but {rec['width']}x{rec['height']} in {self.ann_file}"
-            )
-        sample = _apply_transforms(self.transforms, image, rec["boxes"], rec["labels"])
+        image, boxes = self._read(rec)
+        sample = _apply_transforms(self.transforms, image, boxes, rec["labels"])
         sample.update(
             image_id=int(rec["image_id"]),
             orig_size=(rec["height"], rec["width"]),
             file_name=rec["file_name"],
         )
         return sample
+
+    def _read(self, rec: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """The record's image and boxes, decoded as small as the transforms allow
+        (`decode_reduction`): the boxes are scaled to the decoded image."""
+        path, height, width = self.image_dir / rec["file_name"], rec["height"], rec["width"]
+        reduce = decode_reduction(self.transforms, height, width)
+        image = read_image(path, rec["image_id"], reduce)
+        h, w = image.shape[:2]
+        if abs(h * reduce - height) >= reduce or abs(w * reduce - width) >= reduce:  # exact when reduce == 1
+            if reduce > 1:  # name the size on disk, not the reduced one
+                h, w = read_image(path, rec["image_id"]).shape[:2]
+            raise ImageError(f"image {path} (image id {rec['image_id']}) is {w}x{h} (w x h) on disk "
+                             f"but {width}x{height} in {self.ann_file}")
+        if reduce == 1:
+            return image, rec["boxes"]
+        return image, rec["boxes"] * np.array([w / width, h / height] * 2, dtype=np.float32)
 
 
 class ImageFolderDataset(Dataset):
