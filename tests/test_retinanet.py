@@ -134,6 +134,7 @@ def test_frozen_bn_fused_path_equals_torchvision():
 def test_fuse_batchnorm_keeps_the_outputs(torchvision_pair):
     """Frozen BN folded into the convolutions (inference): the same raw outputs and detections."""
     import copy
+    from collections import OrderedDict
 
     from torchvision.ops import FrozenBatchNorm2d
 
@@ -149,6 +150,15 @@ def test_fuse_batchnorm_keeps_the_outputs(torchvision_pair):
     fused = copy.deepcopy(model).fuse_batchnorm()
     assert not any(isinstance(m, FrozenBatchNorm2d) for m in fused.modules())
     assert fuse_frozen_batchnorm(ResNetBackbone(18)) == 20  # stem, 8 blocks x 2, 3 downsample branches
+    bn = FrozenBatchNorm2d(4)
+    bn.weight.fill_(2.0)
+    pair = torch.nn.Sequential(OrderedDict(conv1=torch.nn.Conv2d(3, 4, 3), bn1=bn))  # both rules find it
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        ref = pair(x)
+    assert fuse_frozen_batchnorm(pair) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(pair(x), ref)  # folded once, not twice
     _assert_same_raw_outputs(model, fused, torch.randn(2, 3, 256, 320))
     images = [torch.rand(3, 200, 300, generator=g)]
     ref, got = model.predict(images)[0], fused.predict(images)[0]

@@ -48,7 +48,7 @@ def fuse_frozen_batchnorm(module: nn.Module) -> int:
         names = list(children)
         pairs = [(f"conv{name[2:]}", name) for name in names if name.startswith("bn")]
         pairs += list(zip(names, names[1:])) if isinstance(parent, nn.Sequential) else []
-        for conv_name, bn_name in pairs:
+        for conv_name, bn_name in dict.fromkeys(pairs):  # a pair both rules find is folded once
             conv, bn = children.get(conv_name), children[bn_name]
             if not (isinstance(conv, nn.Conv2d) and isinstance(bn, ops.FrozenBatchNorm2d)):
                 continue
