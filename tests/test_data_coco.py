@@ -231,6 +231,7 @@ def test_decode_reduction_follows_the_leading_resize():
     flip_first = A.Compose([A.HorizontalFlip(p=0.5), ResizeShortestEdge(256, 512)])
     assert decode_reduction(flip_first, *photo) == 1  # only a leading resize is understood
     assert decode_reduction(A.Compose([ResizeShortestEdge(256, 512, p=0.5)]), *photo) == 1
+    assert decode_reduction(A.Compose([ResizeShortestEdge(256, 512)], p=0.5), *photo) == 1  # may not run at all
 
 
 @pytest.mark.filterwarnings("ignore:.*degenerate box")  # squashing the images clips a few boxes away

@@ -86,15 +86,15 @@ def decode_reduction(transforms: Any, height: int, width: int) -> int:
     """By how much (1, 2, 4 or 8) a ``height x width`` image may be decoded smaller before
     ``transforms`` run, losing nothing the pipeline keeps.
 
-    When the pipeline starts with an always-applied `ResizeShortestEdge` whose largest
-    possible scale is ``s``, it is the largest ``f`` with ``f * s <= 1``: the resize then
-    still scales down, from an image that the decoder shrank by ``f`` (libjpeg's DCT
+    When the pipeline always runs and starts with an always-applied `ResizeShortestEdge`
+    whose largest possible scale is ``s``, it is the largest ``f`` with ``f * s <= 1``: the
+    resize then still scales down, from an image that the decoder shrank by ``f`` (libjpeg's DCT
     scaling, much cheaper than decoding every pixel; other formats are decoded and
     resized by OpenCV). E.g. a 4032x3024 photo trained at 800 px decodes at 1/2. Otherwise 1.
     """
     steps = getattr(transforms, "transforms", None)
     first = steps[0] if steps else None
-    if not isinstance(first, ResizeShortestEdge) or first.p < 1:
+    if not isinstance(first, ResizeShortestEdge) or first.p < 1 or getattr(transforms, "p", 1.0) < 1:
         return 1
     sizes = first.min_size if isinstance(first.min_size, list) else [first.min_size]
     scale = max(shortest_edge_scale(height, width, size, first.max_size) for size in sizes)
