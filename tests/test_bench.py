@@ -43,8 +43,9 @@ def test_synthetic_eval_data_is_valid_coco():
 
 @pytest.mark.slow
 def test_quick_run_writes_json_with_every_case(tmp_path):
-    out = tmp_path / "bench.json"
-    assert bench.main(["--quick", "--quiet", "--device", "cpu", "--json", str(out)]) == 0
+    out, plot = tmp_path / "bench.json", tmp_path / "ratios.png"
+    assert bench.main(["--quick", "--quiet", "--device", "cpu", "--json", str(out), "--plot", str(plot)]) == 0
+    assert plot.read_bytes().startswith(b"\x89PNG")
     results = json.loads(out.read_text())
     assert list(results) == list(bench.CASES)
     for case, r in results.items():
@@ -52,6 +53,13 @@ def test_quick_run_writes_json_with_every_case(tmp_path):
         assert all(isinstance(v, (int, float)) and v > 0 for v in r.values()), (case, r)
         assert r["ratio"] == pytest.approx(
             r["focaldet"] / r["torchvision"] if case == "data" else r["torchvision"] / r["focaldet"])
+
+
+def test_plot_marks_each_case_against_its_target(tmp_path):
+    results = {"loss": {"ratio": 6.0}, "data": {"ratio": 0.33}}
+    path = bench.plot_ratios(results, tmp_path / "sub" / "ratios.png", device="cuda")
+    assert path.read_bytes().startswith(b"\x89PNG")
+    assert bench.GPU_TARGETS["train_step"] == 1.3 and bench.TARGETS["train_step"] == 1.0
 
 
 # ----------------------------------------------------------------------------- the optimised hot paths
