@@ -143,6 +143,43 @@ def compare(name: str, focaldet_fn: Callable[[], Any], torchvision_fn: Callable[
     return {"focaldet": fd, "torchvision": tv, "ratio": tv / fd}
 
 
+# Dense bf16/fp16 tensor-core peaks (TFLOP/s, from the vendor's data sheets) by device name,
+# for the share of the peak a training step reaches under --amp.
+GPU_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def step_flops(fn: Callable[[], Any]) -> int:
+    """Floating-point operations of one call of ``fn`` (forward and backward included), as
+    ``torch.utils.flop_counter`` counts them: matmuls and convolutions only."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _gpu_peak_tflops(settings: Settings) -> float | None:
+    if not settings.device.startswith("cuda") or settings.amp is None:
+        return None
+    name = torch.cuda.get_device_name(torch.device(settings.device))
+    return next((peak for key, peak in GPU_PEAK_TFLOPS.items() if key in name), None)
+
+
+def _flops_note(flops: dict[str, int], seconds: dict[str, float], settings: Settings) -> str:
+    """``"45 GFLOP/step; 0.041 / 0.036 TFLOP/s"`` (focaldet / torchvision), plus the share
+    of the GPU's peak under AMP when the GPU is known."""
+    rates = {side: flops[side] / seconds[side] / 1e12 for side in flops}
+    note = f"{flops['focaldet'] / 1e9:.1f} GFLOP/step"
+    note += " on both sides" if flops["focaldet"] == flops["torchvision"] else \
+        f" (torchvision {flops['torchvision'] / 1e9:.1f})"
+    note += f"; {rates['focaldet']:.3g} / {rates['torchvision']:.3g} TFLOP/s"
+    peak = _gpu_peak_tflops(settings)
+    if peak:
+        note += (f" = {100 * rates['focaldet'] / peak:.1f} % / {100 * rates['torchvision'] / peak:.1f} % "
+                 f"of the {settings.amp} peak ({peak:g})")
+    return note
+
+
 def _autocast(settings: Settings):
     if settings.amp is None:
         return contextlib.nullcontext()
@@ -264,7 +301,11 @@ def case_train_step(settings: Settings) -> dict[str, float]:
     if settings.compile:
         _warm_compile(settings, criterion, lambda: _focaldet_forward(fd, images, sizes, settings), boxes, labels)
         zero_grad()
-    return compare("train_step", focaldet_step, torchvision_step, settings, before=zero_grad)
+    result = compare("train_step", focaldet_step, torchvision_step, settings, before=zero_grad)
+    flops = {"focaldet": step_flops(focaldet_step), "torchvision": step_flops(torchvision_step)}
+    zero_grad()
+    settings.notes["train_step"] = _flops_note(flops, result, settings)
+    return result
 
 
 def _head_outputs(settings: Settings, n: int, size: int, bias_mean: float, seed: int):

@@ -9,8 +9,10 @@ the dataset tools, ``focaldet bench`` the side-by-side benchmark and
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
+import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -31,6 +33,58 @@ class PredictionWriter(Callback):
         if trainer.is_global_zero:
             path = write_results_json(entries, run_dir / "predictions.json")
             print(f"wrote {len(entries)} detections to {path}", flush=True)
+
+
+class TrainingSpeed(Callback):
+    """Prints the sustained training speed when ``fit`` ends: ``training speed: X images/s``.
+
+    Images are counted on every process (each step's local batch x world size) after the
+    first ``warmup`` steps (allocator growth, cuDNN autotuning, compilation), and timed
+    between two device synchronisations: data loading, optimiser steps and logging are
+    included, validation is not. ``images_per_second`` keeps the figure (None if the run
+    had no step after the warm-up).
+    """
+
+    def __init__(self, warmup: int = 5) -> None:
+        if warmup < 1:
+            raise ValueError(f"TrainingSpeed: warmup must be >= 1 step, got {warmup}")
+        self.warmup = warmup
+        self.on_train_start(None, None)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._steps, self._images, self._elapsed, self._since = 0, 0, 0.0, None
+        self.images_per_second: float | None = None
+
+    def _clock(self, pl_module) -> float:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        return time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._steps += 1
+        if self._steps > self.warmup:
+            self._images += len(batch["images"]) * trainer.world_size
+        elif self._steps == self.warmup:
+            self._since = self._clock(pl_module)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if self._since is not None:  # validation inside fit: pause the clock
+            self._elapsed += self._clock(pl_module) - self._since
+            self._since = None
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "fit" and self._steps >= self.warmup:
+            self._since = self._clock(pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._since is not None:
+            self._elapsed += self._clock(pl_module) - self._since
+        if self._images == 0 or self._elapsed <= 0:
+            return
+        self.images_per_second = self._images / self._elapsed
+        if trainer.is_global_zero:
+            print(f"training speed: {self.images_per_second:.1f} images/s over steps {self.warmup + 1}-{self._steps} "
+                  f"({trainer.world_size} process(es), validation excluded)", flush=True)
 
 
 class FocaldetCLI(LightningCLI):
@@ -65,6 +119,7 @@ def trainer_defaults() -> dict:
                             auto_insert_metric_name=False),
             LearningRateMonitor(logging_interval="step"),
             PredictionWriter(),
+            TrainingSpeed(),
         ],
     }
 

@@ -55,6 +55,35 @@ def test_quick_run_writes_json_with_every_case(tmp_path):
             r["focaldet"] / r["torchvision"] if case == "data" else r["torchvision"] / r["focaldet"])
 
 
+def test_training_steps_do_the_same_flops():
+    """Same architecture on both sides: the counted FLOPs of a training step are equal."""
+    settings = bench.Settings.quick(verbose=False)
+    tv, fd = bench.build_pair(settings, 128, frozen_bn=True)
+    criterion = bench._criterion(fd, settings)
+    images = bench._padded_batch(1, 128, torch.Generator().manual_seed(0), settings)
+    boxes, labels = bench.random_targets(1, 4, 128, settings.num_classes, seed=0, device="cpu")
+
+    def focaldet_step():
+        outputs = bench._focaldet_forward(fd, images, torch.tensor([[128, 128]]), settings)
+        criterion(outputs, boxes, labels)["loss"].backward()
+
+    def torchvision_step():
+        sum(tv([images[0].contiguous().float() / 255], [{"boxes": boxes[0], "labels": labels[0]}]).values()).backward()
+
+    flops = bench.step_flops(focaldet_step)
+    assert flops == bench.step_flops(torchvision_step) > 1e10
+
+
+def test_flops_note_gives_the_share_of_the_gpu_peak(monkeypatch):
+    settings = bench.Settings(amp="bf16")
+    note = bench._flops_note({"focaldet": 2e12, "torchvision": 2e12}, {"focaldet": 0.01, "torchvision": 0.02}, settings)
+    assert note == "2000.0 GFLOP/step on both sides; 200 / 100 TFLOP/s"  # CPU: no peak to compare with
+    monkeypatch.setattr(bench, "_gpu_peak_tflops", lambda s: 1000.0)
+    note = bench._flops_note({"focaldet": 2e12, "torchvision": 3e12}, {"focaldet": 0.01, "torchvision": 0.02}, settings)
+    assert note == ("2000.0 GFLOP/step (torchvision 3000.0); 200 / 150 TFLOP/s = 20.0 % / 15.0 % "
+                    "of the bf16 peak (1000)")
+
+
 def test_plot_marks_each_case_against_its_target(tmp_path):
     results = {"loss": {"ratio": 6.0}, "data": {"ratio": 0.33}}
     path = bench.plot_ratios(results, tmp_path / "sub" / "ratios.png", device="cuda")

@@ -57,6 +57,32 @@ def test_fit_validate_test_predict(tmp_path, synth_coco, capsys):
     assert len(pngs) == len(list(Path(synth_coco.images).glob("*.jpg")))
 
 
+def test_fit_prints_the_training_speed(tmp_path, synth_coco, capsys):
+    cfg = tiny_config(tmp_path, synth_coco, **{"trainer.max_steps": 8, "trainer.val_check_interval": 4})
+    main(["fit", "-c", str(cfg)])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("training speed:")]
+    assert len(lines) == 1 and lines[0].endswith(" images/s over steps 6-8 (1 process(es), validation excluded)")
+
+
+def test_training_speed_leaves_validation_out(capsys):
+    import time
+    from types import SimpleNamespace
+
+    from focaldet.cli import TrainingSpeed
+    trainer = SimpleNamespace(world_size=2, is_global_zero=True, state=SimpleNamespace(fn="fit"))
+    module = SimpleNamespace(device=torch.device("cpu"))
+    speed = TrainingSpeed(warmup=1)
+    speed.on_train_start(trainer, module)
+    for step in range(3):
+        speed.on_train_batch_end(trainer, module, None, {"images": [0, 0, 0]}, step)
+        speed.on_validation_start(trainer, module)
+        time.sleep(0.1)  # validation: not training time
+        speed.on_validation_end(trainer, module)
+    speed.on_train_end(trainer, module)
+    assert speed.images_per_second > 12 / 0.1  # 2 steps x 3 images x 2 processes, in far less than 0.1 s
+    assert "images/s over steps 2-3 (2 process(es), validation excluded)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("loss_cfg", sorted((REPO / "configs" / "losses").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_loss_trains_from_the_cli(tmp_path, synth_coco, loss_cfg):
     cfg = tiny_config(tmp_path, synth_coco, **{"trainer.max_steps": 2, "trainer.limit_val_batches": 0})
