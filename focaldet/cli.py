@@ -49,11 +49,14 @@ class TrainingSpeed(Callback):
         if warmup < 1:
             raise ValueError(f"TrainingSpeed: warmup must be >= 1 step, got {warmup}")
         self.warmup = warmup
-        self.on_train_start(None, None)
+        self._reset()
 
-    def on_train_start(self, trainer, pl_module) -> None:
+    def _reset(self) -> None:
         self._steps, self._images, self._elapsed, self._since = 0, 0, 0.0, None
         self.images_per_second: float | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._reset()
 
     def _clock(self, pl_module) -> float:
         if pl_module.device.type == "cuda":
