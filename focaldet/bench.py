@@ -252,6 +252,34 @@ def _focaldet_forward(fd, images: Tensor, sizes: Tensor, settings: Settings) -> 
     return fd(fd.normalize(images, sizes))
 
 
+def focaldet_train_step(fd, criterion, settings: Settings) -> Callable[..., None]:
+    """``run(images, sizes, boxes, labels)``: forward + loss + backward of focaldet's model on
+    a padded uint8 batch, as ``RetinaNetModule`` does."""
+
+    def run(images: Tensor, sizes: Tensor, boxes: Tensor, labels: Tensor) -> None:
+        with _autocast(settings):
+            loss = criterion(_focaldet_forward(fd, images, sizes, settings), boxes, labels)["loss"]
+        loss.backward()
+
+    return run
+
+
+def torchvision_train_step(tv, settings: Settings) -> Callable[..., None]:
+    """``run(images, sizes, boxes, labels)``: the same for torchvision's model, which takes a
+    list of float images (in its NCHW layout) and resizes nothing."""
+
+    def run(images: Tensor, sizes: Tensor, boxes: Tensor, labels: Tensor) -> None:
+        s = images.shape[-1]
+        tv.transform.min_size, tv.transform.max_size = (s,), s  # never resize
+        batch = [img.float() / 255 for img in images]
+        targets = [{"boxes": b, "labels": lab} for b, lab in zip(boxes, labels)]
+        with _autocast(settings):
+            losses = tv(batch, targets)
+        sum(losses.values()).backward()
+
+    return run
+
+
 def _padded_batch(n: int, s: int, gen: torch.Generator, settings: Settings) -> Tensor:
     """A uint8 ``(n, 3, s, s)`` batch in the memory order ``collate_detection`` gives focaldet."""
     images = torch.randint(0, 256, (n, 3, s, s), generator=gen, dtype=torch.uint8)
@@ -279,20 +307,14 @@ def case_train_step(settings: Settings) -> dict[str, float]:
     images = _padded_batch(n, s, gen, settings)
     sizes = torch.tensor([[s, s]] * n, device=dev)
     boxes, labels = random_targets(n, settings.gt_per_image, s, settings.num_classes, settings.seed + 2, dev)
-
-    def focaldet_step():
-        with _autocast(settings):
-            loss = criterion(_focaldet_forward(fd, images, sizes, settings), boxes, labels)["loss"]
-        loss.backward()
-
+    fd_run, tv_run = focaldet_train_step(fd, criterion, settings), torchvision_train_step(tv, settings)
     tv_images = images.contiguous()  # torchvision's own layout, NCHW
 
+    def focaldet_step():
+        fd_run(images, sizes, boxes, labels)
+
     def torchvision_step():
-        batch = [img.float() / 255 for img in tv_images]
-        targets = [{"boxes": b, "labels": lab} for b, lab in zip(boxes, labels)]
-        with _autocast(settings):
-            losses = tv(batch, targets)
-        sum(losses.values()).backward()
+        tv_run(tv_images, sizes, boxes, labels)
 
     def zero_grad():
         fd.zero_grad(set_to_none=True)
@@ -692,24 +714,11 @@ def _train_step_fn(side: str, settings: Settings) -> tuple[Callable[[], None], C
     if side == "focaldet":
         del tv
         model = fd.train()
-        criterion = _criterion(fd, settings)
-
-        def run(images, sizes, boxes, labels):
-            with _autocast(settings):
-                loss = criterion(_focaldet_forward(fd, images, sizes, settings), boxes, labels)["loss"]
-            loss.backward()
+        run = focaldet_train_step(fd, _criterion(fd, settings), settings)
     else:
         del fd
         model = tv.train()
-
-        def run(images, sizes, boxes, labels):
-            s = images.shape[-1]
-            tv.transform.min_size, tv.transform.max_size = (s,), s  # never resize
-            batch = [img.float() / 255 for img in images]
-            targets = [{"boxes": b, "labels": lab} for b, lab in zip(boxes, labels)]
-            with _autocast(settings):
-                losses = tv(batch, targets)
-            sum(losses.values()).backward()
+        run = torchvision_train_step(tv, settings)
 
     main = inputs(settings.batch, settings.size, settings.gt_per_image, settings.seed + 1)
     tiny = inputs(1, 64, 1, settings.seed + 9)

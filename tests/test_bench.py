@@ -61,17 +61,11 @@ def test_training_steps_do_the_same_flops():
     tv, fd = bench.build_pair(settings, 128, frozen_bn=True)
     criterion = bench._criterion(fd, settings)
     images = bench._padded_batch(1, 128, torch.Generator().manual_seed(0), settings)
+    sizes = torch.tensor([[128, 128]])
     boxes, labels = bench.random_targets(1, 4, 128, settings.num_classes, seed=0, device="cpu")
-
-    def focaldet_step():
-        outputs = bench._focaldet_forward(fd, images, torch.tensor([[128, 128]]), settings)
-        criterion(outputs, boxes, labels)["loss"].backward()
-
-    def torchvision_step():
-        sum(tv([images[0].contiguous().float() / 255], [{"boxes": boxes[0], "labels": labels[0]}]).values()).backward()
-
-    flops = bench.step_flops(focaldet_step)
-    assert flops == bench.step_flops(torchvision_step) > 1e10
+    fd_run, tv_run = bench.focaldet_train_step(fd, criterion, settings), bench.torchvision_train_step(tv, settings)
+    flops = bench.step_flops(lambda: fd_run(images, sizes, boxes, labels))
+    assert flops == bench.step_flops(lambda: tv_run(images.contiguous(), sizes, boxes, labels)) > 1e10
 
 
 def test_flops_note_gives_the_share_of_the_gpu_peak(monkeypatch):
