@@ -74,12 +74,12 @@ def _neg_term(x: Tensor, gamma: float) -> Tensor:
     return sp if gamma == 0 else torch.sigmoid(x).pow(gamma) * sp
 
 
-def _neg_grad(x: Tensor, gamma: float) -> Tensor:
-    """``d/dx sigma^g softplus = sigma^g * (g (1 - sigma) softplus + sigma)``."""
-    s = torch.sigmoid(x)
+def _neg_grad(s: Tensor, sp: Tensor, gamma: float, s_gamma: Tensor | None = None) -> Tensor:
+    """``d/dx sigma^g softplus = sigma^g * (g (1 - sigma) softplus + sigma)`` from
+    ``s = sigma(x)``, ``sp = softplus(x)`` and optionally ``s_gamma = s^gamma``."""
     if gamma == 0:
         return s
-    return (1 - s).mul_(F.softplus(x)).mul_(gamma).add_(s).mul_(s.pow(gamma))
+    return (1 - s).mul_(sp).mul_(gamma).add_(s).mul_(s.pow(gamma) if s_gamma is None else s_gamma)
 
 
 def _row_step(x: Tensor) -> int:
@@ -103,8 +103,7 @@ def _negatives(x: Tensor, alpha_neg: Tensor, weight: Tensor, gamma: float,
         term = sp if gamma == 0 else s_gamma * sp
         total += torch.mv(term, alpha_neg).dot(wc)  # mv/dot: stay fp32 under autocast
         if with_grad:
-            # d/dx sigma^g softplus = sigma^g * (g (1 - sigma) softplus + sigma)
-            d = s if gamma == 0 else (1 - s).mul_(sp).mul_(gamma).add_(s).mul_(s_gamma)
+            d = _neg_grad(s, sp, gamma, s_gamma)
             torch.mul(d.mul_(alpha_neg), wc.unsqueeze(-1), out=grad[i:i + step])
     return total, grad
 
@@ -161,7 +160,9 @@ class _SigmoidFocalSum(torch.autograd.Function):
             dx = _kernel(ctx.compiled)(x, alpha_neg, weight, ctx.gamma, True)[1]
         dx.mul_(grad)
         xp = x[rows, cls]
-        d_correction = -alpha_pos[cls] * _neg_grad(-xp, ctx.gamma) - alpha_neg[cls] * _neg_grad(xp, ctx.gamma)
+        pos_grad = _neg_grad(torch.sigmoid(-xp), F.softplus(-xp), ctx.gamma)  # d/dy at y = -xp
+        neg_grad = _neg_grad(torch.sigmoid(xp), F.softplus(xp), ctx.gamma)
+        d_correction = -alpha_pos[cls] * pos_grad - alpha_neg[cls] * neg_grad
         dx[rows, cls] += d_correction * weight[rows] * grad  # (row, class) pairs are unique
         return dx, None, None, None, None, None, None
 
