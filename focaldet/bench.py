@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import gc
 import json
 import multiprocessing as mp
@@ -521,10 +522,14 @@ def _images_per_second(loader, count: Callable[[Any], int]) -> float:
 
 def case_data(settings: Settings) -> dict[str, float]:
     """Training pipeline (CocoDataModule: decode + resize + flip + collate) images/s against
-    decoding the same JPEGs alone, same batch size and workers; ratio = pipeline / decode."""
+    decoding the same JPEGs alone, same batch size and workers; ratio = pipeline / decode.
+
+    The note adds a third loader, the same dataset without augmentation (decode, pack,
+    collate, deliver the batch to this process): the floor of any pipeline that hands the
+    pixels over through DataLoader workers, as a share of the decode limit."""
     from torch.utils.data import DataLoader
 
-    from focaldet.data import CocoDataModule
+    from focaldet.data import CocoDataModule, collate_detection
 
     with tempfile.TemporaryDirectory(prefix="focaldet-bench-") as tmp:
         ann, image_dir, name = _data_source(settings, Path(tmp))
@@ -539,15 +544,19 @@ def case_data(settings: Settings) -> dict[str, float]:
             dm.datasets["train"] = torch.utils.data.Subset(dataset, range(limit))
         paths = [str(dataset.image_dir / rec["file_name"]) for rec in dataset.records[:limit]]
         pipeline = dm.train_dataloader()  # also makes OpenCV single-threaded before any worker forks
-        decode = DataLoader(_DecodeOnly(paths), batch_size=settings.data_batch, shuffle=True,
-                            num_workers=settings.workers, collate_fn=_list_collate,
-                            persistent_workers=settings.workers > 0)
+        loader = functools.partial(DataLoader, batch_size=settings.data_batch, shuffle=True,
+                                   num_workers=settings.workers, persistent_workers=settings.workers > 0)
+        decode = loader(_DecodeOnly(paths), collate_fn=_list_collate)
+        bare = copy.copy(dataset)  # the same records, no augmentation
+        bare.transforms = None
+        floor = loader(torch.utils.data.Subset(bare, range(limit)), collate_fn=collate_detection)
         _log(settings, f"data: {name}, {limit} images per epoch, batch {settings.data_batch}, "
                        f"{settings.workers} workers")
-        rates: dict[str, list[float]] = {"focaldet": [], "torchvision": []}
+        rates: dict[str, list[float]] = {"focaldet": [], "torchvision": [], "floor": []}
         runs = {
             "focaldet": lambda: _images_per_second(pipeline, lambda b: len(b["images"])),
             "torchvision": lambda: _images_per_second(decode, len),
+            "floor": lambda: _images_per_second(floor, lambda b: len(b["images"])),
         }
         warmup = max(1, settings.warmup)  # at least one epoch: it starts the persistent workers
         for i in range(warmup):
@@ -559,10 +568,12 @@ def case_data(settings: Settings) -> dict[str, float]:
             for side in order:
                 rates[side].append(runs[side]())
             _log(settings, f"data: repeat {i + 1}/{settings.repeats}  pipeline {rates['focaldet'][-1]:.1f} img/s  "
-                           f"decode-only {rates['torchvision'][-1]:.1f} img/s")
-        del pipeline, decode
-    settings.notes["data"] = f"{name}; torchvision column = decode-only limit"
-    fd, tv = statistics.median(rates["focaldet"]), statistics.median(rates["torchvision"])
+                           f"decode-only {rates['torchvision'][-1]:.1f} img/s  "
+                           f"no augmentation {rates['floor'][-1]:.1f} img/s")
+        del pipeline, decode, floor
+    fd, tv, bare_rate = (statistics.median(rates[k]) for k in ("focaldet", "torchvision", "floor"))
+    settings.notes["data"] = (f"{name}; torchvision column = decode-only limit; without augmentation "
+                              f"{bare_rate:.0f} img/s = {bare_rate / tv:.2f} of it (pipeline = {fd / bare_rate:.2f} of that)")
     return {"focaldet": fd, "torchvision": tv, "ratio": fd / tv}
 
 

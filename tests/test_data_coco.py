@@ -264,6 +264,44 @@ def test_reduced_decode_gives_the_same_sample(tmp_path, monkeypatch):
     assert reads == [4] * len(dataset) + [1] * len(dataset)
 
 
+def test_image_folder_decodes_large_jpegs_smaller(tmp_path, monkeypatch):
+    """A 1600x1203 JPEG, the same photo turned by EXIF (orientation 6) and as PNG, predicted at
+    256 px: the JPEGs decode at 1/4 with the full size as ``orig_size``, the same sample size
+    and nearly the same pixels as a full decode; the PNG decodes in full."""
+    import numpy as np
+    from PIL import Image
+
+    from focaldet.data import coco as coco_module
+    from focaldet.data.transforms import build_transforms
+    rng = np.random.default_rng(0)
+    blocks = np.kron(rng.integers(0, 256, (8, 10, 3), dtype=np.uint8), np.ones((160, 160, 1), np.uint8))
+    photo = Image.fromarray(blocks[:1203])  # 1600 x 1203, in 160 px squares: smooth enough to compare
+    photo.save(tmp_path / "a.jpg", quality=95)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned by 90 degrees: 1203 x 1600
+    photo.save(tmp_path / "b.jpg", quality=95, exif=exif)
+    photo.save(tmp_path / "c.png")
+    assert coco_module.jpeg_size(tmp_path / "a.jpg") == (1203, 1600)
+    assert coco_module.jpeg_size(tmp_path / "b.jpg") == (1600, 1203)
+    assert coco_module.jpeg_size(tmp_path / "c.png") is None
+    reads = []
+    read_image = coco_module.read_image
+    monkeypatch.setattr(coco_module, "read_image", lambda *a: reads.append(a[2] if len(a) > 2 else 1) or read_image(*a))
+    dataset = ImageFolderDataset(tmp_path, transforms=build_transforms(False, min_size=256, max_size=512))
+    reduced = [dataset[i] for i in range(3)]
+    monkeypatch.setattr(coco_module, "decode_reduction", lambda *a: 1)
+    full = [dataset[i] for i in range(3)]
+    assert reads == [4, 4, 1, 1, 1, 1]
+    wide, turned = ((256, 340), (1203, 1600)), ((340, 256), (1600, 1203))  # (size, orig_size)
+    for a, b, (size, orig_size) in zip(reduced, full, [wide, turned, wide]):
+        assert a["size"] == b["size"] == size
+        assert a["orig_size"] == b["orig_size"] == orig_size
+        assert (a["image"].float() - b["image"].float()).abs().mean() < 1.0  # gray levels (measured: 0.08)
+    monkeypatch.undo()  # decode_reduction and read_image as they are
+    monkeypatch.setattr(coco_module, "jpeg_size", lambda path: (2400, 3200))  # a header that lies
+    assert dataset[0]["orig_size"] == (1203, 1600)  # the pixels win: decoded again in full
+
+
 def test_size_mismatch_at_reduced_decode_names_the_size_on_disk(make_coco):
     from focaldet.data.transforms import build_transforms
     ann, images = make_coco(images=[(1600, 1200)])

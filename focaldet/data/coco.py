@@ -34,7 +34,7 @@ from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from focaldet.data.transforms import decode_reduction
+from focaldet.data.transforms import decode_reduction, leading_resize
 from focaldet.errors import DataError
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "ImageError",
     "ImageFolderDataset",
     "LabelMap",
+    "jpeg_size",
     "load_coco",
     "read_coco_json",
     "read_image",
@@ -428,11 +429,30 @@ class CocoDetection(Dataset):
         return image, rec["boxes"] * np.array([w / width, h / height] * 2, dtype=np.float32)
 
 
+def jpeg_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """``(h, w)`` of a JPEG file as `read_image` decodes it (EXIF orientation applied), read
+    from its header alone; ``None`` for another format or an unreadable file."""
+    from PIL import Image, UnidentifiedImageError  # Pillow comes with torchvision
+
+    try:
+        with Image.open(path) as image:
+            if image.format != "JPEG":
+                return None
+            w, h = image.size
+            orientation = image.getexif().get(0x0112, 1)  # 5-8: turned by 90 degrees
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
+        return None  # the full decode names the problem
+    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
+
+
 class ImageFolderDataset(Dataset):
     """Unlabelled images of a folder (sorted by name), for prediction.
 
     Samples have the same keys as `CocoDetection`, with empty ``boxes (0, 4)`` and
     ``labels (0,)``, ``image_id`` the running index and ``file_name`` relative to the folder.
+    Like `CocoDetection`, a JPEG at least twice the size the transforms' leading resize
+    brings it to is decoded smaller (`decode_reduction`); its size is then read from the
+    file's header, so ``orig_size`` is always the size of the full image.
     """
 
     def __init__(self, image_dir: str | os.PathLike, transforms: Callable | None = None) -> None:
@@ -452,10 +472,22 @@ class ImageFolderDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image = read_image(self.image_dir / self.files[index], index)
-        h, w = image.shape[:2]
+        image, (h, w) = self._read(self.image_dir / self.files[index], index)
         sample = _apply_transforms(
             self.transforms, image, np.zeros((0, 4), dtype=np.float32), np.zeros((0,), dtype=np.int64)
         )
         sample.update(image_id=index, orig_size=(int(h), int(w)), file_name=self.files[index])
         return sample
+
+    def _read(self, path: Path, index: int) -> tuple[np.ndarray, tuple[int, int]]:
+        """The image, decoded as small as the transforms allow, and the full image's ``(h, w)``."""
+        size = jpeg_size(path) if leading_resize(self.transforms) is not None else None
+        reduce = decode_reduction(self.transforms, *size) if size is not None else 1
+        image = read_image(path, index, reduce)
+        h, w = image.shape[:2]
+        if reduce == 1:
+            return image, (h, w)
+        if abs(h * reduce - size[0]) < reduce and abs(w * reduce - size[1]) < reduce:
+            return image, size
+        image = read_image(path, index)  # the header and the decoder disagree: trust the pixels
+        return image, image.shape[:2]

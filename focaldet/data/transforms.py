@@ -35,6 +35,8 @@ __all__ = [
     "build_transform",
     "build_transforms",
     "collate_detection",
+    "decode_reduction",
+    "leading_resize",
     "shortest_edge_scale",
 ]
 
@@ -92,13 +94,22 @@ def decode_reduction(transforms: Any, height: int, width: int) -> int:
     scaling, much cheaper than decoding every pixel; other formats are decoded and
     resized by OpenCV). E.g. a 4032x3024 photo trained at 800 px decodes at 1/2. Otherwise 1.
     """
-    steps = getattr(transforms, "transforms", None)
-    first = steps[0] if steps else None
-    if not isinstance(first, ResizeShortestEdge) or first.p < 1 or getattr(transforms, "p", 1.0) < 1:
+    first = leading_resize(transforms)
+    if first is None:
         return 1
     sizes = first.min_size if isinstance(first.min_size, list) else [first.min_size]
     scale = max(shortest_edge_scale(height, width, size, first.max_size) for size in sizes)
     return next((f for f in (8, 4, 2) if f * scale <= 1), 1)
+
+
+def leading_resize(transforms: Any) -> ResizeShortestEdge | None:
+    """The `ResizeShortestEdge` that every run of ``transforms`` starts with, if there is one:
+    the pipeline always runs and its first step is an always-applied `ResizeShortestEdge`."""
+    steps = getattr(transforms, "transforms", None)
+    first = steps[0] if steps else None
+    if not isinstance(first, ResizeShortestEdge) or first.p < 1 or getattr(transforms, "p", 1.0) < 1:
+        return None
+    return first
 
 
 _FOCALDET_TRANSFORMS: dict[str, type] = {"ResizeShortestEdge": ResizeShortestEdge}
