@@ -153,8 +153,15 @@ def test_collate_copies_pixels_once_into_a_channels_last_batch():
     images = batch["images"]
     assert images.shape == (2, 3, 128, 128) and images.is_contiguous(memory_format=torch.channels_last)
     loader = torch.utils.data.DataLoader(_Samples(), batch_size=2, num_workers=1, collate_fn=collate_detection)
-    from_worker = next(iter(loader))["images"]
+    worker_batch = next(iter(loader))
+    from_worker = worker_batch["images"]
     assert from_worker.is_contiguous(memory_format=torch.channels_last) and from_worker.is_shared()
+    # the small tensors came pickled, not in shared memory of their own; a plain dict arrives
+    assert type(worker_batch) is dict and worker_batch.keys() == batch.keys()
+    for key in ("image_sizes", "orig_sizes", "boxes", "labels", "image_ids"):
+        assert not worker_batch[key].is_shared() and worker_batch[key].dtype == batch[key].dtype
+        assert torch.equal(worker_batch[key], batch[key]), key
+    assert worker_batch["file_names"] == batch["file_names"]
     for b in (images, from_worker):
         for i, s in enumerate(samples):
             h, w = s["size"]
