@@ -92,6 +92,19 @@ def test_every_loss_trains_from_the_cli(tmp_path, synth_coco, loss_cfg):
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
 
 
+def test_fit_in_mixed_precision(tmp_path, synth_coco):
+    """``--trainer.precision bf16-mixed`` (what a GPU run uses; CPU autocast here) trains,
+    validates and checkpoints finite fp32 weights."""
+    cfg = tiny_config(tmp_path, synth_coco, **{"trainer.max_steps": 4, "trainer.precision": "bf16-mixed"})
+    main(["fit", "-c", str(cfg)])
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 4
+    weights = [v for v in ckpt["state_dict"].values() if v.is_floating_point()]
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights)
+    metrics = (tmp_path / "run" / "lightning_logs" / "version_0" / "metrics.csv").read_text()
+    assert "val/mAP" in metrics.splitlines()[0]
+
+
 def test_loss_swapped_on_the_command_line(tmp_path, synth_coco):
     cfg = tiny_config(tmp_path, synth_coco, **{"trainer.max_steps": 1, "trainer.limit_val_batches": 0})
     main(["fit", "-c", str(cfg), "--model.cls_loss", "focaldet.losses.SoftmaxFocalLoss"])
