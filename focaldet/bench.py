@@ -340,8 +340,7 @@ def _head_outputs(settings: Settings, n: int, size: int, bias_mean: float, seed:
     dev, k = settings.device, settings.num_classes
     gen_anchors = AnchorGenerator(sizes=(32, 64, 128, 256, 512), torchvision_compat=True)
     shapes = gen_anchors.feature_shapes(size, size)
-    anchors = gen_anchors(shapes, dev, image_size=(size, size))
-    grids = gen_anchors.grids(shapes, dev, image_size=(size, size))
+    anchors, grids = gen_anchors.anchors_and_grids(shapes, dev, image_size=(size, size))
     counts = gen_anchors.num_per_level(shapes)
     gen = torch.Generator().manual_seed(seed)
     r = anchors.shape[0]

@@ -53,6 +53,8 @@ def test_anchor_cache_reuses_tensors():
     shapes = gen.feature_shapes(128, 128)
     assert gen(shapes) is gen(shapes)
     assert gen.grids(shapes) is gen.grids(shapes)
+    anchors, grids = gen.anchors_and_grids(shapes)  # the model's one lookup per forward
+    assert anchors is gen(shapes) and grids is gen.grids(shapes)
 
 
 def test_anchor_grids_hold_the_flat_anchors():

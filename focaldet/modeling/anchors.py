@@ -116,14 +116,16 @@ class AnchorGenerator(nn.Module):
 
         Cached: a detector sees the same few padded shapes over and over.
         """
-        return self._cached(feature_shapes, device, image_size)[0]
+        return self.anchors_and_grids(feature_shapes, device, image_size)[0]
 
     def grids(self, feature_shapes: Sequence[Sequence[int]], device: torch.device | str = "cpu",
               image_size: Sequence[int] | None = None) -> list[AnchorGrid]:
         """The same anchors as ``forward``, one `AnchorGrid` per level (cached alike)."""
-        return self._cached(feature_shapes, device, image_size)[1]
+        return self.anchors_and_grids(feature_shapes, device, image_size)[1]
 
-    def _cached(self, feature_shapes, device, image_size) -> tuple[Tensor, list[AnchorGrid]]:
+    def anchors_and_grids(self, feature_shapes: Sequence[Sequence[int]], device: torch.device | str = "cpu",
+                          image_size: Sequence[int] | None = None) -> tuple[Tensor, list[AnchorGrid]]:
+        """``(forward(...), grids(...))`` from one cache lookup, for a model that needs both."""
         shapes = tuple(tuple(int(v) for v in s) for s in feature_shapes)
         if self.torchvision_compat and image_size is not None:
             strides = [(int(image_size[0]) // h, int(image_size[1]) // w) for h, w in shapes]

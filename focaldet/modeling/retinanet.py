@@ -108,8 +108,7 @@ class RetinaNet(nn.Module):
         features = self.fpn(self.backbone(x))
         cls_logits, box_deltas = self.head(features)
         shapes = [f.shape[-2:] for f in features]
-        anchors = self.anchor_generator(shapes, x.device, image_size=x.shape[-2:])
-        grids = self.anchor_generator.grids(shapes, x.device, image_size=x.shape[-2:])
+        anchors, grids = self.anchor_generator.anchors_and_grids(shapes, x.device, image_size=x.shape[-2:])
         return {"cls_logits": cls_logits, "box_deltas": box_deltas, "anchors": anchors, "anchor_grids": grids}
 
     def scores(self, cls_logits: Tensor) -> Tensor:
