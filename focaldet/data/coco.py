@@ -284,6 +284,13 @@ def read_image(path: str | os.PathLike, image_id: int | None = None, reduce: int
     return image if _IMREAD_RGB else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
+def _decoded_from(image: np.ndarray, reduce: int, height: int, width: int) -> bool:
+    """Whether ``image``, decoded at ``1/reduce``, is an image of ``height x width``
+    (``ceil(height / reduce)`` rows; exact when ``reduce == 1``)."""
+    h, w = image.shape[:2]
+    return abs(h * reduce - height) < reduce and abs(w * reduce - width) < reduce
+
+
 def _apply_transforms(
     transforms: Callable | None, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray
 ) -> dict[str, Any]:
@@ -419,7 +426,7 @@ class CocoDetection(Dataset):
         reduce = decode_reduction(self.transforms, height, width)
         image = read_image(path, rec["image_id"], reduce)
         h, w = image.shape[:2]
-        if abs(h * reduce - height) >= reduce or abs(w * reduce - width) >= reduce:  # exact when reduce == 1
+        if not _decoded_from(image, reduce, height, width):
             if reduce > 1:  # name the size on disk, not the reduced one
                 h, w = read_image(path, rec["image_id"]).shape[:2]
             raise ImageError(f"image {path} (image id {rec['image_id']}) is {w}x{h} (w x h) on disk "
@@ -484,10 +491,9 @@ class ImageFolderDataset(Dataset):
         size = jpeg_size(path) if leading_resize(self.transforms) is not None else None
         reduce = decode_reduction(self.transforms, *size) if size is not None else 1
         image = read_image(path, index, reduce)
-        h, w = image.shape[:2]
         if reduce == 1:
-            return image, (h, w)
-        if abs(h * reduce - size[0]) < reduce and abs(w * reduce - size[1]) < reduce:
+            return image, image.shape[:2]
+        if _decoded_from(image, reduce, *size):
             return image, size
         image = read_image(path, index)  # the header and the decoder disagree: trust the pixels
         return image, image.shape[:2]
