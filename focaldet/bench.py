@@ -248,7 +248,7 @@ def _criterion(fd, settings: Settings):
                               box_coder=fd.box_coder)
 
 
-def _focaldet_forward(fd, images: Tensor, sizes: Tensor, settings: Settings) -> dict:
+def _focaldet_forward(fd, images: Tensor, sizes: Tensor) -> dict:
     """``RetinaNetModule``'s forward: normalise the padded uint8 batch and run."""
     return fd(fd.normalize(images, sizes))
 
@@ -259,7 +259,7 @@ def focaldet_train_step(fd, criterion, settings: Settings) -> Callable[..., None
 
     def run(images: Tensor, sizes: Tensor, boxes: Tensor, labels: Tensor) -> None:
         with _autocast(settings):
-            loss = criterion(_focaldet_forward(fd, images, sizes, settings), boxes, labels)["loss"]
+            loss = criterion(_focaldet_forward(fd, images, sizes), boxes, labels)["loss"]
         loss.backward()
 
     return run
@@ -322,7 +322,7 @@ def case_train_step(settings: Settings) -> dict[str, float]:
         tv.zero_grad(set_to_none=True)
 
     if settings.compile:
-        _warm_compile(settings, criterion, lambda: _focaldet_forward(fd, images, sizes, settings), boxes, labels)
+        _warm_compile(settings, criterion, lambda: _focaldet_forward(fd, images, sizes), boxes, labels)
         zero_grad()
     result = compare("train_step", focaldet_step, torchvision_step, settings, before=zero_grad)
     flops = {"focaldet": step_flops(focaldet_step), "torchvision": step_flops(torchvision_step)}
