@@ -49,7 +49,7 @@ class TorchvisionRetinaNetModule(RetinaNetModule):
         self.model = module.model.to_torchvision(module.criterion)
         self.model.transform.resize = _keep_size
         self.criterion = None
-        self._results, self._preview, self.last_eval, self.run_config = [], None, None, module.run_config
+        self._init_run_state(module.run_config)
 
     @staticmethod
     def _inputs(batch: dict) -> list:

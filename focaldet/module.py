@@ -108,10 +108,15 @@ class RetinaNetModule(L.LightningModule):
         )
         self.criterion = RetinaNetCriterion(cls_loss, box_loss, matcher, self.model.box_coder,
                                             normalizer_momentum=normalizer_momentum)
+        self._init_run_state()
+
+    def _init_run_state(self, run_config: str | None = None) -> None:
+        """The evaluation state and stored config of a fresh module (also for subclasses that
+        build their model differently)."""
         self._results: list[dict] = []
         self._preview: tuple | None = None  # first batch of validate/test, drawn as a PNG
         self.last_eval = None  # CocoEvalResult of the last validation/test epoch
-        self.run_config: str | None = None  # resolved YAML, set by the CLI, stored in checkpoints
+        self.run_config: str | None = run_config  # resolved YAML, set by the CLI, stored in checkpoints
 
     # ------------------------------------------------------------------ helpers
     @property
