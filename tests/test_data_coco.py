@@ -234,13 +234,30 @@ def test_decode_reduction_follows_the_leading_resize():
     assert decode_reduction(A.Compose([ResizeShortestEdge(256, 512)], p=0.5), *photo) == 1  # may not run at all
 
 
+def _reduced_and_full_samples(dataset, monkeypatch):
+    """``(reduced, full, reads)``: every sample as ``dataset`` reads it, then with every image
+    decoded in full, and the ``reduce`` of each ``read_image`` call, in order."""
+    from focaldet.data import coco as coco_module
+    reads = []
+    read_image = coco_module.read_image
+
+    def counting_read(path, image_id=None, reduce=1):
+        reads.append(reduce)
+        return read_image(path, image_id, reduce)
+
+    monkeypatch.setattr(coco_module, "read_image", counting_read)
+    reduced = [dataset[i] for i in range(len(dataset))]
+    monkeypatch.setattr(coco_module, "decode_reduction", lambda *a: 1)
+    full = [dataset[i] for i in range(len(dataset))]
+    return reduced, full, reads
+
+
 @pytest.mark.filterwarnings("ignore:.*degenerate box")  # squashing the images clips a few boxes away
 def test_reduced_decode_gives_the_same_sample(tmp_path, monkeypatch):
     """A 1600x1200 photo evaluated at 256 px is decoded at 1/4: the same image size and boxes
     (to rounding), nearly the same pixels, as a full decode resized."""
     import cv2
 
-    from focaldet.data import coco as coco_module
     from focaldet.data.transforms import build_transforms
     synth = write_synthetic_coco(tmp_path, num_images=3, seed=1, image_size=1600, val_fraction=0.34)
     for path in synth.images.glob("*.jpg"):  # 1600x1200: not square, not a multiple of 8 high
@@ -249,14 +266,9 @@ def test_reduced_decode_gives_the_same_sample(tmp_path, monkeypatch):
     for img in data["images"]:
         img["height"] = 1203
     synth.train_ann.write_text(json.dumps(data))
-    reads = []
-    read_image = coco_module.read_image
-    monkeypatch.setattr(coco_module, "read_image", lambda *a: reads.append(a[2]) or read_image(*a))
     eval_transforms = build_transforms(False, min_size=256, max_size=512)
     dataset = CocoDetection(synth.train_ann, synth.images, transforms=eval_transforms)
-    reduced = [dataset[i] for i in range(len(dataset))]
-    monkeypatch.setattr(coco_module, "decode_reduction", lambda *a: 1)
-    full = [dataset[i] for i in range(len(dataset))]
+    reduced, full, reads = _reduced_and_full_samples(dataset, monkeypatch)
     for a, b in zip(reduced, full):
         assert a["size"] == b["size"] == (256, 340) and len(a["boxes"]) == len(b["boxes"]) > 0
         torch.testing.assert_close(a["boxes"], b["boxes"], atol=0.5, rtol=0)  # input pixels at 256 px
@@ -284,13 +296,8 @@ def test_image_folder_decodes_large_jpegs_smaller(tmp_path, monkeypatch):
     assert coco_module.jpeg_size(tmp_path / "a.jpg") == (1203, 1600)
     assert coco_module.jpeg_size(tmp_path / "b.jpg") == (1600, 1203)
     assert coco_module.jpeg_size(tmp_path / "c.png") is None
-    reads = []
-    read_image = coco_module.read_image
-    monkeypatch.setattr(coco_module, "read_image", lambda *a: reads.append(a[2] if len(a) > 2 else 1) or read_image(*a))
     dataset = ImageFolderDataset(tmp_path, transforms=build_transforms(False, min_size=256, max_size=512))
-    reduced = [dataset[i] for i in range(3)]
-    monkeypatch.setattr(coco_module, "decode_reduction", lambda *a: 1)
-    full = [dataset[i] for i in range(3)]
+    reduced, full, reads = _reduced_and_full_samples(dataset, monkeypatch)
     assert reads == [4, 4, 1, 1, 1, 1]
     wide, turned = ((256, 340), (1203, 1600)), ((340, 256), (1600, 1203))  # (size, orig_size)
     for a, b, (size, orig_size) in zip(reduced, full, [wide, turned, wide]):
