@@ -19,14 +19,17 @@ from focaldet.export.core import ExportError, load_torch_export
 from focaldet.export.graph import OUTPUT_NAMES
 
 
-def onnx_session(path: str | os.PathLike, threads: int = 0):
+def onnx_session(path: str | os.PathLike, threads: int = 0, spinning: bool = True):
     """An onnxruntime CPU session of ``path``, graph optimisations on; ``threads`` 0 =
-    onnxruntime's choice."""
+    onnxruntime's choice. ``spinning=False`` stops its threads busy-waiting after each run
+    (they would take the cores from whatever runs next, e.g. the other side of a benchmark)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # NO_SUCHFILE, INVALID_PROTOBUF, ...
@@ -38,13 +41,13 @@ class ExportedDetector:
     """An exported focaldet model (``.onnx`` or ``.pt2``) with its metadata (``names``,
     ``category_ids``, ``min_size``, ...) and a call on image batches."""
 
-    def __init__(self, path: str | os.PathLike, threads: int = 0):
+    def __init__(self, path: str | os.PathLike, threads: int = 0, spinning: bool = True):
         self.path = Path(path)
         if self.path.suffix == ".pt2":
             self._module, meta = load_torch_export(self.path)
             self._session = None
         else:
-            self._session = onnx_session(self.path, threads)
+            self._session = onnx_session(self.path, threads, spinning)
             meta = dict(self._session.get_modelmeta().custom_metadata_map)
         if "category_ids" not in meta:
             raise ExportError(f"{self.path}: no focaldet metadata (category_ids): not exported by focaldet export")
