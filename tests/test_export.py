@@ -249,3 +249,50 @@ def test_corrupt_or_foreign_exported_files_are_one_line_errors(tmp_path):
     pt2.write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(ExportError, match=r"model.pt2: not a torch.export program"):
         ExportedDetector(pt2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_exportable_graph_on_cuda_gives_predicts_detections(trained):
+    """On CUDA the fast path's NMS is fp64 batched_nms, the padded one fp32 offsets: the
+    graph's detections still pair up with predict's."""
+    import copy
+
+    module, dm, _ = trained
+    model = copy.deepcopy(module.model).cuda()
+    graph = ExportableDetector(model, dm.label_map.cat_ids).eval()
+    x = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(7)).cuda()
+    with torch.no_grad():
+        boxes, scores, labels, counts = (t.cpu() for t in graph(x))
+    for i, ref in enumerate(model.predict(list(x))):
+        ref = {k: v.cpu() for k, v in ref.items()}
+        got = {"boxes": boxes[i, :counts[i]], "scores": scores[i, :counts[i]], "category_ids": labels[i, :counts[i]]}
+        _assert_same_top_detections(got, ref, dm.label_map.cat_ids)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt,suffix", [("onnx", ".onnx"), ("torch_export", ".pt2")])
+def test_export_command_from_a_checkpoint(fmt, suffix, tmp_path, synth_coco, capsys):
+    """``focaldet export --ckpt_path X --format F --output Y`` on a checkpoint of ``focaldet
+    fit`` (tiny config): the file's detections are those of ``focaldet.load(X)``'s model."""
+    import focaldet
+    from tests.helpers import run_cli, tiny_config
+
+    if not hasattr(focaldet, "load"):
+        pytest.skip("focaldet.load (checkpoint -> Detector) is not in this build yet")
+    cfg = tiny_config(tmp_path, synth_coco)
+    assert run_cli("fit", "-c", str(cfg)).returncode == 0
+    ckpt = next((tmp_path / "run" / "checkpoints").glob("last*.ckpt"))
+    out = tmp_path / f"model{suffix}"
+    assert export_main(["--ckpt_path", str(ckpt), "--format", fmt, "--output", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    det = focaldet.load(str(ckpt))
+    exported = ExportedDetector(out)
+    assert exported.category_ids == list(det.category_ids) and exported.names == list(det.names)
+    image = read_image(next(synth_coco.images.iterdir()))
+    ref = det.model.predict([torch.from_numpy(image).permute(2, 0, 1).float() / 255])[0]
+    got = exported.predict_image(image)
+    if len(ref["scores"]):
+        _assert_same_top_detections(got, ref, list(det.category_ids))
+    else:
+        assert len(got["scores"]) == 0

@@ -35,7 +35,9 @@ def load_checkpoint(path: str):
 
 
 def _export_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="focaldet export", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="focaldet export", description=__doc__.split("\n\n")[0],
+                                epilog="focaldet export evaluate MODEL --val_ann A --val_images DIR: "
+                                       "the COCO mAP of an exported file (see focaldet export evaluate -h)")
     p.add_argument("--ckpt_path", required=True, help="focaldet checkpoint (.ckpt)")
     p.add_argument("--format", default="onnx", help=f"{' | '.join(FORMATS)} (default onnx)")
     p.add_argument("--output", required=True, help="file to write (.onnx / .pt2)")
