@@ -19,3 +19,7 @@ class ConfigError(FocaldetError, ValueError):
 
 class NonFiniteLossError(FocaldetError, FloatingPointError):
     """Training produced a NaN/Inf loss."""
+
+
+class CheckpointError(FocaldetError, RuntimeError):
+    """A checkpoint file is missing, truncated or corrupt, or could not be written."""
