@@ -18,7 +18,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from focaldet.checkpoints import check_checkpoint, checkpoint_dir, install_checkpoint_io, resolve_ckpt_path
 from focaldet.data.datamodule import CocoDataModule
-from focaldet.failures import report_errors
+from focaldet.failures import StopAllRanks, report_errors
 from focaldet.module import RetinaNetModule
 
 
@@ -123,6 +123,7 @@ class FocaldetCLI(LightningCLI):
             if cb.dirpath is None:
                 cb.dirpath = str(Path(self.trainer.default_root_dir) / "checkpoints")
         install_checkpoint_io(self.trainer)  # atomic saves, one-line errors on unreadable files
+        self.trainer.callbacks.append(StopAllRanks())  # one failing DDP rank ends them all
         sub = self.subcommand
         if sub is not None and "ckpt_path" in self.config_init[sub]:  # checked before the trainer runs
             kwargs = self.config_init[sub]

@@ -1,6 +1,7 @@
 """The multi-GPU code paths, exercised with 2 CPU processes (gloo)."""
 
 import csv
+import os
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,20 @@ def test_one_step_two_processes_equals_one_process_two_images(tmp_path):
         if key == "model.head.cls_logits.bias":
             moved = (w1 + 4.59512).abs().max().item()  # initial bias is -log(99)
     assert moved > 1e-3  # the step really changed the weights
+
+
+@pytest.mark.parametrize("rank", [1, 0])
+def test_an_error_on_one_rank_ends_every_rank_with_its_message(tmp_path, synth_coco, rank):
+    """One rank alone hits a bad image mid-training while the other waits in the gradient
+    all-reduce: both processes end within seconds (not the 30 min collective timeout) and the
+    user reads the failing rank's one-line error, and no traceback."""
+    cfg = tiny_config(tmp_path, synth_coco, **{"trainer.max_steps": 20, "trainer.limit_val_batches": 0})
+    tests_dir = str(Path(__file__).parent)
+    env = {"PYTHONPATH": os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")])}
+    proc = run_cli("fit", "-c", str(cfg), *DDP, "--trainer.callbacks+=faults.FailOnRank",
+                   f"--trainer.callbacks.rank={rank}", "--trainer.callbacks.step=2", env=env, timeout=90)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("focaldet: error: ")]
+    assert errors and set(errors) == {f"focaldet: error: cannot read image images/bad_on_rank{rank}.jpg: "
+                                      "not a decodable image"}, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
