@@ -169,10 +169,8 @@ def test_postprocess_on_cuda_equals_cpu(device, exact_fp32):
                  "box_deltas": [t.to(device) for t in out["box_deltas"]], "anchors": out["anchors"].to(device)}
         got = model.detect(out_d, sizes.to(device))
     for c, g in zip(cpu, got):
-        assert len(c["boxes"]) > 50 and len(g["boxes"]) == len(c["boxes"])
-        torch.testing.assert_close(g["boxes"].cpu(), c["boxes"], atol=1e-3, rtol=0)
-        torch.testing.assert_close(g["scores"].cpu(), c["scores"], atol=1e-5, rtol=0)
-        assert torch.equal(g["labels"].cpu(), c["labels"])
+        assert len(c["boxes"]) > 50
+        _assert_same_detections({k: v.cpu() for k, v in g.items()}, c)
 
 
 @gpu
@@ -197,12 +195,13 @@ def test_torchvision_parity_on_cuda(device, exact_fp32):
 def _assert_same_detections(got: dict, ref: dict) -> None:
     """The same detections up to the order of near-equal scores (summation order differs
     between kernels and thread counts, and swaps such ties): the same count and scores, and
-    each box has a same-label box of IoU > 0.999 on the other side."""
+    each box has a same-label box within 1e-2 px on the other side (clipped boxes may be empty)."""
     assert len(got["boxes"]) == len(ref["boxes"])
     torch.testing.assert_close(got["scores"].sort().values, ref["scores"].sort().values, atol=1e-4, rtol=0)
-    iou = torchvision.ops.box_iou(got["boxes"].double(), ref["boxes"].double())
-    iou[got["labels"][:, None] != ref["labels"][None, :]] = 0
-    assert iou.amax(dim=1).min() > 0.999 and iou.amax(dim=0).min() > 0.999
+    # (P, 1, 4) - (1, Q, 4) -> (P, Q): the largest coordinate difference
+    dist = (got["boxes"][:, None].double() - ref["boxes"][None].double()).abs().amax(dim=-1)
+    dist[got["labels"][:, None] != ref["labels"][None, :]] = float("inf")
+    assert dist.amin(dim=1).max() < 1e-2 and dist.amin(dim=0).max() < 1e-2
 
 
 # ------------------------------------------------------------------ training steps in mixed precision
@@ -289,9 +288,10 @@ def test_bench_on_the_device(tmp_path, device):
     from focaldet.bench import main as bench_main
 
     out = tmp_path / "bench.json"
-    assert bench_main(["--device", device.type, "--quick", "--quiet", "--json", str(out)]) == 0
+    cases = "train_step,loss,postprocess,inference"  # the device's cases; gpu_check.sh runs them all
+    assert bench_main(["--device", device.type, "--quick", "--quiet", "--cases", cases, "--json", str(out)]) == 0
     results = json.loads(out.read_text())
-    assert results and all(r["ratio"] > 0 for r in results.values() if isinstance(r, dict) and "ratio" in r)
+    assert set(results) == set(cases.split(",")) and all(r["ratio"] > 0 for r in results.values())
 
 
 @gpu
