@@ -75,7 +75,7 @@ def resolve_ckpt_path(ckpt_path: str | None, ckpt_dir: str | os.PathLike) -> str
     """The checkpoint a subcommand should load, checked: ``ckpt_path`` itself, or for ``"last"``
     the newest readable ``last*.ckpt`` in ``ckpt_dir``, else (warning) the newest readable
     ``*.ckpt`` there. ``None``, ``"best"``, ``"hpc"``, remote URLs and a ``last`` with no
-    ``last*.ckpt`` at all are left for Lightning to resolve."""
+    checkpoint at all in ``ckpt_dir`` are left for Lightning to resolve."""
     if ckpt_path is None or ckpt_path in ("best", "hpc", "registry") or _is_remote(ckpt_path) \
             or str(ckpt_path).startswith("registry:"):
         return ckpt_path
@@ -84,19 +84,28 @@ def resolve_ckpt_path(ckpt_path: str | None, ckpt_dir: str | os.PathLike) -> str
         return ckpt_path
     folder = Path(ckpt_dir)
     found = sorted(folder.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime, reverse=True) if folder.is_dir() else []
-    lasts = [p for p in found if p.stem == LAST_NAME or p.stem.startswith(LAST_NAME + "-")]
-    if not lasts:
+    if not found:
         return ckpt_path  # Lightning warns "no last checkpoint" and starts afresh
+    lasts = [p for p in found if p.stem == LAST_NAME or p.stem.startswith(LAST_NAME + "-")]
     bad: list[Path] = []
     for path in lasts + [p for p in found if p not in lasts]:  # the lasts first, then the newest other
         if _readable(path) is None:
             if bad:
                 warnings.warn(f"--ckpt_path last: {bad[0]} is truncated or corrupt; resuming from {path}, "
                               f"the newest readable checkpoint in {folder}", CheckpointWarning, stacklevel=2)
+            elif path not in lasts:  # killed before its first last.ckpt was complete
+                warnings.warn(f"--ckpt_path last: no {LAST_NAME}{SUFFIX} in {folder}; resuming from {path}, "
+                              f"the newest checkpoint there", CheckpointWarning, stacklevel=2)
             return str(path)
         bad.append(path)
     raise CheckpointError(f"--ckpt_path last: no readable checkpoint in {folder} (truncated or corrupt: "
                           f"{', '.join(p.name for p in bad)}); delete them to start afresh")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 class FocaldetCheckpointIO(TorchCheckpointIO):
@@ -109,7 +118,10 @@ class FocaldetCheckpointIO(TorchCheckpointIO):
         tmp_name = None
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
+            for stale in target.parent.glob(f".{target.name}.*.tmp"):  # left by a process killed mid-save
+                stale.unlink(missing_ok=True)
             fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would have made
             with os.fdopen(fd, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()

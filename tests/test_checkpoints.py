@@ -196,3 +196,22 @@ def test_disk_full_during_fit_stops_with_one_line_and_keeps_last(trained, tmp_pa
     assert str(folder) in err[-1]
     assert {p: read_checkpoint(p)["global_step"] for p in folder.glob("last*.ckpt")} == lasts  # intact
     assert not list(folder.glob(".*.tmp"))
+
+
+def test_last_before_any_last_ckpt_uses_the_newest_checkpoint(tmp_path):
+    folder = tmp_path / "checkpoints"
+    step2 = _save(folder / "step-2.ckpt", 2)
+    (folder / ".last.ckpt.abc123.tmp").write_bytes(b"half")  # killed while writing the first last.ckpt
+    with pytest.warns(CheckpointWarning, match="no last.ckpt"):
+        assert resolve_ckpt_path("last", folder) == str(step2)
+
+
+def test_a_save_replaces_stale_temporaries_and_keeps_the_usual_permissions(tmp_path):
+    path = tmp_path / "last.ckpt"
+    (tmp_path / ".last.ckpt.old.tmp").write_bytes(b"left by a killed save")
+    FocaldetCheckpointIO().save_checkpoint(_ckpt(3), path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+    assert read_checkpoint(path)["global_step"] == 3
