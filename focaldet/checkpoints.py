@@ -38,7 +38,7 @@ def _is_remote(path: str | os.PathLike) -> bool:
     return "://" in str(path)
 
 
-def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False,
+def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False,
                     weights_only: bool | None = False) -> dict:
     """``torch.load`` of a Lightning checkpoint; any unreadable file raises one ``CheckpointError``
     naming it (zero bytes, truncated, random bytes, a damaged pickle, not a checkpoint dict)."""
@@ -60,7 +60,7 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bo
 def check_checkpoint(path: str | os.PathLike) -> None:
     """Raises ``CheckpointError`` unless ``path`` reads as a checkpoint (tensors are memory-mapped,
     not read, so this costs little beyond unpickling the metadata)."""
-    read_checkpoint(path, mmap=True)
+    load_checkpoint_file(path, mmap=True)
 
 
 def _readable(path: Path) -> CheckpointError | None:
@@ -139,7 +139,7 @@ class FocaldetCheckpointIO(TorchCheckpointIO):
                         weights_only: bool | None = None) -> dict[str, Any]:
         if _is_remote(path):
             return super().load_checkpoint(path, map_location, weights_only)
-        return read_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        return load_checkpoint_file(path, map_location=map_location, weights_only=weights_only)
 
 
 def checkpoint_dir(trainer) -> Path:

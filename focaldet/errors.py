@@ -21,5 +21,9 @@ class NonFiniteLossError(FocaldetError, FloatingPointError):
     """Training produced a NaN/Inf loss."""
 
 
-class CheckpointError(FocaldetError, RuntimeError):
-    """A checkpoint file is missing, truncated or corrupt, or could not be written."""
+class WeightsError(FocaldetError, ValueError):
+    """A checkpoint or weights file is missing, corrupt, or does not fit the model."""
+
+
+class CheckpointError(WeightsError):
+    """A Lightning checkpoint is missing, truncated or corrupt, or could not be written."""

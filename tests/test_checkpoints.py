@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from focaldet import checkpoints
-from focaldet.checkpoints import (CheckpointWarning, FocaldetCheckpointIO, check_checkpoint, read_checkpoint,
+from focaldet.checkpoints import (CheckpointWarning, FocaldetCheckpointIO, check_checkpoint, load_checkpoint_file,
                                   resolve_ckpt_path)
 from focaldet.cli import main
 from focaldet.errors import CheckpointError
@@ -70,7 +70,7 @@ def test_not_a_lightning_checkpoint(tmp_path):
     path = tmp_path / "weights.ckpt"
     torch.save({"w": torch.zeros(2)}, path)
     with pytest.raises(CheckpointError, match="no 'state_dict'"):
-        read_checkpoint(path)
+        load_checkpoint_file(path)
 
 
 def test_last_falls_back_to_the_newest_readable_checkpoint(tmp_path):
@@ -129,7 +129,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypat
         io_.save_checkpoint(_ckpt(2), path)
     assert str(path) in str(err.value)
     monkeypatch.undo()
-    assert read_checkpoint(path)["global_step"] == 1  # the old file, whole
+    assert load_checkpoint_file(path)["global_step"] == 1  # the old file, whole
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]  # no temporary left behind
 
 
@@ -178,14 +178,14 @@ def test_resume_last_with_a_corrupt_last_ckpt(trained, tmp_path):
     with pytest.warns(CheckpointWarning, match="last.ckpt is truncated or corrupt; resuming from"):
         assert main(["fit", "-c", str(cfg), "-c", str(every), "--trainer.max_steps", "6", "--ckpt_path", "last"]) == 0
     newest = max(folder.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
-    assert read_checkpoint(newest)["global_step"] == 6  # resumed at 4, trained to 6
-    assert read_checkpoint(good)["global_step"] == 4
+    assert load_checkpoint_file(newest)["global_step"] == 6  # resumed at 4, trained to 6
+    assert load_checkpoint_file(good)["global_step"] == 4
 
 
 @pytest.mark.slow
 def test_disk_full_during_fit_stops_with_one_line_and_keeps_last(trained, tmp_path, monkeypatch, capsys):
     cfg, every, folder = _copy_run(trained, tmp_path)
-    lasts = {p: read_checkpoint(p)["global_step"] for p in folder.glob("last*.ckpt")}
+    lasts = {p: load_checkpoint_file(p)["global_step"] for p in folder.glob("last*.ckpt")}
     _disk_full_after(monkeypatch, ok_saves=0)
     capsys.readouterr()
     status = main(["fit", "-c", str(cfg), "-c", str(every), "--trainer.max_steps", "6", "--ckpt_path", "last"])
@@ -194,7 +194,7 @@ def test_disk_full_during_fit_stops_with_one_line_and_keeps_last(trained, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("focaldet: error: could not save checkpoint ") and "No space left on device" in err[-1]
     assert str(folder) in err[-1]
-    assert {p: read_checkpoint(p)["global_step"] for p in folder.glob("last*.ckpt")} == lasts  # intact
+    assert {p: load_checkpoint_file(p)["global_step"] for p in folder.glob("last*.ckpt")} == lasts  # intact
     assert not list(folder.glob(".*.tmp"))
 
 
@@ -214,4 +214,4 @@ def test_a_save_replaces_stale_temporaries_and_keeps_the_usual_permissions(tmp_p
     mask = os.umask(0)
     os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~mask
-    assert read_checkpoint(path)["global_step"] == 3
+    assert load_checkpoint_file(path)["global_step"] == 3
