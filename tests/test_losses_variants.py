@@ -176,3 +176,17 @@ def test_mean_over_samples_through_the_criterion_skips_ignored_anchors():
     ref = TutorialSoftmaxFocalLoss()(logits[keep], t.cls_target[keep])
     torch.testing.assert_close(crit(outputs, boxes, labels)["loss_cls"], ref.detach(), rtol=1e-6, atol=1e-6)
     assert int((~keep).sum()) > 0  # the example does ignore anchors
+
+
+def test_loss_parameters_are_cli_flags_for_sweeps(synth_coco, tmp_path):
+    """``--model.cls_loss.init_args.gamma`` etc. override a stacked loss config (what a sweep sets)."""
+    from test_configs import _data_overrides, _instantiate
+
+    cli = _instantiate(["-c", str(REPO / "configs" / "synth.yaml"), "-c", str(REPO / "configs" / "losses" / "varifocal.yaml"),
+                        *_data_overrides(synth_coco), "--trainer.default_root_dir", str(tmp_path),
+                        "--model.cls_loss.init_args.gamma", "0.5", "--model.cls_loss.init_args.alpha", "0.6",
+                        "--model.cls_loss.init_args.normalizer", "num_samples",
+                        "--model.box_loss", "focaldet.losses.CIoULoss"])
+    loss = cli.model.criterion.cls_loss
+    assert (type(loss).__name__, loss.gamma, loss.alpha, loss.normalizer) == ("VarifocalLoss", 0.5, 0.6, "num_samples")
+    assert type(cli.model.criterion.box_loss).__name__ == "CIoULoss"

@@ -44,6 +44,7 @@ __all__ = ["CASES", "Case", "Settings", "main", "run_cases"]
 CASES: dict[str, Case] = {
     "train_step": train_step.CASE,
     "loss": loss.CASE,
+    "loss_vfl": loss.CASE_VFL,
     "postprocess": postprocess.CASE,
     "inference": inference.CASE,
     "data": data.CASE,
