@@ -299,13 +299,31 @@ class SoftmaxFocalLoss(nn.Module):
                 f"normalizer={self.normalizer!r}")
 
 
-def _dense_targets(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """fp32 logits ``(..., K)`` and their one-hot targets ``(..., K)`` (label K: all zeros)."""
-    x = logits.float()
-    return x, F.one_hot(labels, x.shape[-1] + 1)[..., :-1].to(x.dtype)
+class _DenseFocal(nn.Module):
+    """A sigmoid focal-type loss written densely over one-hot targets (research variants,
+    not the fused kernel): subclasses give the elementwise loss ``_elementwise(x, t)``."""
+
+    background_logit = False
+
+    def __init__(self, alpha: float | list[float], gamma: float, epsilon: float, normalizer: str):
+        super().__init__()
+        self.alpha, self.gamma, self.epsilon = alpha, float(gamma), float(epsilon)
+        self.normalizer = check_normalizer(normalizer)
+
+    def _elementwise(self, x: Tensor, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, logits: Tensor, labels: Tensor, weight: Tensor) -> Tensor:
+        """``logits (..., K)``, ``labels (...)`` in [0, K], ``weight (...)`` -> scalar sum."""
+        x = logits.float()
+        t = F.one_hot(labels, x.shape[-1] + 1)[..., :-1].to(x.dtype)  # (..., K); label K: all zeros
+        return (self._elementwise(x, t).sum(-1) * weight.float()).sum()
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, gamma={self.gamma}, epsilon={self.epsilon}, normalizer={self.normalizer!r}"
 
 
-class PolyFocalLoss(nn.Module):
+class PolyFocalLoss(_DenseFocal):
     """Poly-1 focal loss (Leng et al., PolyLoss, ICLR 2022, eq. 5 / appendix code):
     ``FL + epsilon (1 - p_t)^(gamma + 1)`` per logit, summed.
 
@@ -317,27 +335,17 @@ class PolyFocalLoss(nn.Module):
         normalizer: see ``focaldet.losses.normalizer.NORMALIZERS``.
     """
 
-    background_logit = False
-
     def __init__(self, alpha: float | list[float] = 0.25, gamma: float = 2.0, epsilon: float = 1.0,
                  normalizer: str = "num_pos"):
-        super().__init__()
-        self.alpha, self.gamma, self.epsilon = alpha, float(gamma), float(epsilon)
-        self.normalizer = check_normalizer(normalizer)
+        super().__init__(alpha, gamma, epsilon, normalizer)
 
-    def forward(self, logits: Tensor, labels: Tensor, weight: Tensor) -> Tensor:
-        """``logits (..., K)``, ``labels (...)`` in [0, K], ``weight (...)`` -> scalar sum."""
-        x, t = _dense_targets(logits, labels)
+    def _elementwise(self, x: Tensor, t: Tensor) -> Tensor:
         p = torch.sigmoid(x)
         one_minus_pt = p * (1 - t) + (1 - p) * t
-        loss = sigmoid_focal_loss(x, t, self.alpha, self.gamma) + self.epsilon * one_minus_pt.pow(self.gamma + 1)
-        return (loss.sum(-1) * weight.float()).sum()
-
-    def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, gamma={self.gamma}, epsilon={self.epsilon}, normalizer={self.normalizer!r}"
+        return sigmoid_focal_loss(x, t, self.alpha, self.gamma) + self.epsilon * one_minus_pt.pow(self.gamma + 1)
 
 
-class ProbabilityFocalLoss(nn.Module):
+class ProbabilityFocalLoss(_DenseFocal):
     """Binary focal loss computed from clipped probabilities, as Keras and TensorFlow
     write it: ``p = clip(sigmoid(x), eps, 1 - eps)``,
     ``ce = -(t log(p + eps) + (1 - t) log(1 - p + eps))`` (Keras 2's backend
@@ -357,17 +365,11 @@ class ProbabilityFocalLoss(nn.Module):
         normalizer: see ``focaldet.losses.normalizer.NORMALIZERS``.
     """
 
-    background_logit = False
-
     def __init__(self, alpha: float | list[float] = 0.25, gamma: float = 2.0, epsilon: float = 1e-7,
                  normalizer: str = "num_pos"):
-        super().__init__()
-        self.alpha, self.gamma, self.epsilon = alpha, float(gamma), float(epsilon)
-        self.normalizer = check_normalizer(normalizer)
+        super().__init__(alpha, gamma, epsilon, normalizer)
 
-    def forward(self, logits: Tensor, labels: Tensor, weight: Tensor) -> Tensor:
-        """``logits (..., K)``, ``labels (...)`` in [0, K], ``weight (...)`` -> scalar sum."""
-        x, t = _dense_targets(logits, labels)
+    def _elementwise(self, x: Tensor, t: Tensor) -> Tensor:
         p = torch.sigmoid(x)
         eps = self.epsilon
         pc = p.clamp(eps, 1 - eps)
@@ -377,7 +379,4 @@ class ProbabilityFocalLoss(nn.Module):
         a = _alpha_tensor(self.alpha, x)
         if isinstance(a, Tensor) or a >= 0:
             loss = (t * a + (1 - t) * (1 - a)) * loss
-        return (loss.sum(-1) * weight.float()).sum()
-
-    def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, gamma={self.gamma}, epsilon={self.epsilon}, normalizer={self.normalizer!r}"
+        return loss
