@@ -217,3 +217,14 @@ def test_criterion_trains_with_vfl_and_qfl():
         out["loss"].backward()
         assert torch.isfinite(out["loss"]) and out["loss_cls"] > 0
         assert outputs["cls_logits"][0].grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("loss", [SigmoidFocalLoss(), VarifocalLoss(), QualityFocalLoss()], ids=lambda l: type(l).__name__)
+def test_fused_losses_without_grad_mode(loss):
+    """Validation computes losses under inference_mode / no_grad: same value, no autograd error."""
+    logits, labels, weight, quality = _data()
+    extra = (quality,) if getattr(loss, "quality_targets", False) else ()
+    ref = loss(logits, labels, weight, *extra).detach()
+    for mode in (torch.inference_mode, torch.no_grad):
+        with mode():
+            torch.testing.assert_close(loss(logits.detach(), labels, weight, *extra), ref)

@@ -18,6 +18,7 @@ box with its ground truth (``focaldet.losses.quality``).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -164,12 +165,12 @@ class _DenseSum(torch.autograd.Function):
     def forward(ctx, x, labels, weight, alpha_neg, gamma, compiled, positive):
         rows = ((labels < x.shape[1]) & (weight > 0)).nonzero().squeeze(1)  # (P,) positive rows
         cls = labels[rows]
-        with torch.enable_grad():
-            xp = x[rows, cls].detach().requires_grad_()  # (P,)
-            correction = (positive(xp, rows, cls) - alpha_neg[cls] * _neg_term(xp, gamma)) * weight[rows]
-            correction = correction.sum()
-            (d_correction,) = torch.autograd.grad(correction, xp)
-        total, ctx.negatives_grad = _kernel(compiled)(x, alpha_neg, weight, gamma, ctx.needs_input_grad[0])
+        with_grad = ctx.needs_input_grad[0]
+        with torch.enable_grad() if with_grad else contextlib.nullcontext():
+            xp = x[rows, cls].detach().requires_grad_(with_grad)  # (P,)
+            correction = ((positive(xp, rows, cls) - alpha_neg[cls] * _neg_term(xp, gamma)) * weight[rows]).sum()
+            d_correction = torch.autograd.grad(correction, xp)[0] if with_grad else None
+        total, ctx.negatives_grad = _kernel(compiled)(x, alpha_neg, weight, gamma, with_grad)
         ctx.save_for_backward(x, weight, alpha_neg, rows, cls, d_correction)
         ctx.gamma, ctx.compiled = gamma, compiled
         return total + correction.detach()
