@@ -12,6 +12,7 @@ Cases::
 
     train_step   forward + loss + backward of a batch (both with frozen BatchNorm)
     loss         target assignment + both losses + backward, from given head outputs
+    loss_vfl     the same with VarifocalLoss (IoU targets of decoded boxes) as the class loss
     postprocess  decode + top-k + NMS, from given head outputs
     inference    images -> detections, eval mode
     data         training data pipeline images/s against decoding the JPEGs alone
