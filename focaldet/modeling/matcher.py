@@ -81,35 +81,29 @@ def paired_iou(boxes: Tensor, anchors: Tensor) -> Tensor:
 
 
 class _Windows(NamedTuple):
-    """Rectangular windows of anchors, one per (box, level, anchor shape), flattened: the
-    anchors ``base + ((y0 + dy) * width + x0 + dx) * num_shapes`` for ``dx < nx, dy < ny``."""
+    """Rectangular windows of grid anchors, one per (box, level, anchor shape): the anchor
+    rows ``first + dy * row_step + dx * col_step`` for ``dy < ny, dx < nx``; ``box`` indexes
+    the valid boxes. Held as one ``(M, 6)`` int64 tensor, so that spreading the windows over
+    their pairs is one gather."""
 
-    box: Tensor  # index of the window's box among the valid boxes
-    base: Tensor  # first anchor row of the window's level + the anchor shape
-    width: Tensor  # grid columns of the level
-    num_shapes: Tensor  # anchor shapes of the level
-    x0: Tensor
-    nx: Tensor
-    y0: Tensor
-    ny: Tensor
+    packed: Tensor  # (M, 6): box, first, row_step, col_step, nx, ny
+    BOX, FIRST, ROW_STEP, COL_STEP, NX, NY = range(6)
 
-    @staticmethod
-    def cat(windows: Sequence[_Windows]) -> _Windows:
-        return _Windows(*(torch.cat(parts) for parts in zip(*windows)))
-
-    def __getitem__(self, index) -> _Windows:  # type: ignore[override]
-        return _Windows(*(t[index] for t in self))
+    @property
+    def size(self) -> Tensor:
+        """``(M,)``: the anchors of each window."""
+        return self.packed[:, self.NX] * self.packed[:, self.NY]
 
     def pairs(self) -> tuple[Tensor, Tensor]:
         """Every (box, anchor row) pair of the windows: two ``(P,)`` int64 tensors."""
-        count = self.nx * self.ny
-        win = torch.repeat_interleave(torch.arange(count.shape[0], device=count.device), count)  # (P,)
-        k = torch.arange(win.shape[0], device=count.device) - (count.cumsum(0) - count)[win]  # rank in window
-        nx = self.nx[win]
-        dy = k.div(nx, rounding_mode="floor")
-        dx = k - dy * nx
-        row = self.base[win] + ((self.y0[win] + dy) * self.width[win] + self.x0[win] + dx) * self.num_shapes[win]
-        return self.box[win], row
+        size = self.size
+        offset = size.cumsum(0) - size  # (M,): the first pair of each window
+        win = torch.repeat_interleave(torch.arange(size.shape[0], device=size.device), size)  # (P,)
+        w = torch.cat([self.packed, offset[:, None]], 1).index_select(0, win)  # (P, 7): one gather
+        k = torch.arange(win.shape[0], device=size.device) - w[:, 6]  # rank of the pair in its window
+        dy = k.div(w[:, self.NX], rounding_mode="floor")
+        dx = k - dy * w[:, self.NX]
+        return w[:, self.BOX], w[:, self.FIRST] + dy * w[:, self.ROW_STEP] + dx * w[:, self.COL_STEP]
 
 
 def anchor_windows(boxes: Tensor, thresh: Tensor, grid: AnchorGrid, start: int) -> _Windows:
@@ -142,15 +136,13 @@ def anchor_windows(boxes: Tensor, thresh: Tensor, grid: AnchorGrid, start: int) 
     x0, nx = grid.window(bcx - acx - rx, bcx - acx + rx, axis=0)
     y0, ny = grid.window(bcy - acy - ry, bcy - acy + ry, axis=1)
     nx = torch.where(fits, nx, 0)
-    shape = nx.shape
-    a = torch.arange(shape[1], device=boxes.device)
-    box = torch.arange(shape[0], device=boxes.device)[:, None].expand(shape)
-
-    def full(v: int) -> Tensor:
-        return torch.full(shape, v, dtype=torch.int64, device=boxes.device).flatten()
-
-    return _Windows(box.flatten(), (start + a).expand(shape).flatten(), full(grid.xs.shape[0]), full(shape[1]),
-                    x0.flatten(), nx.flatten(), y0.flatten(), ny.flatten())
+    a = torch.arange(nx.shape[1], device=boxes.device)  # (A,)
+    width, num_shapes = grid.xs.shape[0], nx.shape[1]
+    first = start + (y0 * width + x0) * num_shapes + a  # (B, A)
+    box = torch.arange(nx.shape[0], device=boxes.device)[:, None].expand_as(nx)
+    steps = torch.tensor([width * num_shapes, num_shapes], device=boxes.device).expand(nx.numel(), 2)
+    packed = torch.cat([box.reshape(-1, 1), first.reshape(-1, 1), steps, nx.reshape(-1, 1), ny.reshape(-1, 1)], 1)
+    return _Windows(packed)  # (B*A, 6)
 
 
 def probe_iou(boxes: Tensor, anchors: Tensor, grids: Sequence[AnchorGrid]) -> Tensor:
@@ -298,21 +290,23 @@ class Matcher:
         starts = [0]
         for grid in grids[:-1]:
             starts.append(starts[-1] + len(grid))
-        windows = _Windows.cat([anchor_windows(boxes, thresh, grid, start) for grid, start in zip(grids, starts)])
-        windows = windows[windows.nx * windows.ny > 0]
+        windows = torch.cat([anchor_windows(boxes, thresh, grid, start).packed for grid, start in zip(grids, starts)])
+        windows = _Windows(windows[windows[:, _Windows.NX] * windows[:, _Windows.NY] > 0])
         # The pairs whose IoU may matter, computed MAX_WINDOW_PAIRS at a time: those with
         # IoU >= min(bg_iou_thresh, the box's bound), which holds all the pairs used below.
         keep_thresh = thresh * (1 - WINDOW_SLACK)
-        chunk = (windows.nx * windows.ny).cumsum(0).div(MAX_WINDOW_PAIRS, rounding_mode="floor")
+        chunk = windows.size.cumsum(0).div(MAX_WINDOW_PAIRS, rounding_mode="floor")
+        box_base = img * r  # (B,): the flat (N * R) index of each box's image's first anchor
         kept_box, kept_anchor, kept_iou = [], [], []
         ends = torch.unique_consecutive(chunk, return_counts=True)[1].cumsum(0).tolist()
         for lo, hi in zip([0, *ends[:-1]], ends):
-            box, row = windows[lo:hi].pairs()  # (P,) each
-            iou = paired_iou(boxes[box], anchors[row])  # (P,)
-            keep = iou >= keep_thresh[box]
-            kept_box.append(box[keep])
-            kept_anchor.append(img[box[keep]] * r + row[keep])  # flat (N * R) index
-            kept_iou.append(iou[keep])
+            box, row = _Windows(windows.packed[lo:hi]).pairs()  # (P,) each
+            iou = paired_iou(boxes.index_select(0, box), anchors.index_select(0, row))  # (P,)
+            keep = (iou >= keep_thresh.index_select(0, box)).nonzero().squeeze(1)  # (P',)
+            box = box.index_select(0, keep)
+            kept_box.append(box)
+            kept_anchor.append(box_base.index_select(0, box) + row.index_select(0, keep))  # flat (N * R) index
+            kept_iou.append(iou.index_select(0, keep))
         box = torch.cat(kept_box) if kept_box else torch.zeros(0, dtype=torch.int64, device=dev)
         anchor = torch.cat(kept_anchor) if kept_anchor else box
         iou = torch.cat(kept_iou) if kept_iou else anchors.new_zeros(0)
@@ -322,11 +316,11 @@ class Matcher:
         if self.allow_low_quality_matches:
             best_per_gt = boxes.new_zeros(boxes.shape[0]).scatter_reduce_(0, box, iou, "amax")  # (B,)
             # each box's best anchors, ties included; a box that overlaps no anchor adds nothing
-            foreground[anchor[(iou == best_per_gt[box]) & (iou > 0)]] = True
+            foreground[anchor[(iou == best_per_gt.index_select(0, box)) & (iou > 0)]] = True
         # The matched box: the first best one, as torch.max and torchvision's matcher pick
         # it. Where the best IoU is >= bg_iou_thresh every box that reaches it was kept;
         # for the few low-quality matches below it, all the boxes of the image are compared.
-        first = (iou == best_iou[anchor]) & (iou >= self.bg_iou_thresh)
+        first = (iou == best_iou.index_select(0, anchor)) & (iou >= self.bg_iou_thresh)
         gt_index = torch.full((n * r,), g, dtype=torch.int64, device=dev)
         gt_index.scatter_reduce_(0, anchor[first], col[box[first]], "amin")
         low = (foreground & (best_iou < self.bg_iou_thresh)).nonzero().flatten()  # flat (N*R) indices
