@@ -203,24 +203,10 @@ def render_image(
                 break
         else:
             continue
-        mask = _shape_mask(SHAPES[cls], w, h, rng)
-        # Part of the shape may fall outside the image: keep what is visible.
-        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, size), min(y + h, size)
-        visible = mask[y0 - y : y1 - y, x0 - x : x1 - x] > 0
-        ys, xs = np.nonzero(visible)
-        if len(xs) == 0:
-            continue
-        region = image[y0:y1, x0:x1]
-        background = region[visible].mean(0)
-        colour = rng.uniform(0, 255, size=3)
-        for _retry in range(10):  # the shape must stand out from its background
-            if np.linalg.norm(colour - background) >= 90:
-                break
-            colour = rng.uniform(0, 255, size=3)
-        region[visible] = colour
-        placed.append(full)
-        bx, by = x0 + xs.min(), y0 + ys.min()
-        objects.append((cls, [float(bx), float(by), float(x0 + xs.max() + 1 - bx), float(y0 + ys.max() + 1 - by)]))
+        box = _draw(image, rng, cls, x, y, w, h)
+        if box is not None:
+            placed.append(full)
+            objects.append((cls, box))
     image += rng.normal(0, 4, size=image.shape).astype(np.float32)  # sensor-like noise
     return np.clip(image, 0, 255).astype(np.uint8), objects
 
