@@ -12,13 +12,16 @@ Cases::
 
     train_step   forward + loss + backward of a batch (both with frozen BatchNorm)
     loss         target assignment + both losses + backward, from given head outputs
-    loss_scaling the same at 10, 100, 500 and 2000 boxes per image (crowded scenes)
+    loss_vfl     the same with VarifocalLoss (IoU targets of decoded boxes) as the class loss
+    loss_scaling the loss case at 10, 100, 500 and 2000 boxes per image (crowded scenes)
     postprocess  decode + top-k + NMS, from given head outputs
     inference    images -> detections, eval mode
     data         training data pipeline images/s against decoding the JPEGs alone
     eval         COCO evaluation: faster-coco-eval (focaldet column) vs pycocotools
     memory       peak memory of one training step (CUDA: max_memory_allocated; CPU: peak
                  RSS growth in a fresh process per side)
+    export       the ONNX file through onnxruntime (focaldet column) vs focaldet's PyTorch
+                 predict (torchvision column), CPU
 
 Usage: ``focaldet bench [--cases loss,postprocess] [--quick] [--json FILE] [--device cuda]``.
 Adding a case: a module here defining ``CASE = Case(run, unit, target)`` (see harness.Case),
@@ -35,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from focaldet.bench import coco_eval, data, inference, loss, loss_scaling, memory, postprocess, train_step
+from focaldet.bench import coco_eval, data, export, inference, loss, loss_scaling, memory, postprocess, train_step
 from focaldet.bench import harness, plot
 from focaldet.bench.harness import BCCD_DIR, Case, Settings, log, _warn_if_busy, write_json
 
@@ -45,12 +48,14 @@ __all__ = ["CASES", "Case", "Settings", "main", "run_cases"]
 CASES: dict[str, Case] = {
     "train_step": train_step.CASE,
     "loss": loss.CASE,
+    "loss_vfl": loss.CASE_VFL,
     "loss_scaling": loss_scaling.CASE,
     "postprocess": postprocess.CASE,
     "inference": inference.CASE,
     "data": data.CASE,
     "eval": coco_eval.CASE,
     "memory": memory.CASE,
+    "export": export.CASE,
 }
 
 UNITS = {name: case.unit for name, case in CASES.items()}
