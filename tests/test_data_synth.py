@@ -91,3 +91,21 @@ def test_cli(tmp_path, capsys):
     data = json.loads((out / "annotations" / "instances_train.json").read_text())
     assert [c["id"] for c in data["categories"]] == [1, 3, 7]
     assert len(list((out / "images").glob("*.jpg"))) == 6
+
+
+def test_crowded_images_hold_hundreds_of_separate_small_objects(tmp_path):
+    import torch
+    from torchvision.ops import box_iou
+
+    paths = write_synthetic_coco(tmp_path, num_images=2, seed=0, num_classes=3, image_size=256, crowded=True)
+    anns = json.loads(paths.train_ann.read_text())["annotations"] + json.loads(paths.val_ann.read_text())["annotations"]
+    per_image = {}
+    for a in anns:
+        per_image.setdefault(a["image_id"], []).append(a["bbox"])
+    for boxes in per_image.values():
+        assert 75 <= len(boxes) <= 250  # 300-1000 per 512 px image, scaled to 256 px
+        b = torch.tensor(boxes)
+        b[:, 2:] += b[:, :2]
+        assert (b[:, 2:] - b[:, :2]).max() <= 256 / 9 and (b >= 0).all() and (b <= 256).all()
+        iou = box_iou(b, b).fill_diagonal_(0)
+        assert iou.max() == 0  # one object per grid cell: none overlaps another

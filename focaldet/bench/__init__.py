@@ -13,6 +13,7 @@ Cases::
     train_step   forward + loss + backward of a batch (both with frozen BatchNorm)
     loss         target assignment + both losses + backward, from given head outputs
     loss_vfl     the same with VarifocalLoss (IoU targets of decoded boxes) as the class loss
+    loss_scaling the loss case at 10, 100, 500 and 2000 boxes per image (crowded scenes)
     postprocess  decode + top-k + NMS, from given head outputs
     inference    images -> detections, eval mode
     data         training data pipeline images/s against decoding the JPEGs alone
@@ -37,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from focaldet.bench import coco_eval, data, export, inference, loss, memory, postprocess, train_step
+from focaldet.bench import coco_eval, data, export, inference, loss, loss_scaling, memory, postprocess, train_step
 from focaldet.bench import harness, plot
 from focaldet.bench.harness import BCCD_DIR, Case, Settings, log, _warn_if_busy, write_json
 
@@ -48,6 +49,7 @@ CASES: dict[str, Case] = {
     "train_step": train_step.CASE,
     "loss": loss.CASE,
     "loss_vfl": loss.CASE_VFL,
+    "loss_scaling": loss_scaling.CASE,
     "postprocess": postprocess.CASE,
     "inference": inference.CASE,
     "data": data.CASE,

@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--classes", type=int, default=4, help="number of shape classes, 1-8 (default 4)")
     synth.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    synth.add_argument("--crowded", action="store_true", help="300-1000 small objects per 512 px image (scaled with the area)")
 
     check = sub.add_parser("check", help="validate a COCO dataset and report statistics and problems")
     check.add_argument("annotations", type=Path, help="COCO instances JSON")
@@ -66,7 +67,8 @@ def _corrupt(args: argparse.Namespace) -> int:
 def _synth(args: argparse.Namespace) -> int:
     from focaldet.data.synth import write_synthetic_coco
 
-    paths = write_synthetic_coco(args.out, args.num_images, args.seed, args.classes, args.size, args.val_fraction)
+    paths = write_synthetic_coco(args.out, args.num_images, args.seed, args.classes, args.size, args.val_fraction,
+                                 args.crowded)
     print(f"wrote {paths.train_ann}, {paths.val_ann} and images in {paths.images}")
     return 0
 

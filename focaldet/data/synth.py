@@ -34,6 +34,7 @@ CATEGORY_IDS = (1, 3, 7, 8, 12, 15, 21, 30)
 EMPTY_IMAGE_PROB = 0.06
 TINY_OBJECT_PROB = 0.08
 MAX_OVERLAP = 0.25  # at most this fraction of any box may be covered by another box
+CROWDED_OBJECTS = (300, 1000)  # objects per 512x512 crowded image (scaled with the area)
 
 
 class SyntheticCoco(NamedTuple):
@@ -126,13 +127,62 @@ def _overlap_ok(box: np.ndarray, boxes: list[np.ndarray]) -> bool:
     return True
 
 
+def _draw(image: np.ndarray, rng: np.random.Generator, cls: int, x: int, y: int, w: int, h: int) -> list[float] | None:
+    """Paint shape ``cls`` into the ``w x h`` patch at ``(x, y)`` of ``image`` in a colour that
+    stands out from its background: the tight ``[x, y, w, h]`` box of its visible part, or
+    None when all of it falls outside the image."""
+    size = image.shape[0]
+    mask = _shape_mask(SHAPES[cls], w, h, rng)
+    # Part of the shape may fall outside the image: keep what is visible.
+    x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, size), min(y + h, size)
+    visible = mask[y0 - y : y1 - y, x0 - x : x1 - x] > 0
+    ys, xs = np.nonzero(visible)
+    if len(xs) == 0:
+        return None
+    region = image[y0:y1, x0:x1]
+    background = region[visible].mean(0)
+    colour = rng.uniform(0, 255, size=3)
+    for _retry in range(10):  # the shape must stand out from its background
+        if np.linalg.norm(colour - background) >= 90:
+            break
+        colour = rng.uniform(0, 255, size=3)
+    region[visible] = colour
+    bx, by = x0 + xs.min(), y0 + ys.min()
+    return [float(bx), float(by), float(x0 + xs.max() + 1 - bx), float(y0 + ys.max() + 1 - by)]
+
+
+def _crowded_objects(image: np.ndarray, rng: np.random.Generator, weights: np.ndarray) -> list[tuple[int, list[float]]]:
+    """`CROWDED_OBJECTS` small shapes (scaled with the image's area), one per cell of a
+    random subset of a square grid, each filling 55-90 % of its cell: no overlaps."""
+    size = image.shape[0]
+    lo, hi = (max(1, round(v * (size / 512) ** 2)) for v in CROWDED_OBJECTS)
+    count = int(rng.integers(lo, hi + 1))
+    per_side = math.ceil(math.sqrt(count))
+    cell = size / per_side
+    objects = []
+    for index in sorted(rng.choice(per_side * per_side, size=count, replace=False).tolist()):
+        cls = int(rng.choice(len(weights), p=weights))
+        w, h = (max(4, round(cell * rng.uniform(0.55, 0.9))) for _ in range(2))
+        x = int((index % per_side) * cell + rng.uniform(0, max(cell - w, 0)))
+        y = int((index // per_side) * cell + rng.uniform(0, max(cell - h, 0)))
+        box = _draw(image, rng, cls, x, y, w, h)
+        if box is not None:
+            objects.append((cls, box))
+    return objects
+
+
 def render_image(
-    rng: np.random.Generator, size: int = 256, num_classes: int = 4
+    rng: np.random.Generator, size: int = 256, num_classes: int = 4, crowded: bool = False
 ) -> tuple[np.ndarray, list[tuple[int, list[float]]]]:
-    """One ``(size, size, 3)`` uint8 RGB image and its objects as ``(class index, [x, y, w, h])``."""
+    """One ``(size, size, 3)`` uint8 RGB image and its objects as ``(class index, [x, y, w, h])``;
+    ``crowded``: hundreds of small objects (`CROWDED_OBJECTS`) instead of 3-8."""
     image = _background(rng, size)
     weights = np.array([3.0] + [1.0] * (num_classes - 1))
     weights /= weights.sum()
+    if crowded:
+        objects = _crowded_objects(image, rng, weights)
+        image += rng.normal(0, 4, size=image.shape).astype(np.float32)  # sensor-like noise
+        return np.clip(image, 0, 255).astype(np.uint8), objects
     scale = size / 256
     num_objects = 0 if rng.random() < EMPTY_IMAGE_PROB else int(rng.integers(3, 9))
     placed: list[np.ndarray] = []
@@ -153,24 +203,10 @@ def render_image(
                 break
         else:
             continue
-        mask = _shape_mask(SHAPES[cls], w, h, rng)
-        # Part of the shape may fall outside the image: keep what is visible.
-        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, size), min(y + h, size)
-        visible = mask[y0 - y : y1 - y, x0 - x : x1 - x] > 0
-        ys, xs = np.nonzero(visible)
-        if len(xs) == 0:
-            continue
-        region = image[y0:y1, x0:x1]
-        background = region[visible].mean(0)
-        colour = rng.uniform(0, 255, size=3)
-        for _retry in range(10):  # the shape must stand out from its background
-            if np.linalg.norm(colour - background) >= 90:
-                break
-            colour = rng.uniform(0, 255, size=3)
-        region[visible] = colour
-        placed.append(full)
-        bx, by = x0 + xs.min(), y0 + ys.min()
-        objects.append((cls, [float(bx), float(by), float(x0 + xs.max() + 1 - bx), float(y0 + ys.max() + 1 - by)]))
+        box = _draw(image, rng, cls, x, y, w, h)
+        if box is not None:
+            placed.append(full)
+            objects.append((cls, box))
     image += rng.normal(0, 4, size=image.shape).astype(np.float32)  # sensor-like noise
     return np.clip(image, 0, 255).astype(np.uint8), objects
 
@@ -187,11 +223,14 @@ def write_synthetic_coco(
     num_classes: int = 4,
     image_size: int = 256,
     val_fraction: float = 0.15,
+    crowded: bool = False,
 ) -> SyntheticCoco:
     """Write the shapes dataset (deterministic for ``seed``) and return its paths.
 
     ``round(num_images * val_fraction)`` images (at least one) go to the val split, the
     rest to train. Defaults: 595 train + 105 val images of 256x256 px, 4 classes.
+    ``crowded``: 300-1000 small objects per image at 512 px (scaled with the area: 75-250
+    at 256 px), as in retail-shelf and aerial scenes.
     """
     if not 1 <= num_classes <= len(SHAPES):
         raise ConfigError(f"num_classes must be in 1..{len(SHAPES)}, got {num_classes}")
@@ -215,7 +254,7 @@ def write_synthetic_coco(
     for index in range(num_images):
         image_id = index + 1
         split = splits["train" if index < num_images - num_val else "val"]
-        image, objects = render_image(rng, image_size, num_classes)
+        image, objects = render_image(rng, image_size, num_classes, crowded)
         file_name = f"synth_{image_id:06d}.jpg"
         ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
         if not ok:

@@ -49,6 +49,21 @@ class AnchorGrid:
         shifts = torch.stack([x, y, x, y], dim=-1).reshape(-1, 1, 4)  # (H*W, 1, 4)
         return (shifts + self.cell[None]).reshape(-1, 4)  # (H*W, A, 4) -> (H*W*A, 4)
 
+    def window(self, lo: Tensor, hi: Tensor, axis: int) -> tuple[Tensor, Tensor]:
+        """The columns (``axis=0``) or rows (``axis=1``) whose centre lies in ``[lo, hi]``:
+        ``(first, count)``, both int64 of ``lo``'s shape (count 0 where none does)."""
+        centres = (self.xs if axis == 0 else self.ys).to(lo.dtype)
+        first = torch.searchsorted(centres, lo.contiguous())
+        stop = torch.searchsorted(centres, hi.contiguous(), right=True)
+        return first, (stop - first).clamp_(min=0)
+
+    def nearest(self, c: Tensor, axis: int) -> Tensor:
+        """The column (``axis=0``) or row (``axis=1``) whose centre is nearest ``c`` (int64)."""
+        centres = (self.xs if axis == 0 else self.ys).to(c.dtype)
+        right = torch.searchsorted(centres, c.contiguous()).clamp_(max=centres.shape[0] - 1)
+        left = (right - 1).clamp_(min=0)
+        return torch.where((centres[right] - c).abs() < (c - centres[left]).abs(), right, left)
+
 
 class AnchorGenerator(nn.Module):
     """Anchors for every level of a feature pyramid, cached per (feature shapes, device).

@@ -16,6 +16,10 @@ MAX_IOU_ELEMENTS = 1 << 28  # IoU entries computed at once (1 GiB of fp32): the 
 MAX_IOU_ELEMENTS_CPU = 1 << 18  # on CPU: blocks whose temporaries stay in cache (~10x faster)
 # grid_iou has 2 block-sized temporaries instead of ~6: larger blocks, fewer calls pay more
 MAX_GRID_IOU_ELEMENTS_CPU = 1 << 20
+# culled matching: (box, anchor) pairs whose IoU is computed at once (~20 bytes each per temporary)
+MAX_WINDOW_PAIRS = 1 << 22
+# relative widening of the culled windows: covers the rounding of the float32 IoU and anchors
+WINDOW_SLACK = 1e-4
 
 
 def pairwise_iou(boxes: Tensor, anchors: Tensor) -> Tensor:
@@ -58,6 +62,105 @@ def grid_iou(boxes: Tensor, grid: AnchorGrid, rows: slice) -> Tensor:
     inter = ih.unsqueeze(-2) * iw.unsqueeze(-3)  # (..., G, h, 1, A) * (..., G, 1, W, A) -> (..., G, h, W, A)
     union = (box_area + anchor_area).sub_(inter)
     return inter.div_(union).flatten(-3)  # (..., G, h, W, A) -> (..., G, h*W*A)
+
+
+def paired_iou(boxes: Tensor, anchors: Tensor) -> Tensor:
+    """IoU of ``boxes[i]`` with ``anchors[i]``, both ``(..., 4)`` xyxy: ``(...)``.
+
+    The same float operations, in the same order, as `pairwise_iou`: bit-equal to it.
+    """
+    bx1, by1, bx2, by2 = boxes.unbind(-1)
+    ax1, ay1, ax2, ay2 = anchors.unbind(-1)
+    box_area = (bx2 - bx1) * (by2 - by1)
+    anchor_area = (ax2 - ax1) * (ay2 - ay1)
+    iw = torch.minimum(bx2, ax2).sub_(torch.maximum(bx1, ax1)).clamp_(min=0)
+    ih = torch.minimum(by2, ay2).sub_(torch.maximum(by1, ay1)).clamp_(min=0)
+    inter = iw.mul_(ih)
+    union = (box_area + anchor_area).sub_(inter)
+    return inter.div_(union)
+
+
+class _Windows(NamedTuple):
+    """Rectangular windows of grid anchors, one per (box, level, anchor shape): the anchor
+    rows ``first + dy * row_step + dx * col_step`` for ``dy < ny, dx < nx``; ``box`` indexes
+    the valid boxes. Held as one ``(M, 6)`` int64 tensor, so that spreading the windows over
+    their pairs is one gather."""
+
+    packed: Tensor  # (M, 6): box, first, row_step, col_step, nx, ny
+    BOX, FIRST, ROW_STEP, COL_STEP, NX, NY = range(6)
+
+    @property
+    def size(self) -> Tensor:
+        """``(M,)``: the anchors of each window."""
+        return self.packed[:, self.NX] * self.packed[:, self.NY]
+
+    def pairs(self) -> tuple[Tensor, Tensor]:
+        """Every (box, anchor row) pair of the windows: two ``(P,)`` int64 tensors."""
+        size = self.size
+        offset = size.cumsum(0) - size  # (M,): the first pair of each window
+        win = torch.repeat_interleave(torch.arange(size.shape[0], device=size.device), size)  # (P,)
+        w = torch.cat([self.packed, offset[:, None]], 1).index_select(0, win)  # (P, 7): one gather
+        k = torch.arange(win.shape[0], device=size.device) - w[:, 6]  # rank of the pair in its window
+        dy = k.div(w[:, self.NX], rounding_mode="floor")
+        dx = k - dy * w[:, self.NX]
+        return w[:, self.BOX], w[:, self.FIRST] + dy * w[:, self.ROW_STEP] + dx * w[:, self.COL_STEP]
+
+
+def anchor_windows(boxes: Tensor, thresh: Tensor, grid: AnchorGrid, start: int) -> _Windows:
+    """For each box of ``boxes (B, 4)`` and each anchor shape of ``grid`` (whose first anchor
+    is row ``start``), a window of grid locations holding every anchor of that shape whose
+    IoU with the box is ``>= thresh (B,)`` (and, where ``thresh`` is 0, every anchor that
+    overlaps the box at all).
+
+    Why it holds: with ``w, h`` the sides of an anchor and ``w', h'`` those of the box, the
+    intersection ``iw * ih`` is at most ``iw * min(h, h')`` and the union at least
+    ``max(w h, w' h')``, so IoU ``>= t`` needs ``iw >= t max(w h, w' h') / min(h, h')``, at
+    most ``min(w, w')`` (else no anchor of that shape qualifies: the size bound); and
+    ``iw = min(w, w', (w + w') / 2 - |dx|)`` for centres ``dx`` apart, so
+    ``|dx| <= (w + w') / 2 - t max(w h, w' h') / min(h, h')`` (the window); the same in y.
+    Computed in float64 and widened by ``WINDOW_SLACK`` (the float32 IoU's rounding).
+    """
+    b = boxes.double()
+    bw, bh = (b[:, 2] - b[:, 0])[:, None], (b[:, 3] - b[:, 1])[:, None]  # (B, 1)
+    bcx, bcy = ((b[:, 0] + b[:, 2]) / 2)[:, None], ((b[:, 1] + b[:, 3]) / 2)[:, None]
+    cell = grid.cell.double()  # (A, 4)
+    aw, ah = cell[:, 2] - cell[:, 0], cell[:, 3] - cell[:, 1]  # (A,)
+    acx, acy = (cell[:, 0] + cell[:, 2]) / 2, (cell[:, 1] + cell[:, 3]) / 2
+    t = thresh.double()[:, None] * (1 - WINDOW_SLACK)  # (B, 1)
+    big = torch.maximum(aw * ah, bw * bh)  # (B, A)
+    min_w, min_h = torch.minimum(aw, bw), torch.minimum(ah, bh)
+    iw_min, ih_min = t * big / min_h, t * big / min_w  # nan where the box is degenerate: no window
+    fits = (iw_min <= min_w) & (ih_min <= min_h) & (bw > 0) & (bh > 0)
+    pad = WINDOW_SLACK * (bcx.abs() + bcy.abs() + aw + ah + bw + bh) + 1e-3
+    rx, ry = (aw + bw) / 2 - iw_min + pad, (ah + bh) / 2 - ih_min + pad  # (B, A)
+    x0, nx = grid.window(bcx - acx - rx, bcx - acx + rx, axis=0)
+    y0, ny = grid.window(bcy - acy - ry, bcy - acy + ry, axis=1)
+    nx = torch.where(fits, nx, 0)
+    a = torch.arange(nx.shape[1], device=boxes.device)  # (A,)
+    width, num_shapes = grid.xs.shape[0], nx.shape[1]
+    first = start + (y0 * width + x0) * num_shapes + a  # (B, A)
+    box = torch.arange(nx.shape[0], device=boxes.device)[:, None].expand_as(nx)
+    steps = torch.tensor([width * num_shapes, num_shapes], device=boxes.device).expand(nx.numel(), 2)
+    packed = torch.cat([box.reshape(-1, 1), first.reshape(-1, 1), steps, nx.reshape(-1, 1), ny.reshape(-1, 1)], 1)
+    return _Windows(packed)  # (B*A, 6)
+
+
+def probe_iou(boxes: Tensor, anchors: Tensor, grids: Sequence[AnchorGrid]) -> Tensor:
+    """A lower bound of each box's best IoU with the anchors: ``(B,)``, the highest IoU of
+    ``boxes (B, 4)`` with the anchor of each shape and level whose centre is nearest its own."""
+    b = boxes.double()
+    bcx, bcy = ((b[:, 0] + b[:, 2]) / 2)[:, None], ((b[:, 1] + b[:, 3]) / 2)[:, None]  # (B, 1)
+    best, start = boxes.new_zeros(boxes.shape[0]), 0
+    for grid in grids:
+        cell = grid.cell.double()  # (A, 4)
+        x = grid.nearest(bcx - (cell[:, 0] + cell[:, 2]) / 2, axis=0)  # (B, A)
+        y = grid.nearest(bcy - (cell[:, 1] + cell[:, 3]) / 2, axis=1)
+        a = torch.arange(cell.shape[0], device=boxes.device)
+        row = start + (y * grid.xs.shape[0] + x) * cell.shape[0] + a  # (B, A)
+        iou = paired_iou(boxes[:, None].expand(-1, cell.shape[0], -1), anchors[row])  # (B, A)
+        best = torch.maximum(best, iou.amax(dim=1))
+        start += len(grid)
+    return best
 
 
 class _Block(NamedTuple):
@@ -115,6 +218,9 @@ class Matcher:
             zeros = torch.zeros(n, r, dtype=torch.int64, device=anchors.device)
             return Matches(zeros, zeros.to(torch.int8))
         anchors = anchors.float()
+        if grids is not None and self.bg_iou_thresh > 0:
+            self._check_grids(r, grids)
+            return self._match_culled(anchors, gt_boxes, gt_valid, grids)
         # padding becomes an empty box: IoU 0 with every anchor, so it can neither be a
         # foreground anchor's best box (IoU > 0) nor have a low-quality match (below)
         gt_boxes = torch.where(gt_valid[:, :, None], gt_boxes.float(), 0.0)
@@ -164,14 +270,85 @@ class Matcher:
         labels.masked_fill_(foreground, FOREGROUND)
         return Matches(gt_index, labels)
 
+    def _match_culled(self, anchors: Tensor, gt_boxes: Tensor, gt_valid: Tensor,
+                      grids: Sequence[AnchorGrid]) -> Matches:
+        """The dense path's matches from the IoU of each box with the anchors that can
+        matter only: its windows (`anchor_windows`) at threshold ``min(bg_iou_thresh, p)``,
+        ``p`` a lower bound of its best IoU (`probe_iou`). They hold every anchor with IoU
+        ``>= bg_iou_thresh`` (the foreground, the ignored, and each anchor's best boxes where
+        that matters) and each box's best anchors, ties included (the low-quality matches);
+        an anchor outside every window is background. Work and memory grow with the
+        windows, not with boxes x anchors.
+        """
+        n, g = gt_valid.shape
+        r, dev = anchors.shape[0], anchors.device
+        img, col = gt_valid.nonzero(as_tuple=True)  # (B,) each: the valid boxes
+        boxes = gt_boxes[img, col].float()  # (B, 4)
+        thresh = torch.full_like(boxes[:, 0], self.bg_iou_thresh)
+        if self.allow_low_quality_matches:
+            thresh = torch.minimum(thresh, probe_iou(boxes, anchors, grids))
+        starts = [0]
+        for grid in grids[:-1]:
+            starts.append(starts[-1] + len(grid))
+        windows = torch.cat([anchor_windows(boxes, thresh, grid, start).packed for grid, start in zip(grids, starts)])
+        windows = _Windows(windows[windows[:, _Windows.NX] * windows[:, _Windows.NY] > 0])
+        # The pairs whose IoU may matter, computed MAX_WINDOW_PAIRS at a time: those with
+        # IoU >= min(bg_iou_thresh, the box's bound), which holds all the pairs used below.
+        keep_thresh = thresh * (1 - WINDOW_SLACK)
+        chunk = windows.size.cumsum(0).div(MAX_WINDOW_PAIRS, rounding_mode="floor")
+        box_base = img * r  # (B,): the flat (N * R) index of each box's image's first anchor
+        kept_box, kept_anchor, kept_iou = [], [], []
+        ends = torch.unique_consecutive(chunk, return_counts=True)[1].cumsum(0).tolist()
+        for lo, hi in zip([0, *ends[:-1]], ends):
+            box, row = _Windows(windows.packed[lo:hi]).pairs()  # (P,) each
+            iou = paired_iou(boxes.index_select(0, box), anchors.index_select(0, row))  # (P,)
+            keep = (iou >= keep_thresh.index_select(0, box)).nonzero().squeeze(1)  # (P',)
+            box = box.index_select(0, keep)
+            kept_box.append(box)
+            kept_anchor.append(box_base.index_select(0, box) + row.index_select(0, keep))  # flat (N * R) index
+            kept_iou.append(iou.index_select(0, keep))
+        box = torch.cat(kept_box) if kept_box else torch.zeros(0, dtype=torch.int64, device=dev)
+        anchor = torch.cat(kept_anchor) if kept_anchor else box
+        iou = torch.cat(kept_iou) if kept_iou else anchors.new_zeros(0)
+
+        best_iou = anchors.new_zeros(n * r).scatter_reduce_(0, anchor, iou, "amax")  # (N*R,)
+        foreground = best_iou >= self.fg_iou_thresh
+        if self.allow_low_quality_matches:
+            best_per_gt = boxes.new_zeros(boxes.shape[0]).scatter_reduce_(0, box, iou, "amax")  # (B,)
+            # each box's best anchors, ties included; a box that overlaps no anchor adds nothing
+            foreground[anchor[(iou == best_per_gt.index_select(0, box)) & (iou > 0)]] = True
+        # The matched box: the first best one, as torch.max and torchvision's matcher pick
+        # it. Where the best IoU is >= bg_iou_thresh every box that reaches it was kept;
+        # for the few low-quality matches below it, all the boxes of the image are compared.
+        first = (iou == best_iou.index_select(0, anchor)) & (iou >= self.bg_iou_thresh)
+        gt_index = torch.full((n * r,), g, dtype=torch.int64, device=dev)
+        gt_index.scatter_reduce_(0, anchor[first], col[box[first]], "amin")
+        low = (foreground & (best_iou < self.bg_iou_thresh)).nonzero().flatten()  # flat (N*R) indices
+        if low.numel():
+            gt = torch.where(gt_valid[:, :, None], gt_boxes.float(), 0.0)  # padding: IoU 0
+            low_img = low // r
+            for i in low_img.unique().tolist():
+                for part in low[low_img == i].split(max(1, MAX_WINDOW_PAIRS // g)):
+                    gt_index[part] = pairwise_iou(gt[i], anchors[part - i * r]).argmax(dim=0)  # (G, P) -> (P,)
+        gt_index = torch.where(foreground, gt_index, 0).view(n, r)
+        best_iou, foreground = best_iou.view(n, r), foreground.view(n, r)
+        labels = torch.full_like(gt_index, IGNORE, dtype=torch.int8)
+        labels.masked_fill_(best_iou < self.bg_iou_thresh, BACKGROUND)
+        labels.masked_fill_(foreground, FOREGROUND)
+        return Matches(gt_index, labels)
+
+    @staticmethod
+    def _check_grids(r: int, grids: Sequence[AnchorGrid]) -> None:
+        if sum(len(grid) for grid in grids) != r:
+            raise ValueError(f"anchor grids hold {sum(len(grid) for grid in grids)} anchors, not {r}")
+
     @staticmethod
     def _blocks(r: int, grids: Sequence[AnchorGrid] | None, max_anchors: int) -> list[_Block]:
         """The ``r`` anchors in blocks of at most ``max_anchors`` (at least one grid row)."""
         max_anchors = max(1, max_anchors)
         if grids is None:
             return [_Block(slice(j, j + max_anchors)) for j in range(0, r, max_anchors)]
-        if sum(len(grid) for grid in grids) != r:
-            raise ValueError(f"anchor grids hold {sum(len(grid) for grid in grids)} anchors, not {r}")
+        Matcher._check_grids(r, grids)
         blocks, start = [], 0
         for level, grid in enumerate(grids):
             step = max(1, max_anchors // grid.row_size)  # grid rows per block
