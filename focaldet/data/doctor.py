@@ -26,6 +26,7 @@ from focaldet.data.scan import format_mismatch, scan_images
 from focaldet.data.transforms import shortest_edge_scale
 from focaldet.data.validate import MIN_BOX_SIDE, CocoValidation, Problems, validate_coco
 from focaldet.errors import DataError
+from focaldet.inputs import InputSettings
 
 __all__ = ["Report", "best_anchor_iou", "check_dataset"]
 
@@ -43,8 +44,8 @@ class Report:
 
     ann_file: str
     image_dir: str | None = None
-    min_size: int = 800
-    max_size: int = 1333
+    min_size: int = InputSettings.min_size
+    max_size: int = InputSettings.max_size
     num_images: int = 0
     num_boxes: int = 0
     num_crowd: int = 0
@@ -184,9 +185,9 @@ def best_anchor_iou(
 def check_dataset(
     ann_file: str | os.PathLike,
     image_dir: str | os.PathLike | None = None,
-    min_size: int = 800,
-    max_size: int = 1333,
-    size_divisibility: int = 128,
+    min_size: int = InputSettings.min_size,
+    max_size: int = InputSettings.max_size,
+    size_divisibility: int = InputSettings.size_divisibility,
     anchor_generator: Any | None = None,
     workers: int | None = None,
     progress: bool | None = False,
