@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 
 import cv2
@@ -255,11 +256,11 @@ def test_setup_lists_every_bad_image_at_once(make_coco, tmp_path):
     assert dm.datasets["predict"].files == ["img_1.jpg", "img_3.jpg", "img_6.jpg"]
 
 
-def _fit(tmp_path, synth_coco, **overrides):
+def _fit(tmp_path, synth_coco, **overrides) -> int:
     from focaldet.cli import main
 
-    main(["fit", "-c", str(tiny_config(tmp_path, synth_coco, **{"trainer.max_steps": 2,
-                                                                 "trainer.val_check_interval": 2, **overrides}))])
+    return main(["fit", "-c", str(tiny_config(tmp_path, synth_coco, **{"trainer.max_steps": 2,
+                                                                        "trainer.val_check_interval": 2, **overrides}))])
 
 
 def _spoiled_synth(tmp_path, synth_coco, spoil):
@@ -275,13 +276,19 @@ def _spoiled_synth(tmp_path, synth_coco, spoil):
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore")
-def test_fit_reads_a_truncated_jpeg_and_skips_undecodable_ones(tmp_path, synth_coco):
+def test_fit_reads_a_truncated_jpeg_and_skips_undecodable_ones(tmp_path, synth_coco, monkeypatch, capsys):
     data = _spoiled_synth(tmp_path, synth_coco, lambda folder, names: (
         _truncate(folder / names[0], keep=0.6), (folder / names[1]).write_bytes(b"not an image")))
-    with pytest.raises(ImageError, match=rf"1 bad image in .*: {names_of(synth_coco)[1]} \(image id \d+\): "
-                                         r"not a decodable image"):
+    expected = rf"1 bad image in .*: {names_of(synth_coco)[1]} \(image id \d+\): not a decodable image"
+    monkeypatch.setenv("FOCALDET_DEBUG", "1")  # the exception itself
+    with pytest.raises(ImageError, match=expected):
         _fit(tmp_path / "a", data)
     assert not (tmp_path / "a" / "run" / "checkpoints").exists()  # failed at setup, before training
+    monkeypatch.delenv("FOCALDET_DEBUG")
+    capsys.readouterr()
+    assert _fit(tmp_path / "a", data) == 1  # what a user sees: one line
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("focaldet: error: ")]
+    assert len(err) == 1 and re.search(expected, err[0]), err
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
