@@ -12,6 +12,7 @@ Cases::
 
     train_step   forward + loss + backward of a batch (both with frozen BatchNorm)
     loss         target assignment + both losses + backward, from given head outputs
+    loss_vfl     the same with VarifocalLoss (IoU targets of decoded boxes) as the class loss
     postprocess  decode + top-k + NMS, from given head outputs
     inference    images -> detections, eval mode
     data         training data pipeline images/s against decoding the JPEGs alone
@@ -46,6 +47,7 @@ __all__ = ["CASES", "Case", "Settings", "main", "run_cases"]
 CASES: dict[str, Case] = {
     "train_step": train_step.CASE,
     "loss": loss.CASE,
+    "loss_vfl": loss.CASE_VFL,
     "postprocess": postprocess.CASE,
     "inference": inference.CASE,
     "data": data.CASE,

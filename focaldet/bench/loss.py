@@ -1,4 +1,6 @@
-"""Case ``loss``: target assignment + both losses + backward, from given head outputs."""
+"""Cases ``loss`` and ``loss_vfl``: target assignment + both losses + backward, from given
+head outputs; ``loss`` with torchvision's losses (sigmoid focal + L1), ``loss_vfl`` with
+``VarifocalLoss`` (IoU targets from decoded boxes) against the same torchvision baseline."""
 
 from __future__ import annotations
 
@@ -8,8 +10,8 @@ from focaldet.bench.harness import Case, Settings, log, compare
 from focaldet.bench.models import build_criterion, head_outputs, warm_compile, random_targets
 
 
-def case_loss(settings: Settings) -> dict[str, float]:
-    """Target assignment + focal and box losses + backward w.r.t. the given head outputs."""
+def case_loss(settings: Settings, cls_loss=None, name: str = "loss") -> dict[str, float]:
+    """Target assignment + focal (or ``cls_loss``) and box losses + backward w.r.t. the given head outputs."""
     from torchvision.models.detection import retinanet_resnet50_fpn
 
     from focaldet.models import RetinaNet
@@ -20,6 +22,8 @@ def case_loss(settings: Settings) -> dict[str, float]:
                                 min_size=s, max_size=s).to(dev)
     fd = RetinaNet.from_torchvision(tv)
     criterion = build_criterion(fd, settings)
+    if cls_loss is not None:
+        criterion.cls_loss = cls_loss
     logits, deltas, anchors, grids, counts = head_outputs(settings, n, s, bias_mean=-4.6, seed=settings.seed + 3)
     boxes, labels = random_targets(n, settings.loss_gt, s, settings.num_classes, settings.seed + 4, dev)
     log(settings, f"loss: {n} images x {anchors.shape[0]} anchors x {settings.num_classes} classes "
@@ -48,7 +52,15 @@ def case_loss(settings: Settings) -> dict[str, float]:
 
     warm_compile(settings, criterion, fd_outputs, boxes, labels)
     clear()
-    return compare("loss", focaldet_loss, torchvision_loss, settings, before=clear)
+    return compare(name, focaldet_loss, torchvision_loss, settings, before=clear)
+
+
+def case_loss_vfl(settings: Settings) -> dict[str, float]:
+    """``loss`` with ``VarifocalLoss()`` as focaldet's class loss (torchvision has none)."""
+    from focaldet.losses import VarifocalLoss
+
+    return case_loss(settings, VarifocalLoss(), "loss_vfl")
 
 
 CASE = Case(case_loss, unit="s", target=5.0)
+CASE_VFL = Case(case_loss_vfl, unit="s", target=5.0)

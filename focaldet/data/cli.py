@@ -1,4 +1,4 @@
-"""``focaldet data ...`` subcommands: ``synth``, ``check`` and ``voc2coco``."""
+"""``focaldet data ...`` subcommands: ``synth``, ``check``, ``voc2coco`` and ``corrupt``."""
 
 from __future__ import annotations
 
@@ -42,7 +42,28 @@ def build_parser() -> argparse.ArgumentParser:
     voc.add_argument("--out", required=True, type=Path, help="output COCO JSON")
     voc.add_argument("--labels", help="comma-separated class names, fixing the order (ids 1..K)")
     voc.add_argument("--skip-difficult", action="store_true", help="leave out objects marked difficult")
+
+    corrupt = sub.add_parser("corrupt", help="write a noisy copy of a COCO dataset (flipped labels, "
+                                             "dropped or jittered boxes) for robustness studies")
+    corrupt.add_argument("annotations", type=Path, help="COCO instances JSON")
+    corrupt.add_argument("--out", required=True, type=Path, help="noisy COCO JSON to write (+ OUT.summary.json)")
+    corrupt.add_argument("--flip-labels", type=float, default=0.0, metavar="P",
+                         help="relabel this fraction of the boxes, each to a random other class")
+    corrupt.add_argument("--drop-boxes", type=float, default=0.0, metavar="P", help="remove this fraction of the boxes")
+    corrupt.add_argument("--jitter-boxes", type=float, default=0.0, metavar="S",
+                         help="move each box edge by normal noise of S x the box's width/height")
+    corrupt.add_argument("--seed", type=int, required=True)
     return parser
+
+
+def _corrupt(args: argparse.Namespace) -> int:
+    from focaldet.data.corrupt import corrupt_file
+
+    summary, summary_path = corrupt_file(args.annotations, args.out, args.flip_labels, args.drop_boxes,
+                                         args.jitter_boxes, args.seed)
+    print(summary.format())
+    print(f"wrote {args.out} and {summary_path}")
+    return 0
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -80,7 +101,7 @@ def _voc2coco(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run ``focaldet data <command> ...``; returns the exit code (1 on bad data)."""
     args = build_parser().parse_args(argv)
-    handler = {"synth": _synth, "check": _check, "voc2coco": _voc2coco}[args.command]
+    handler = {"synth": _synth, "check": _check, "voc2coco": _voc2coco, "corrupt": _corrupt}[args.command]
     try:
         return handler(args)
     except FocaldetError as e:

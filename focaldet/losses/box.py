@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import generalized_box_iou_loss
+from torchvision.ops import complete_box_iou_loss, distance_box_iou_loss, generalized_box_iou_loss
 
 
 def _weighted_sum(per_box: Tensor, weight: Tensor | None) -> Tensor:
@@ -54,3 +54,23 @@ class GIoULoss(nn.Module):
 
     def forward(self, pred: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
         return _weighted_sum(generalized_box_iou_loss(pred.float(), target.float(), reduction="none"), weight)
+
+
+class DIoULoss(nn.Module):
+    """Distance IoU loss ``1 - IoU + d^2 / c^2`` on decoded boxes (Zheng et al., AAAI 2020;
+    ``torchvision.ops.distance_box_iou_loss``)."""
+
+    decoded_boxes = True
+
+    def forward(self, pred: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
+        return _weighted_sum(distance_box_iou_loss(pred.float(), target.float(), reduction="none"), weight)
+
+
+class CIoULoss(nn.Module):
+    """Complete IoU loss: DIoU plus the aspect-ratio term ``alpha v`` on decoded boxes
+    (Zheng et al., AAAI 2020; ``torchvision.ops.complete_box_iou_loss``)."""
+
+    decoded_boxes = True
+
+    def forward(self, pred: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
+        return _weighted_sum(complete_box_iou_loss(pred.float(), target.float(), reduction="none"), weight)

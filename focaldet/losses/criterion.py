@@ -1,6 +1,9 @@
-"""RetinaNet's training criterion: matching, targets, both losses and the normaliser."""
+"""RetinaNet's training criterion: assignment (matching and targets), then both losses and
+their normalisers."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -21,15 +24,47 @@ def _world_mean(x: Tensor) -> Tensor:
     return x
 
 
-class RetinaNetCriterion(nn.Module):
-    """Assigns anchors to ground truth and computes ``loss_cls`` and ``loss_box``, each
-    divided by the number of positive anchors, averaged over processes and clamped >= 1.
+def paired_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU of each box of ``a (P, 4)`` with the box of ``b (P, 4)`` in the same row, both xyxy: ``(P,)``."""
+    lt, rb = torch.maximum(a[:, :2], b[:, :2]), torch.minimum(a[:, 2:], b[:, 2:])  # (P, 2) each
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    return inter / (area_a + area_b - inter)
 
-    Averaging the count over processes makes DDP (which averages gradients) train exactly
+
+@dataclass
+class Targets:
+    """What ``RetinaNetCriterion.assign`` gives the losses: per anchor ``(N, R)`` and per
+    positive anchor ``(P, ...)``, P = number of positives in the batch."""
+
+    cls_target: Tensor  # (N, R) int64 in [0, K]: the matched gt's label on positives, K elsewhere
+    weight: Tensor  # (N, R) float: 0 for ignored anchors (IoU between the thresholds), 1 elsewhere
+    fg: Tensor  # (N, R) bool: positive anchors
+    gt_index: Tensor  # (N, R) int64: matched gt of each anchor (meaningful on positives)
+    pos_image: Tensor  # (P,) image of each positive
+    pos_anchor: Tensor  # (P,) anchor of each positive
+    gt_boxes: Tensor  # (P, 4) xyxy: the matched gt box of each positive
+    num_pos: Tensor  # () positives, averaged over processes
+
+
+class RetinaNetCriterion(nn.Module):
+    """Assigns anchors to ground truth (``assign``) and computes ``loss_cls`` and
+    ``loss_box`` (``forward``). The box loss is divided by the number of positive anchors,
+    averaged over processes and clamped >= 1; the class loss by the count its
+    ``normalizer`` attribute names (``focaldet.losses.normalizer``; default the same).
+
+    Averaging the counts over processes makes DDP (which averages gradients) train exactly
     like one process with the whole global batch. Everything is batched over images.
 
+    What a class loss needs beyond ``(logits, labels, weight)`` it declares, and the
+    criterion reads the declaration, never the loss's type: ``background_logit`` (a K + 1st
+    logit), ``normalizer``, ``quality_targets`` (it is also given each anchor's detached
+    IoU of its decoded box with its gt: computed only then). Likewise a box loss declares
+    ``decoded_boxes``.
+
     Args:
-        cls_loss: a class loss (see ``focaldet.losses.focal``); default ``SigmoidFocalLoss()``.
+        cls_loss: a class loss (see ``focaldet.losses``); default ``SigmoidFocalLoss()``.
         box_loss: a box loss (see ``focaldet.losses.box``); default ``SmoothL1Loss()``.
         matcher: default ``Matcher()`` (0.5 / 0.4, low-quality matches allowed).
         box_coder: must be the model's (``RetinaNet.box_coder``); default ``BoxCoder()``.
@@ -50,6 +85,55 @@ class RetinaNetCriterion(nn.Module):
         self.normalizer_momentum = normalizer_momentum
         self.register_buffer("normalizer", torch.tensor(100.0))
 
+    def assign(self, outputs: dict, gt_boxes: Tensor, gt_labels: Tensor) -> Targets:
+        """Match the anchors to the ground truth: class targets, ignore weights, positives.
+
+        Args: as ``forward``. Returns ``Targets``.
+        """
+        anchors = outputs["anchors"]  # (R, 4)
+        num_classes = outputs["cls_logits"][0].shape[-1] - int(getattr(self.cls_loss, "background_logit", False))
+        matches = self.matcher(anchors, gt_boxes, gt_labels >= 0, grids=outputs.get("anchor_grids"))
+        fg = matches.labels == FOREGROUND  # (N, R)
+        # class target per anchor: matched gt's label on foreground, K (background) elsewhere
+        if gt_labels.shape[1] > 0:
+            matched_labels = gt_labels.gather(1, matches.gt_index)  # (N, R)
+            cls_target = torch.where(fg, matched_labels, num_classes)
+        else:
+            cls_target = torch.full_like(matches.gt_index, num_classes)
+        n_idx, r_idx = fg.nonzero(as_tuple=True)  # (P,), (P,)
+        return Targets(
+            cls_target=cls_target, weight=(matches.labels >= 0).float(), fg=fg, gt_index=matches.gt_index,
+            pos_image=n_idx, pos_anchor=r_idx, gt_boxes=gt_boxes[n_idx, matches.gt_index[n_idx, r_idx]],
+            num_pos=_world_mean(fg.sum().float()),
+        )
+
+    def _pos_normalizer(self, num_pos: Tensor) -> Tensor:
+        """The paper's normaliser: positives (or their moving average), clamped >= 1."""
+        if self.normalizer_momentum is None:
+            return num_pos.clamp(min=1.0)
+        if self.training:
+            m = self.normalizer_momentum
+            self.normalizer.copy_(m * self.normalizer + (1 - m) * num_pos)
+        return self.normalizer.clamp(min=1.0)
+
+    def _cls_normalizer(self, targets: Targets, num_logits: int, pos_normalizer: Tensor) -> Tensor:
+        """What the class loss's sum is divided by: the count its ``normalizer`` names."""
+        kind = getattr(self.cls_loss, "normalizer", "num_pos")
+        if kind == "num_pos":
+            return pos_normalizer
+        w = targets.weight
+        if kind == "num_samples":
+            count = w.sum()
+        elif kind == "num_logits":
+            count = w.sum() * num_logits
+        elif kind == "num_anchors":
+            count = w.new_tensor(float(w.shape[1]))
+        elif kind == "weighted_samples":
+            count = (self.cls_loss.sample_weight(targets.cls_target, num_logits) * w).sum()
+        else:
+            raise ValueError(f"{type(self.cls_loss).__name__}: unknown normalizer {kind!r}")
+        return _world_mean(count).clamp(min=torch.finfo(torch.float32).tiny)
+
     def forward(self, outputs: dict, gt_boxes: Tensor, gt_labels: Tensor) -> dict[str, Tensor]:
         """Losses of one batch.
 
@@ -60,46 +144,34 @@ class RetinaNetCriterion(nn.Module):
         Returns:
             ``{"loss", "loss_cls", "loss_box", "num_pos"}``.
         """
+        t = self.assign(outputs, gt_boxes, gt_labels)
         # Class logits stay per level (N, Ri, C): concatenating them would copy every logit
         # (31M at 512 px and 80 classes), and every class loss is a sum, so it is summed
         # level by level.
         cls_logits = outputs["cls_logits"]
         box_deltas = torch.cat(outputs["box_deltas"], dim=1)  # (N, R, 4)
         anchors = outputs["anchors"]  # (R, 4)
-        num_classes = cls_logits[0].shape[-1] - int(getattr(self.cls_loss, "background_logit", False))
+        pred = box_deltas[t.pos_image, t.pos_anchor]  # (P, 4) deltas of the positives
+        wants_quality = bool(getattr(self.cls_loss, "quality_targets", False))
+        pred_boxes = None
+        if self.box_loss.decoded_boxes or wants_quality:
+            pred_boxes = self.box_coder.decode(pred, anchors[t.pos_anchor])  # (P, 4) xyxy
 
-        matches = self.matcher(anchors, gt_boxes, gt_labels >= 0, grids=outputs.get("anchor_grids"))
-        fg = matches.labels == FOREGROUND  # (N, R)
-        # class target per anchor: matched gt's label on foreground, K (background) elsewhere
-        if gt_labels.shape[1] > 0:
-            matched_labels = gt_labels.gather(1, matches.gt_index)  # (N, R)
-            cls_target = torch.where(fg, matched_labels, num_classes)
-        else:
-            cls_target = torch.full_like(matches.gt_index, num_classes)
-        weight = (matches.labels >= 0).float()  # (N, R)
+        pos_normalizer = self._pos_normalizer(t.num_pos)
+        counts = [x.shape[1] for x in cls_logits]
+        per_level = [t.cls_target.split(counts, dim=1), t.weight.split(counts, dim=1)]
+        if wants_quality:
+            quality = torch.zeros_like(t.weight)  # (N, R): IoU on positives, 0 elsewhere
+            quality[t.pos_image, t.pos_anchor] = paired_iou(pred_boxes.detach(), t.gt_boxes.float())
+            per_level.append(quality.split(counts, dim=1))
+        loss_cls = sum(self.cls_loss(x, *level) for x, *level in zip(cls_logits, *per_level))
+        loss_cls = loss_cls / self._cls_normalizer(t, cls_logits[0].shape[-1], pos_normalizer)
 
-        num_pos = _world_mean(fg.sum().float())
-        if self.normalizer_momentum is not None:
-            if self.training:
-                m = self.normalizer_momentum
-                self.normalizer.copy_(m * self.normalizer + (1 - m) * num_pos)
-            normalizer = self.normalizer.clamp(min=1.0)
-        else:
-            normalizer = num_pos.clamp(min=1.0)
-
-        counts = [t.shape[1] for t in cls_logits]
-        loss_cls = sum(self.cls_loss(x, t, w) for x, t, w in
-                       zip(cls_logits, cls_target.split(counts, dim=1), weight.split(counts, dim=1)))
-        loss_cls = loss_cls / normalizer
-
-        n_idx, r_idx = fg.nonzero(as_tuple=True)  # (P,), (P,)
-        pred = box_deltas[n_idx, r_idx]  # (P, 4)
-        gt = gt_boxes[n_idx, matches.gt_index[n_idx, r_idx]]  # (P, 4)
         if self.box_loss.decoded_boxes:
-            pred, target = self.box_coder.decode(pred, anchors[r_idx]), gt.float()
+            loss_box = self.box_loss(pred_boxes, t.gt_boxes.float())
         else:
-            target = self.box_coder.encode(anchors[r_idx], gt)
-        loss_box = self.box_loss(pred, target) / normalizer
+            loss_box = self.box_loss(pred, self.box_coder.encode(anchors[t.pos_anchor], t.gt_boxes))
+        loss_box = loss_box / pos_normalizer
 
         loss = self.cls_weight * loss_cls + self.box_weight * loss_box
-        return {"loss": loss, "loss_cls": loss_cls.detach(), "loss_box": loss_box.detach(), "num_pos": num_pos}
+        return {"loss": loss, "loss_cls": loss_cls.detach(), "loss_box": loss_box.detach(), "num_pos": t.num_pos}

@@ -95,7 +95,8 @@ def retinanet_to_torchvision(model: nn.Module, criterion: nn.Module | None = Non
         raise ConfigError("to_torchvision: use head_norm None (torchvision v1 head)")
     if criterion is not None:  # the loss settings torchvision's RetinaNet can express
         cls_loss, box_loss, matcher = criterion.cls_loss, criterion.box_loss, criterion.matcher
-        if type(cls_loss) is not SigmoidFocalLoss or (cls_loss.alpha, cls_loss.gamma) != (0.25, 2.0):
+        if (type(cls_loss) is not SigmoidFocalLoss or (cls_loss.alpha, cls_loss.gamma) != (0.25, 2.0)
+                or cls_loss.normalizer != "num_pos"):
             raise ConfigError("to_torchvision: torchvision's class loss is SigmoidFocalLoss(alpha=0.25, gamma=2)")
         box_type = {L1Loss: "l1", GIoULoss: "giou"}.get(type(box_loss))
         if type(box_loss) is SmoothL1Loss and box_loss.beta == 1.0:

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torchvision.ops import batched_nms, nms
 
 from focaldet.modeling.box_coder import BoxCoder
@@ -159,8 +160,11 @@ class PostProcess:
         of over all R * K.
         """
         n, r, num_classes = scores.shape
-        # sym_min: a plain min on ints, a symbolic one under torch.export (no branch on r)
-        k = torch.sym_min(self.topk_candidates, r * num_classes)
+        k = torch.sym_min(self.topk_candidates, r * num_classes)  # symbolic under torch.export
+        if statically_known_true(r <= k):  # few anchors: every anchor is a candidate (r an int: a plain test)
+            top_scores, top_idx = scores.reshape(n, -1).topk(k, dim=1, sorted=False)
+            return top_scores, top_idx // num_classes, top_idx % num_classes
+        # with a symbolic r (export), no branch on it: a = min(k, r) anchors, the same top k
         anchors = scores.amax(dim=2).topk(torch.sym_min(self.topk_candidates, r), dim=1, sorted=False).indices  # (N, a)
         candidates = scores.gather(1, anchors.unsqueeze(-1).expand(-1, -1, num_classes))  # (N, a, K)
         top_scores, top_idx = candidates.reshape(n, -1).topk(k, dim=1, sorted=False)  # (N, a*K) -> (N, k)
