@@ -14,13 +14,13 @@ from focaldet.data import CocoDetection, check_dataset, load_coco
 from focaldet.errors import DataError
 
 _junk = st.recursive(
-    st.none() | st.booleans() | st.integers(-3, 3) | st.integers() | st.floats(allow_nan=True, allow_infinity=True)
+    st.none() | st.booleans() | st.integers(-3, 3) | st.integers() | st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=False)
     | st.text(max_size=4),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
     max_leaves=6,
 )
 _ids = st.integers(0, 4) | _junk  # mostly small ints, so ids collide and refer to each other
-_number = st.integers(-5, 80) | st.floats(-5, 80) | st.sampled_from([math.nan, math.inf, 10**400, 0, True]) | _junk
+_number = st.integers(-5, 80) | st.floats(-5, 80, allow_subnormal=False) | st.sampled_from([math.nan, math.inf, 10**400, 0, True]) | _junk
 
 
 def _maybe(d: dict) -> st.SearchStrategy:
@@ -59,7 +59,7 @@ _near_coco = st.fixed_dictionaries({
     "annotations": st.lists(st.fixed_dictionaries({
         "id": _mostly(st.integers(1, 50), _ids), "image_id": _mostly(st.integers(1, 2), _ids),
         "category_id": _mostly(st.integers(1, 2), _ids), "iscrowd": _mostly(st.just(0), _junk),
-        "bbox": _mostly(st.tuples(st.floats(-4, 60), st.floats(-4, 40), st.floats(0, 60), st.floats(0, 40)).map(list),
+        "bbox": _mostly(st.tuples(*(st.floats(lo, hi, allow_subnormal=False) for lo, hi in ((-4, 60), (-4, 40), (0, 60), (0, 40)))).map(list),
                         st.lists(_number, min_size=3, max_size=5) | _junk, 15),
     }), max_size=6, unique_by=lambda d: repr(d["id"])),
     "categories": st.lists(st.fixed_dictionaries({"id": _mostly(st.integers(1, 2), _ids), "name": st.just("x")}),
