@@ -88,3 +88,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _image_scan_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Image scans are cached in a temporary folder, not in the user's ~/.cache (inherited by
+    subprocesses)."""
+    import os
+
+    previous = os.environ.get("FOCALDET_CACHE")
+    os.environ["FOCALDET_CACHE"] = str(tmp_path_factory.mktemp("focaldet_cache"))
+    yield
+    if previous is None:
+        os.environ.pop("FOCALDET_CACHE", None)
+    else:
+        os.environ["FOCALDET_CACHE"] = previous

@@ -37,15 +37,19 @@ def test_problems_name_offending_ids(make_coco):
         annotations=[
             {"image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20]},
             {"image_id": 1, "category_id": 2, "bbox": [50, 10, 30, 20]},  # 2: outside
-            {"image_id": 1, "category_id": 1, "bbox": [5, 5, 0, 10]},  # 3: zero width
+            {"image_id": 1, "category_id": 1, "bbox": [5, 5, 0, 10]},  # 3: zero width: degenerate
             {"image_id": 9, "category_id": 1, "bbox": [5, 5, 10, 10]},  # 4: unknown image
             {"image_id": 2, "category_id": 4, "bbox": [5, 5, 10, 10]},  # 5: unknown category
             {"image_id": 2, "category_id": 1, "bbox": [63.5, 5, 10, 10]},  # 6: degenerate after clip
             {"image_id": 2, "category_id": 1, "bbox": [5, 5, 10]},  # 7: bad bbox
+            {"image_id": 2, "category_id": 1, "bbox": [5, 5, -3, 10]},  # 8: negative width
+            {"image_id": 2, "category_id": 1, "bbox": [5, True, 3, 10]},  # 9: a boolean is no number
+            {"image_id": 2, "category_id": 1, "bbox": [5, float("nan"), 3, 10]},  # 10: NaN
+            {"image_id": 1, "category_id": 2, "bbox": [50, 10, 30, 20]},  # 11: outside
         ],
     )
     data = json.loads(ann.read_text())
-    data["annotations"][1]["id"] = 1  # duplicate annotation id
+    data["annotations"][1]["id"] = 1  # duplicate annotation id (not checked further)
     data["images"].append(dict(data["images"][1]))  # duplicate image id 2
     data["images"].append({**data["images"][0], "id": 10})  # same file as image 1
     ann.write_text(json.dumps(data))
@@ -56,17 +60,21 @@ def test_problems_name_offending_ids(make_coco):
     assert not report.ok
     problems = dict((m.split(" (")[0], (s, m)) for s, m in report.problems)
     expected = {
-        "duplicate image ids": ("error", "image 2"),
+        "duplicate image ids": ("error", "image 2 (img_2.jpg)"),
         "duplicate annotation ids": ("error", "annotation 1"),
         "annotations referring to an image id that is not in 'images'": ("error", "annotation 4 (image id 9)"),
         "annotations with a category id that is not in 'categories'": ("error", "annotation 5 (category id 4)"),
-        "annotations without a valid bbox [x, y, w, h]": ("error", "annotation 7"),
+        "annotations without a valid bbox [x, y, w, h]": ("error", "annotation 7 (image 2, img_2.jpg): bbox [5, 5, 10] "
+                                                          "is not a list of 4 numbers; annotation 8 (image 2, img_2.jpg): "
+                                                          "bbox [5, 5, -3, 10] has a negative width or height; "
+                                                          "annotation 9 (image 2, img_2.jpg): bbox [5, True, 3, 10] holds "
+                                                          "a value that is not a finite number; annotation 10"),
         "missing image files": ("error", "image 3"),
-        "unreadable image files": ("error", "image 4"),
+        "undecodable image files": ("error", "image 4 (img_4.jpg): not a decodable image"),
         "image entries sharing a file_name": ("warning", "images 1 and 10 (img_1.jpg)"),
-        "boxes with zero or negative width/height, not trained on": ("warning", "annotation 3 (image 1)"),
-        "boxes <= 1 px wide or high after clipping, not trained on": ("warning", "annotation 6 (image 2)"),
-        "boxes extending outside their image, clipped for training": ("warning", "annotation 1 (image 1)"),
+        "boxes <= 1 px wide or high after clipping, not trained on": ("warning", "annotation 3 (image 1, img_1.jpg); "
+                                                                      "annotation 6 (image 2, img_2.jpg)"),
+        "boxes extending outside their image, clipped for training": ("warning", "annotation 11 (image 1, img_1.jpg)"),
         "categories without boxes": ("warning", "category 5 (unused)"),
     }
     for description, (severity, example) in expected.items():
@@ -84,7 +92,7 @@ def test_size_mismatch(make_coco):
     ann.write_text(json.dumps(data))
     report = check_dataset(ann, images)
     assert report.errors == ["images whose size differs from their JSON width/height (1): image 1 "
-                             "(img_1.jpg: 40x30 on disk, 40x31 in JSON)"]
+                             "(img_1.jpg): 40x30 (w x h) on disk but 40x31 in the JSON"]
 
 
 def test_missing_image_folder(synth_coco, tmp_path):

@@ -1,6 +1,10 @@
 """Data layer: COCO-format datasets, augmentation pipelines, the Lightning data module,
 the synthetic shapes dataset, the data doctor and a VOC converter.
 
+Where things live: ``images`` (decoding, headers), ``validate`` (the rules of a valid COCO
+file, shared by the loader and the doctor), ``scan`` (every image decoded before use,
+cached), ``coco`` (loading and datasets), ``doctor`` (``focaldet data check``).
+
 `CocoDataModule` is imported lazily, so ``focaldet data ...`` tools do not pay for
 importing Lightning.
 """
@@ -8,14 +12,14 @@ importing Lightning.
 from focaldet.data.coco import (
     CocoDetection,
     DataWarning,
-    ImageError,
     ImageFolderDataset,
     LabelMap,
     load_coco,
     read_coco_json,
-    read_image,
 )
 from focaldet.data.doctor import Report, check_dataset
+from focaldet.data.images import ImageError, read_header, read_image
+from focaldet.data.scan import ImageScan, scan_images
 from focaldet.data.synth import SyntheticCoco, write_synthetic_coco
 from focaldet.data.transforms import (
     ResizeShortestEdge,
@@ -24,14 +28,17 @@ from focaldet.data.transforms import (
     build_transforms,
     collate_detection,
 )
+from focaldet.data.validate import CocoValidation, validate_coco
 from focaldet.data.voc import convert_voc_to_coco, voc_to_coco
 
 __all__ = [
     "CocoDataModule",
     "CocoDetection",
+    "CocoValidation",
     "DataWarning",
     "ImageError",
     "ImageFolderDataset",
+    "ImageScan",
     "LabelMap",
     "Report",
     "ResizeShortestEdge",
@@ -44,7 +51,10 @@ __all__ = [
     "convert_voc_to_coco",
     "load_coco",
     "read_coco_json",
+    "read_header",
     "read_image",
+    "scan_images",
+    "validate_coco",
     "voc_to_coco",
     "write_synthetic_coco",
 ]

@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--max-size", type=int, default=InputSettings.max_size,
                        help=f"longer-side cap after resizing (default {InputSettings.max_size})")
     check.add_argument("--json", type=Path, metavar="OUT", help="also write the report as JSON")
+    check.add_argument("--workers", type=int, help="threads decoding images (default: the CPUs, at most 16)")
+    check.add_argument("--no-cache", dest="cache", action="store_false",
+                       help="decode every image again instead of reusing the cached scan")
 
     voc = sub.add_parser("voc2coco", help="convert Pascal VOC XML annotations to a COCO JSON")
     voc.add_argument("--ann-dir", required=True, type=Path, help="folder of VOC *.xml files")
@@ -76,7 +79,8 @@ def _synth(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from focaldet.data.doctor import check_dataset
 
-    report = check_dataset(args.annotations, args.images, min_size=args.min_size, max_size=args.max_size)
+    report = check_dataset(args.annotations, args.images, min_size=args.min_size, max_size=args.max_size,
+                           workers=args.workers, progress=None, cache=args.cache)
     print(report.format())
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

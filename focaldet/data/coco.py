@@ -23,18 +23,19 @@ import io
 import json
 import os
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from focaldet.data.images import IMAGE_EXTENSIONS, ImageError, read_header, read_image
 from focaldet.data.transforms import decode_reduction, leading_resize
+from focaldet.data.validate import MIN_BOX_SIDE, clip_box, validate_coco
 from focaldet.errors import DataError
 
 __all__ = [
@@ -44,43 +45,14 @@ __all__ = [
     "ImageError",
     "ImageFolderDataset",
     "LabelMap",
-    "jpeg_size",
     "load_coco",
     "read_coco_json",
     "read_image",
+    "subset_coco",
 ]
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-
-# A box narrower or lower than this (pixels, after clipping to the image) is not trained on.
-MIN_BOX_SIDE = 1.0
-
 
 class DataWarning(UserWarning):
     """Dataset content that focaldet works around (e.g. degenerate boxes it drops)."""
-
-
-class ImageError(DataError):
-    """An image file is missing, unreadable or disagrees with its JSON entry.
-
-    Raised from ``__getitem__``, so usually inside a DataLoader worker. PyTorch re-raises a
-    worker's exception in the main process as ``type(exc)(text)`` where *text* is the whole
-    worker traceback; this class trims that back to the one-line message (plus the worker
-    it came from), so users still read ``cannot read image ...`` and not a traceback dump.
-    """
-
-    def __init__(self, message: str) -> None:
-        super().__init__(_unwrap_worker_message(message))
-
-
-def _unwrap_worker_message(message: str) -> str:
-    """``"Caught X in DataLoader worker process 0.\\nOriginal Traceback ... X: msg"`` -> one line."""
-    if not (message.startswith("Caught ") and "\nOriginal Traceback" in message):
-        return message
-    where = message.split("\n", 1)[0].rstrip(".").split(" in ", 1)[-1]
-    last = [line for line in message.strip().splitlines() if line.strip()][-1]
-    _, sep, text = last.partition(": ")  # "focaldet.data.coco.ImageError: cannot read ..."
-    return f"{text if sep else last} [{where}]"
 
 
 # --------------------------------------------------------------------------------------
@@ -162,11 +134,8 @@ class LabelMap:
 
 
 def read_coco_json(path: str | os.PathLike) -> dict:
-    """Parse a COCO instances JSON; `DataError` naming file, line and column on bad syntax.
-
-    Only the top-level structure is checked here (an object with ``images`` and
-    ``categories`` lists; ``annotations`` may be absent, as in image-info files).
-    """
+    """Parse a JSON file; `DataError` naming file, line and column on bad syntax (its content
+    is checked by `focaldet.data.validate.validate_coco`)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -178,64 +147,38 @@ def read_coco_json(path: str | os.PathLike) -> dict:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object with 'images' and 'categories', got {type(data).__name__}")
-    data.setdefault("annotations", [])
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key), list):
-            raise DataError(f"{path}: missing or invalid '{key}' list")
     return data
-
-
-def _check_references(data: dict, path: Path) -> None:
-    """Raise `DataError` for the first inconsistency that would make training wrong."""
-    image_ids: set = set()
-    for i, img in enumerate(data["images"]):
-        if not isinstance(img, dict) or any(k not in img for k in ("id", "file_name", "width", "height")):
-            raise DataError(f"{path}: images[{i}] needs 'id', 'file_name', 'width' and 'height': {img!r}")
-        if img["id"] in image_ids:
-            raise DataError(f"{path}: duplicate image id {img['id']}")
-        image_ids.add(img["id"])
-    cat_ids: set = set()
-    for i, cat in enumerate(data["categories"]):
-        if not isinstance(cat, dict) or "id" not in cat:
-            raise DataError(f"{path}: categories[{i}] has no 'id': {cat!r}")
-        if cat["id"] in cat_ids:
-            raise DataError(f"{path}: duplicate category id {cat['id']}")
-        cat_ids.add(cat["id"])
-    ann_ids: set = set()
-    for i, ann in enumerate(data["annotations"]):
-        if not isinstance(ann, dict) or "id" not in ann:
-            raise DataError(f"{path}: annotations[{i}] has no 'id'")
-        aid = ann["id"]
-        if aid in ann_ids:
-            raise DataError(f"{path}: duplicate annotation id {aid}")
-        ann_ids.add(aid)
-        if ann.get("image_id") not in image_ids:
-            raise DataError(f"{path}: annotation {aid} refers to image id {ann.get('image_id')!r}, which is not in 'images'")
-        if ann.get("category_id") not in cat_ids:
-            raise DataError(
-                f"{path}: annotation {aid} has category id {ann.get('category_id')!r}, "
-                f"which is not in 'categories' {sorted(cat_ids)}"
-            )
-        bbox = ann.get("bbox")
-        if not (
-            isinstance(bbox, (list, tuple))
-            and len(bbox) == 4
-            and all(isinstance(v, (int, float)) and np.isfinite(v) for v in bbox)
-        ):
-            raise DataError(f"{path}: annotation {aid} has an invalid bbox {bbox!r}; expected [x, y, w, h]")
 
 
 def load_coco(path: str | os.PathLike) -> COCO:
     """Parse, validate and index a COCO JSON into a pycocotools ``COCO`` (without its prints).
 
-    Raises `DataError` for malformed JSON (file, line, column), duplicate ids, annotations
-    pointing at a missing image or an unknown category, and invalid bboxes.
+    Raises one `DataError` naming the file and listing every error `validate_coco` finds
+    (malformed JSON with line and column, invalid or duplicate ids, image entries without
+    a valid size, annotations pointing at a missing image or an unknown category, invalid
+    bboxes). Warns (`DataWarning`) when many boxes run past the image border. Missing
+    ``iscrowd`` / ``area`` / category ``name`` are filled in (0, the bbox area, the id), as the
+    evaluator needs them.
     """
     path = Path(path)
     data = read_coco_json(path)
-    _check_references(data, path)
+    checked = validate_coco(data)
+    errors = checked.problems.errors
+    if errors:
+        raise DataError(f"{path}: {' | '.join(errors)}")
+    xyxy = checked.problems.message("xyxy")
+    if xyxy is not None:
+        warnings.warn(f"{path}: {xyxy}", DataWarning, stacklevel=2)
+    data.setdefault("annotations", [])
+    for ann in data["annotations"]:
+        ann.setdefault("iscrowd", 0)
+        ann.setdefault("area", float(ann["bbox"][2]) * float(ann["bbox"][3]))
+    for cat in data["categories"]:
+        cat.setdefault("name", str(cat["id"]))
+    return _index(data)
+
+
+def _index(data: dict) -> COCO:
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):
@@ -243,45 +186,19 @@ def load_coco(path: str | os.PathLike) -> COCO:
     return coco
 
 
+def subset_coco(coco: COCO, image_ids: Collection[int]) -> COCO:
+    """A ``COCO`` with only the images ``image_ids`` and their annotations (e.g. the
+    ground truth without the images a data module skipped)."""
+    keep = set(image_ids)
+    data = dict(coco.dataset)
+    data["images"] = [img for img in data["images"] if img["id"] in keep]
+    data["annotations"] = [ann for ann in data.get("annotations", []) if ann["image_id"] in keep]
+    return _index(data)
+
+
 # --------------------------------------------------------------------------------------
 # Images
 # --------------------------------------------------------------------------------------
-
-
-# OpenCV >= 4.11 decodes straight to RGB (libjpeg-turbo writes RGB): no BGR -> RGB pass.
-_IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
-_IMREAD_REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
-
-
-def _imread_flags(reduce: int) -> int:
-    """OpenCV flags decoding to RGB when OpenCV can (>= 4.11), else BGR, at ``1/reduce`` size."""
-    if reduce not in (1, *_IMREAD_REDUCED):
-        raise ValueError(f"reduce must be 1, 2, 4 or 8, got {reduce}")
-    flags = cv2.IMREAD_COLOR if reduce == 1 else _IMREAD_REDUCED[reduce]
-    return (flags & ~cv2.IMREAD_COLOR) | _IMREAD_RGB if _IMREAD_RGB else flags
-
-
-def read_image(path: str | os.PathLike, image_id: int | None = None, reduce: int = 1) -> np.ndarray:
-    """Decode an image file to ``(H, W, 3)`` uint8 RGB (EXIF orientation applied, as OpenCV does).
-
-    ``reduce`` 2, 4 or 8 decodes it that many times smaller on each side (JPEG: scaled in
-    the DCT, ``ceil(H / reduce)`` rows; other formats: resized by OpenCV).
-
-    Raises `ImageError` naming the path (and the image id, when given) if the file is
-    missing or cannot be decoded.
-    """
-    what = f"image {path}" + (f" (image id {image_id})" if image_id is not None else "")
-    flags = _imread_flags(reduce)
-    try:
-        buffer = np.fromfile(path, dtype=np.uint8)
-    except FileNotFoundError:
-        raise ImageError(f"cannot read {what}: file not found") from None
-    except OSError as e:
-        raise ImageError(f"cannot read {what}: {e.strerror or e}") from None
-    image = cv2.imdecode(buffer, flags) if buffer.size else None
-    if image is None:
-        raise ImageError(f"cannot read {what}: not a decodable image (corrupt or unsupported format)")
-    return image if _IMREAD_RGB else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 def _decoded_from(image: np.ndarray, reduce: int, height: int, width: int) -> bool:
@@ -370,14 +287,12 @@ class CocoDetection(Dataset):
                 if ann.get("iscrowd", 0):
                     self.num_crowd += 1
                     continue
-                x, y, w, h = (float(v) for v in ann["bbox"])
-                x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
-                x2, y2 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
-                if x2 - x1 <= MIN_BOX_SIDE or y2 - y1 <= MIN_BOX_SIDE:
+                box = clip_box(ann["bbox"], width, height)
+                if box is None:
                     self.num_degenerate += 1
                     degenerate_ids.append(ann["id"])
                     continue
-                boxes.append((x1, y1, x2, y2))
+                boxes.append(box)
                 labels.append(self.label_map.to_label(ann["category_id"]))
             if filter_empty and not boxes:
                 continue
@@ -436,22 +351,6 @@ class CocoDetection(Dataset):
         return image, rec["boxes"] * np.array([w / width, h / height] * 2, dtype=np.float32)
 
 
-def jpeg_size(path: str | os.PathLike) -> tuple[int, int] | None:
-    """``(h, w)`` of a JPEG file as `read_image` decodes it (EXIF orientation applied), read
-    from its header alone; ``None`` for another format or an unreadable file."""
-    from PIL import Image, UnidentifiedImageError  # Pillow comes with torchvision
-
-    try:
-        with Image.open(path) as image:
-            if image.format != "JPEG":
-                return None
-            w, h = image.size
-            orientation = image.getexif().get(0x0112, 1)  # 5-8: turned by 90 degrees
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
-        return None  # the full decode names the problem
-    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
-
-
 class ImageFolderDataset(Dataset):
     """Unlabelled images of a folder (sorted by name), for prediction.
 
@@ -488,7 +387,8 @@ class ImageFolderDataset(Dataset):
 
     def _read(self, path: Path, index: int) -> tuple[np.ndarray, tuple[int, int]]:
         """The image, decoded as small as the transforms allow, and the full image's ``(h, w)``."""
-        size = jpeg_size(path) if leading_resize(self.transforms) is not None else None
+        header = read_header(path) if leading_resize(self.transforms) is not None else None
+        size = header.size if header is not None and header.format == "JPEG" else None
         reduce = decode_reduction(self.transforms, *size) if size is not None else 1
         image = read_image(path, index, reduce)
         if reduce == 1:

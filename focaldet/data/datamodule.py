@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import cv2
 import lightning as L
@@ -13,7 +14,9 @@ import torch
 from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, get_worker_info
 
-from focaldet.data.coco import CocoDetection, ImageFolderDataset, LabelMap, load_coco
+from focaldet.data.coco import CocoDetection, DataWarning, ImageFolderDataset, LabelMap, load_coco, subset_coco
+from focaldet.data.images import ImageError
+from focaldet.data.scan import scan_images
 from focaldet.data.transforms import build_transforms, collate_detection
 from focaldet.errors import ConfigError, DataError
 from focaldet.inputs import InputSettings
@@ -21,6 +24,8 @@ from focaldet.inputs import InputSettings
 __all__ = ["CocoDataModule"]
 
 _STAGE_ALIASES = {"train": "train", "fit": "train", "val": "val", "validate": "val", "test": "test"}
+_BAD_IMAGES = ("raise", "skip")
+MAX_LISTED = 100  # bad files named in one error or warning
 
 
 def disable_opencv_threads() -> None:
@@ -48,6 +53,12 @@ def _seed_worker(worker_id: int) -> None:
         transforms.set_random_seed(torch.initial_seed() % 2**32)
 
 
+def _listing(items: list[str]) -> str:
+    """``"a; b; c"``, at most `MAX_LISTED` of them, then how many more."""
+    more = f"; ... and {len(items) - MAX_LISTED} more (focaldet data check lists all)" if len(items) > MAX_LISTED else ""
+    return "; ".join(items[:MAX_LISTED]) + more
+
+
 class CocoDataModule(L.LightningDataModule):
     """COCO-format detection data.
 
@@ -70,6 +81,14 @@ class CocoDataModule(L.LightningDataModule):
         filter_empty: drop training images without boxes.
         label_map: ``LabelMap.to_dict()`` output, for predict-only use when no annotation
             file is given (e.g. taken from a checkpoint).
+        bad_images: what `setup` does with images that are missing, undecodable or of
+            another size than their JSON entry says: ``"raise"`` an `ImageError` listing all
+            of them, or ``"skip"`` them (and their annotations; the evaluation leaves them
+            out too) with one `DataWarning` naming each.
+
+    `setup` decodes every image of the splits it builds once (`focaldet.data.scan`, in
+    threads, cached per folder), so that no epoch dies on a bad file; truncated JPEGs are
+    read (their lost rows gray) with a warning naming them.
 
     The label map is read at construction from the first annotation file given (train,
     else val, else test), so ``num_classes`` is known before the model is built.
@@ -96,8 +115,12 @@ class CocoDataModule(L.LightningDataModule):
         size_divisibility: int = InputSettings.size_divisibility,
         filter_empty: bool = False,
         label_map: dict | None = None,
+        bad_images: Literal["raise", "skip"] = "raise",
     ) -> None:
         super().__init__()
+        if bad_images not in _BAD_IMAGES:
+            raise ConfigError(f"data.bad_images must be one of {list(_BAD_IMAGES)}, got {bad_images!r}")
+        self.bad_images = bad_images
         self.paths = {
             "train": (train_ann, train_images),
             "val": (val_ann, val_images),
@@ -120,6 +143,7 @@ class CocoDataModule(L.LightningDataModule):
         self.filter_empty = filter_empty
 
         self._cocos: dict[Path, COCO] = {}
+        self._gt: dict[str, COCO] = {}  # a split's ground truth without its skipped images
         self.datasets: dict[str, CocoDetection | ImageFolderDataset] = {}
         self._label_map = LabelMap.from_dict(label_map) if label_map is not None else None
         first = next((split for split in ("train", "val", "test") if self.paths[split][0] is not None), None)
@@ -167,7 +191,7 @@ class CocoDataModule(L.LightningDataModule):
         split = _STAGE_ALIASES.get(stage)
         if split is None:
             raise ValueError(f"unknown stage {stage!r}; expected one of {sorted(_STAGE_ALIASES)}")
-        return self._coco(split)
+        return self._gt.get(split) or self._coco(split)
 
     # ----------------------------------------------------------------------------------
     # Datasets and loaders
@@ -202,9 +226,55 @@ class CocoDataModule(L.LightningDataModule):
                 continue
             if split == "predict":
                 if self.predict_images is not None:
-                    self.datasets[split] = ImageFolderDataset(self.predict_images, self._transforms(train=False))
+                    dataset = ImageFolderDataset(self.predict_images, self._transforms(train=False))
+                    self._check_images(split, dataset)
+                    self.datasets[split] = dataset
             elif self.paths[split][0] is not None:
-                self.datasets[split] = self._coco_dataset(split)
+                dataset = self._coco_dataset(split)
+                self._check_images(split, dataset)
+                self.datasets[split] = dataset
+
+    def _check_images(self, split: str, dataset: CocoDetection | ImageFolderDataset) -> None:
+        """Decode every image of ``dataset`` once; raise for (or drop) the bad ones."""
+        if isinstance(dataset, ImageFolderDataset):
+            folder, source = dataset.image_dir, "predict_images"
+            entries = [(name, f"{name}", None, None) for name in dataset.files]
+        else:
+            folder, source = dataset.image_dir, str(dataset.ann_file)
+            entries = [(r["file_name"], f"{r['file_name']} (image id {r['image_id']})", r["height"], r["width"])
+                       for r in dataset.records]
+        scans = scan_images(folder, [name for name, *_ in entries], desc=f"checking {split} images")
+        bad, truncated = [], []
+        for name, where, height, width in entries:
+            problem = scans[name].problem(height, width)
+            if problem is not None:
+                bad.append((name, f"{where}: {problem}"))
+            elif scans[name].truncated:
+                truncated.append(where)
+        if truncated:
+            warnings.warn(f"{_listing(truncated)} {'is a' if len(truncated) == 1 else 'are'} truncated "
+                          f"JPEG{'s' * (len(truncated) > 1)} in {folder}, read with the lost rows gray",
+                          DataWarning, stacklevel=2)
+        if not bad:
+            return
+        what = f"{len(bad)} bad image{'s' * (len(bad) > 1)} in {folder} (for {source})"
+        if self.bad_images == "raise":
+            raise ImageError(f"{what}: {_listing([w for _, w in bad])} (data.bad_images: skip drops them)")
+        names = {name for name, _ in bad}
+        if isinstance(dataset, ImageFolderDataset):
+            dataset.files = [f for f in dataset.files if f not in names]
+            dropped = ""
+        else:
+            kept = [r for r in dataset.records if r["file_name"] not in names]
+            boxes = sum(len(r["boxes"]) for r in dataset.records) - sum(len(r["boxes"]) for r in kept)
+            dataset.records = kept
+            if split != "train":
+                self._gt[split] = subset_coco(self._coco(split), [r["image_id"] for r in kept])
+            dropped = f" and their {boxes} box{'es' * (boxes != 1)}"
+        if not len(dataset):
+            raise ImageError(f"{what}: {_listing([w for _, w in bad])}; no image is left")
+        warnings.warn(f"skipping {what}{dropped} (data.bad_images: skip): {_listing([w for _, w in bad])}",
+                      DataWarning, stacklevel=2)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:

@@ -2,13 +2,15 @@
 
 `check_dataset` returns a `Report` with counts, box-size statistics, class imbalance, the
 anchor coverage at the training resolution and a list of problems, each naming the
-offending image or annotation ids. ``focaldet data check`` prints it and exits non-zero
-when any problem is an error (training would fail or be wrong).
+offending image or annotation ids. The annotation rules are those of the loader
+(`focaldet.data.validate`); with an image folder every image is decoded
+(`focaldet.data.scan`, cached) and undecodable, truncated, EXIF-turned and converted files
+are reported. ``focaldet data check`` prints it and exits non-zero when any problem is an
+error (training would fail or be wrong).
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
@@ -19,8 +21,10 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-from focaldet.data.coco import MIN_BOX_SIDE, read_coco_json
+from focaldet.data.coco import read_coco_json
+from focaldet.data.scan import format_mismatch, scan_images
 from focaldet.data.transforms import shortest_edge_scale
+from focaldet.data.validate import MIN_BOX_SIDE, CocoValidation, Problems, validate_coco
 from focaldet.errors import DataError
 from focaldet.inputs import InputSettings
 
@@ -30,29 +34,6 @@ __all__ = ["Report", "best_anchor_iou", "check_dataset"]
 SMALL_AREA, LARGE_AREA = 32**2, 96**2
 COVERAGE_IOU = 0.5
 LOW_COVERAGE = 0.8  # warn for categories whose anchor coverage is below this
-MAX_EXAMPLES = 10  # ids quoted per problem
-
-# EXIF orientations that transpose the image (decoders apply them, headers do not).
-_TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
-
-# kind -> (severity, description); problems are grouped per kind, errors first.
-_KINDS = {
-    "image_fields": ("error", "image entries without id/file_name/width/height or with a non-positive size"),
-    "dup_image": ("error", "duplicate image ids"),
-    "dup_category": ("error", "duplicate category ids"),
-    "dup_annotation": ("error", "duplicate annotation ids"),
-    "unknown_image": ("error", "annotations referring to an image id that is not in 'images'"),
-    "unknown_category": ("error", "annotations with a category id that is not in 'categories'"),
-    "bad_bbox": ("error", "annotations without a valid bbox [x, y, w, h]"),
-    "missing_file": ("error", "missing image files"),
-    "unreadable": ("error", "unreadable image files"),
-    "size_mismatch": ("error", "images whose size differs from their JSON width/height"),
-    "dup_file": ("warning", "image entries sharing a file_name"),
-    "nonpositive": ("warning", "boxes with zero or negative width/height, not trained on"),
-    "degenerate": ("warning", f"boxes <= {MIN_BOX_SIDE:g} px wide or high after clipping, not trained on"),
-    "outside": ("warning", "boxes extending outside their image, clipped for training"),
-    "empty_category": ("warning", "categories without boxes"),
-}
 
 
 @dataclass
@@ -85,6 +66,11 @@ class Report:
     @property
     def warnings(self) -> list[str]:
         return [m for s, m in self.problems if s == "warning"]
+
+    @property
+    def infos(self) -> list[str]:
+        """What is worth knowing but needs no action (EXIF orientations, colour conversions)."""
+        return [m for s, m in self.problems if s == "info"]
 
     @property
     def ok(self) -> bool:
@@ -137,28 +123,6 @@ class Report:
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
-
-
-class _Problems:
-    """Collects offending ids per problem kind and renders one message per kind."""
-
-    def __init__(self) -> None:
-        self.examples: dict[str, list[str]] = defaultdict(list)
-        self.counts: Counter = Counter()
-
-    def add(self, kind: str, example: str) -> None:
-        self.counts[kind] += 1
-        if len(self.examples[kind]) < MAX_EXAMPLES:
-            self.examples[kind].append(example)
-
-    def render(self) -> list[tuple[str, str]]:
-        out = []
-        for kind, (severity, description) in _KINDS.items():
-            n = self.counts[kind]
-            if n:
-                more = f", ... ({n - MAX_EXAMPLES} more)" if n > MAX_EXAMPLES else ""
-                out.append((severity, f"{description} ({n}): {', '.join(self.examples[kind])}{more}"))
-        return out
 
 
 # --------------------------------------------------------------------------------------
@@ -218,28 +182,6 @@ def best_anchor_iou(
 # --------------------------------------------------------------------------------------
 
 
-def _image_header_size(path: Path) -> tuple[int, int]:
-    """``(width, height)`` as decoders return it, from the file header when PIL is available."""
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover - PIL ships with torchvision/matplotlib
-        import cv2
-
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if image is None:
-            raise OSError("not a decodable image")
-        return image.shape[1], image.shape[0]
-    with Image.open(path) as im:
-        width, height = im.size
-        if im.getexif().get(0x0112) in _TRANSPOSING_ORIENTATIONS:
-            width, height = height, width
-    return width, height
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def check_dataset(
     ann_file: str | os.PathLike,
     image_dir: str | os.PathLike | None = None,
@@ -247,6 +189,9 @@ def check_dataset(
     max_size: int = InputSettings.max_size,
     size_divisibility: int = InputSettings.size_divisibility,
     anchor_generator: Any | None = None,
+    workers: int | None = None,
+    progress: bool | None = False,
+    cache: bool = True,
 ) -> Report:
     """Validate a COCO instances JSON (and its image files when ``image_dir`` is given).
 
@@ -254,6 +199,10 @@ def check_dataset(
     shorter-side-``min_size`` / longer-side-``max_size`` resize, the image padded to
     ``size_divisibility``, and the box counts as covered when its best anchor
     (``anchor_generator``, default `AnchorGenerator()`) has IoU >= 0.5.
+
+    Image files are decoded in ``workers`` threads with a progress bar when ``progress``
+    (``None``: when stderr is a terminal); ``cache`` reuses and stores the scan results
+    (see `focaldet.data.scan`).
     """
     report = Report(str(ann_file), None if image_dir is None else str(image_dir), min_size, max_size)
     try:
@@ -261,94 +210,19 @@ def check_dataset(
     except DataError as e:
         report.problems.append(("error", str(e)))
         return report
-    problems = _Problems()
-
-    # Images.
-    images: dict[Any, dict] = {}
-    file_names: dict[str, Any] = {}
-    for i, img in enumerate(data["images"]):
-        fields_ok = isinstance(img, dict) and all(k in img for k in ("id", "file_name", "width", "height"))
-        if not fields_ok or not (_is_number(img["width"]) and _is_number(img["height"])) or min(img["width"], img["height"]) <= 0:
-            problems.add("image_fields", f"images[{i}]" + (f" (id {img.get('id')})" if isinstance(img, dict) else ""))
-            continue
-        if img["id"] in images:
-            problems.add("dup_image", f"image {img['id']}")
-            continue
-        images[img["id"]] = img
-        if img["file_name"] in file_names:
-            problems.add("dup_file", f"images {file_names[img['file_name']]} and {img['id']} ({img['file_name']})")
-        file_names.setdefault(img["file_name"], img["id"])
+    checked = validate_coco(data)
+    problems = checked.problems
+    images = checked.images
+    categories = checked.categories
     report.num_images = len(images)
+    report.num_boxes = checked.num_boxes
+    report.num_crowd = checked.num_crowd
+    trainable = {image_id: [(box, cid) for _, cid, box in items] for image_id, items in checked.boxes.items()}
 
-    # Categories.
-    categories: dict[Any, str] = {}
-    for i, cat in enumerate(data["categories"]):
-        cid = cat.get("id") if isinstance(cat, dict) else None
-        if cid in categories:
-            problems.add("dup_category", f"category {cid}")
-        elif cid is not None:
-            categories[cid] = str(cat.get("name", cid))
-
-    # Annotations.
-    ann_ids: set = set()
-    trainable: dict[Any, list[tuple[list[float], Any]]] = defaultdict(list)  # image id -> [(xyxy, cat)]
-    for i, ann in enumerate(data["annotations"]):
-        if not isinstance(ann, dict):
-            problems.add("bad_bbox", f"annotations[{i}]")
-            continue
-        aid = ann.get("id", f"annotations[{i}]")
-        if aid in ann_ids:
-            problems.add("dup_annotation", f"annotation {aid}")
-        ann_ids.add(aid)
-        bbox = ann.get("bbox")
-        if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-            problems.add("bad_bbox", f"annotation {aid}")
-            continue
-        report.num_boxes += 1
-        img = images.get(ann.get("image_id"))
-        if img is None:
-            problems.add("unknown_image", f"annotation {aid} (image id {ann.get('image_id')!r})")
-            continue
-        if ann.get("category_id") not in categories:
-            problems.add("unknown_category", f"annotation {aid} (category id {ann.get('category_id')!r})")
-            continue
-        if ann.get("iscrowd", 0):
-            report.num_crowd += 1
-            continue
-        where = f"annotation {aid} (image {img['id']})"
-        x, y, w, h = (float(v) for v in bbox)
-        if w <= 0 or h <= 0:
-            problems.add("nonpositive", where)
-            continue
-        width, height = img["width"], img["height"]
-        x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + w, width), min(y + h, height)
-        if x2 - x1 <= MIN_BOX_SIDE or y2 - y1 <= MIN_BOX_SIDE:
-            problems.add("degenerate", where)
-            continue
-        if x < 0 or y < 0 or x + w > width or y + h > height:
-            problems.add("outside", where)
-        trainable[img["id"]].append(([x1, y1, x2, y2], ann["category_id"]))
-
-    # Image files.
     if image_dir is not None and not Path(image_dir).is_dir():
         report.problems.append(("error", f"image folder {image_dir} does not exist"))
     elif image_dir is not None:
-        for image_id, img in images.items():
-            path = Path(image_dir) / str(img["file_name"])
-            if not path.is_file():
-                problems.add("missing_file", f"image {image_id} ({path})")
-                continue
-            try:
-                size = _image_header_size(path)
-            except Exception as e:  # noqa: BLE001 - any decoder failure means unreadable
-                problems.add("unreadable", f"image {image_id} ({path}: {e})")
-                continue
-            if size != (img["width"], img["height"]):
-                problems.add(
-                    "size_mismatch",
-                    f"image {image_id} ({img['file_name']}: {size[0]}x{size[1]} on disk, "
-                    f"{img['width']}x{img['height']} in JSON)",
-                )
+        _check_image_files(checked, Path(image_dir), workers, progress, cache)
 
     # Statistics over trainable boxes.
     cat_boxes: Counter = Counter()
@@ -417,9 +291,41 @@ def check_dataset(
                 )
             )
 
-    if not data["images"]:
+    if not images and not problems.count("error"):
         report.problems.append(("warning", "the dataset has no images"))
     elif report.num_trainable == 0:
         report.problems.append(("warning", "no box can be trained on"))
-    report.problems = sorted(problems.render() + report.problems, key=lambda p: p[0] != "error")
+    order = {"error": 0, "warning": 1, "info": 2}
+    report.problems = sorted(problems.render() + report.problems, key=lambda p: order[p[0]])
     return report
+
+
+def _check_image_files(
+    checked: CocoValidation, image_dir: Path, workers: int | None, progress: bool | None, cache: bool
+) -> None:
+    """Decode every image of ``checked`` and add what is wrong with the files to its problems."""
+    problems: Problems = checked.problems
+    names = {image_id: str(img["file_name"]) for image_id, img in checked.images.items()}
+    scans = scan_images(image_dir, names.values(), workers=workers, progress=progress, cache=cache)
+    for image_id, img in checked.images.items():
+        name = names[image_id]
+        scan = scans[name]
+        where = f"image {image_id} ({name})"
+        if scan.status == "missing":
+            problems.add("missing_file", f"image {image_id} ({image_dir / name})")
+            continue
+        if not scan.ok:
+            problems.add("unreadable", f"{where}: {scan.error}")
+            continue
+        mismatch = scan.problem(img["height"], img["width"])
+        if mismatch is not None:
+            problems.add("size_mismatch", f"{where}: {mismatch}")
+        if scan.truncated:
+            problems.add("truncated", where)
+        if scan.orientation != 1:
+            problems.add("exif", f"{where}: orientation {scan.orientation}")
+        if scan.conversion is not None:
+            problems.add("conversion", f"{where}: {scan.conversion}")
+        real = format_mismatch(name, scan)
+        if real is not None:
+            problems.add("format", f"{where}: {real}")

@@ -1,0 +1,249 @@
+"""Scanning image files before they are used: every image decoded once, in parallel, cached.
+
+`scan_images` decodes every file of a dataset with the decoder training uses
+(`focaldet.data.images.decode_image`, in a thread pool: OpenCV releases the GIL) and
+returns an `ImageScan` per file: decodable or not, its decoded size, whether it is a
+truncated JPEG, its EXIF orientation and the conversion to 8-bit RGB it needs. The data
+doctor reports them; the data module refuses (or skips, ``bad_images: skip``) bad files
+when it is set up, so that no run dies on an image halfway through an epoch.
+
+Results are cached per image folder in ``$FOCALDET_CACHE`` (default
+``$XDG_CACHE_HOME/focaldet`` or ``~/.cache/focaldet``), never next to the data, which may
+be read-only. An entry is reused only while the file's size and modification time (ns)
+are unchanged and the cache was written by the same scan version and OpenCV; anything
+else -- a changed file, a stale, corrupt or unwritable cache -- just means a rescan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+
+from focaldet.data.images import decode_image, is_truncated_jpeg, read_header
+
+__all__ = ["ImageScan", "cache_dir", "format_mismatch", "scan_image", "scan_images"]
+
+SCAN_VERSION = 1
+
+# PIL mode -> what reading it as 8-bit RGB does (modes not listed need no conversion).
+_CONVERSIONS = {
+    "1": "1-bit -> RGB",
+    "L": "grayscale -> RGB",
+    "LA": "grayscale+alpha -> RGB (alpha dropped)",
+    "P": "palette -> RGB",
+    "PA": "palette+alpha -> RGB (alpha dropped)",
+    "RGBA": "RGBA -> RGB (alpha dropped)",
+    "CMYK": "CMYK -> RGB",
+    "I": "32-bit -> 8-bit RGB",
+    "I;16": "16-bit -> 8-bit RGB",
+    "I;16B": "16-bit -> 8-bit RGB",
+    "I;16L": "16-bit -> 8-bit RGB",
+    "F": "float -> 8-bit RGB",
+}
+_EXTENSION_FORMATS = {
+    ".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP",
+}
+
+
+@dataclass(frozen=True)
+class ImageScan:
+    """One file as `scan_image` found it.
+
+    ``status`` is ``"ok"``, ``"missing"`` or ``"undecodable"``; ``size`` the decoded
+    ``(h, w)`` (EXIF orientation applied); ``stored_size`` the ``(h, w)`` before the
+    orientation; ``conversion`` e.g. ``"CMYK -> RGB"``; ``format`` what the header says.
+    """
+
+    status: str
+    size: tuple[int, int] | None = None
+    stored_size: tuple[int, int] | None = None
+    truncated: bool = False
+    orientation: int = 1
+    conversion: str | None = None
+    format: str | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def problem(self, height: int | None = None, width: int | None = None) -> str | None:
+        """Why the file cannot be used as an image of ``height x width`` (the JSON size),
+        in a few words; ``None`` when it can."""
+        if not self.ok:
+            return self.error
+        if height is not None and self.size != (int(height), int(width)):
+            h, w = self.size
+            text = f"{w}x{h} (w x h) on disk but {int(width)}x{int(height)} in the JSON"
+            if self.orientation != 1 and self.stored_size == (int(height), int(width)):
+                text += f" (EXIF orientation {self.orientation} turns it; the JSON has the unturned size)"
+            return text
+        return None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ImageScan:
+        d = dict(d)
+        for key in ("size", "stored_size"):
+            d[key] = tuple(d[key]) if d.get(key) is not None else None
+        return cls(**d)
+
+
+def scan_image(path: str | os.PathLike) -> ImageScan:
+    """Decode one file as training will (full size) and read its header."""
+    import numpy as np
+
+    try:
+        buffer = np.fromfile(path, dtype=np.uint8)
+    except FileNotFoundError:
+        return ImageScan("missing", error="file not found")
+    except OSError as e:
+        return ImageScan("undecodable", error=f"cannot read: {e.strerror or e}")
+    if buffer.size == 0:
+        return ImageScan("undecodable", error="empty file (0 bytes)")
+    header = read_header(buffer)
+    image = decode_image(buffer)
+    if image is None:
+        what = f"{header.format} " if header is not None else ""
+        return ImageScan("undecodable", format=header.format if header else None,
+                         error=f"not a decodable {what}image (corrupt or unsupported format)")
+    size = (int(image.shape[0]), int(image.shape[1]))
+    return ImageScan(
+        "ok",
+        size=size,
+        stored_size=header.stored_size if header is not None else size,
+        truncated=is_truncated_jpeg(buffer),
+        orientation=header.orientation if header is not None else 1,
+        conversion=_CONVERSIONS.get(header.mode) if header is not None else None,
+        format=header.format if header is not None else None,
+    )
+
+
+def format_mismatch(file_name: str, scan: ImageScan) -> str | None:
+    """The real format of a file whose extension says another one (``"PNG"``), else ``None``."""
+    expected = _EXTENSION_FORMATS.get(Path(file_name).suffix.lower())
+    if scan.format is None or expected is None or scan.format == expected:
+        return None
+    return None if (expected, scan.format) == ("JPEG", "MPO") else scan.format  # MPO: multi-picture JPEG
+
+
+# --------------------------------------------------------------------------------------
+# Cache
+# --------------------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """``$FOCALDET_CACHE``, else ``$XDG_CACHE_HOME/focaldet``, else ``~/.cache/focaldet``."""
+    if os.environ.get("FOCALDET_CACHE"):
+        return Path(os.environ["FOCALDET_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "focaldet"
+
+
+def _cache_file(root: Path) -> Path:
+    digest = hashlib.sha1(str(root).encode()).hexdigest()[:16]
+    return cache_dir() / "image-scan" / f"{root.name or 'root'}-{digest}.json"
+
+
+def _cache_tag() -> str:
+    return f"{SCAN_VERSION}/{cv2.__version__}"
+
+
+def _load_cache(root: Path) -> dict[str, list]:
+    try:
+        saved = json.loads(_cache_file(root).read_text())
+        if saved.get("tag") == _cache_tag() and saved.get("root") == str(root) and isinstance(saved["files"], dict):
+            return saved["files"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # no cache, or one we cannot use: rescan
+    return {}
+
+
+def _save_cache(root: Path, files: dict[str, list]) -> None:
+    """Write atomically (temporary file, then rename); a cache that cannot be written is skipped."""
+    path = _cache_file(root)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"tag": _cache_tag(), "root": str(root), "files": files}, f)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError:
+        pass
+
+
+# --------------------------------------------------------------------------------------
+# Scanning a folder
+# --------------------------------------------------------------------------------------
+
+
+def _default_workers() -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, 16))
+
+
+def scan_images(
+    root: str | os.PathLike,
+    file_names: Iterable[str],
+    workers: int | None = None,
+    progress: bool | None = None,
+    cache: bool = True,
+    desc: str = "scanning images",
+) -> dict[str, ImageScan]:
+    """`ImageScan` of each ``root / file_name`` (the names as given), decoding in ``workers``
+    threads (default: the usable CPUs, at most 16) the files the cache does not know.
+
+    ``progress``: a tqdm bar on stderr; ``None`` shows it when stderr is a terminal.
+    """
+    root = Path(root).resolve()
+    names = list(dict.fromkeys(str(n) for n in file_names))
+    saved = _load_cache(root) if cache else {}
+    stats: dict[str, tuple[int, int]] = {}
+    results: dict[str, ImageScan] = {}
+    todo: list[str] = []
+    for name in names:
+        try:
+            st = os.stat(root / name)
+        except FileNotFoundError:
+            results[name] = ImageScan("missing", error="file not found")
+            continue
+        except OSError as e:
+            results[name] = ImageScan("undecodable", error=f"cannot read: {e.strerror or e}")
+            continue
+        stats[name] = (st.st_size, st.st_mtime_ns)
+        entry = saved.get(name)
+        if isinstance(entry, list) and len(entry) == 3 and tuple(entry[:2]) == stats[name]:
+            try:
+                results[name] = ImageScan.from_dict(entry[2])
+                continue
+            except (TypeError, ValueError, AttributeError):
+                pass
+        todo.append(name)
+    if todo:
+        from tqdm.auto import tqdm
+
+        with ThreadPoolExecutor(max_workers=workers or _default_workers()) as pool:
+            scans = pool.map(lambda n: scan_image(root / n), todo)
+            bar = tqdm(scans, total=len(todo), desc=desc, unit="img", disable=None if progress is None else not progress,
+                       leave=False)
+            for name, scan in zip(todo, bar):
+                results[name] = scan
+        if cache:
+            files = {n: e for n, e in saved.items() if isinstance(e, list)}
+            files.update({n: [*stats[n], asdict(results[n])] for n in todo})
+            _save_cache(root, files)
+    return {name: results[name] for name in names}
