@@ -3,7 +3,7 @@
 ``focaldet fit|validate|test|predict -c CONFIG.yaml [--key value ...]`` is Lightning's
 ``LightningCLI`` over ``RetinaNetModule`` and ``CocoDataModule``; ``focaldet data ...`` are
 the dataset tools, ``focaldet bench`` the side-by-side benchmark and
-``focaldet equal-budget`` the side-by-side training run.
+``focaldet equal-budget`` the side-by-side training run and ``focaldet serve`` the model server.
 """
 
 from __future__ import annotations
@@ -138,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         from focaldet.bench import main as bench_main
 
         return bench_main(args[1:])
+    if args and args[0] == "serve":
+        from focaldet.serve import main as serve_main
+
+        return serve_main(args[1:])
     if args and args[0] == "equal-budget":
         from focaldet.equal_budget import main as equal_budget_main
 
