@@ -8,7 +8,7 @@ import torch
 import torchvision
 import yaml
 
-from focaldet.cli import main
+from focaldet.cli import main, run
 from focaldet.errors import FocaldetError, WeightsError
 from focaldet.modeling import ResNetBackbone, RetinaNet, prior_bias
 from focaldet.modeling.weights import init_weights, load_matching, read_source
@@ -147,11 +147,14 @@ def test_finetune_from_torchvision_file_keeps_frozen_backbone_exact(tmp_path, sy
         assert torch.equal(v, state[f"backbone.body.{k}"]), k
 
 
-def test_init_weights_errors_reach_the_cli_as_focaldet_errors(tmp_path, synth_coco):
+def test_init_weights_errors_reach_the_cli_as_one_line(tmp_path, synth_coco, capsys):
     (tmp_path / "junk.pth").write_bytes(b"\x00" * 100)
     cfg = tiny_config(tmp_path, synth_coco, **{"model.init_weights": str(tmp_path / "junk.pth")})
     with pytest.raises(FocaldetError, match="junk.pth: not a readable PyTorch file"):
-        main(["fit", "-c", str(cfg)])
+        run(["fit", "-c", str(cfg)])
+    assert main(["fit", "-c", str(cfg)]) != 0
+    err = capsys.readouterr().err
+    assert "junk.pth: not a readable PyTorch file" in err and "Traceback" not in err
 
 
 def test_finetune_config_is_a_finetuning_recipe():
