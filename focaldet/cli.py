@@ -2,8 +2,8 @@
 
 ``focaldet fit|validate|test|predict -c CONFIG.yaml [--key value ...]`` is Lightning's
 ``LightningCLI`` over ``RetinaNetModule`` and ``CocoDataModule``; ``focaldet data ...`` are
-the dataset tools, ``focaldet bench`` the side-by-side benchmark, ``focaldet export`` the ONNX / torch.export files and
-``focaldet equal-budget`` the side-by-side training run.
+the dataset tools, ``focaldet bench`` the side-by-side benchmark, ``focaldet export`` the ONNX / torch.export files,
+``focaldet equal-budget`` the side-by-side training run and ``focaldet serve`` the model server.
 """
 
 from __future__ import annotations
@@ -160,6 +160,10 @@ def run(argv: list[str] | None = None) -> int:
         from focaldet.bench import main as bench_main
 
         return bench_main(args[1:])
+    if args and args[0] == "serve":
+        from focaldet.serve import main as serve_main
+
+        return serve_main(args[1:])
     if args and args[0] == "export":
         from focaldet.export.cli import main as export_main
 

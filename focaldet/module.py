@@ -22,6 +22,8 @@ from focaldet.evaluation import detections_to_coco, evaluate_distributed
 from focaldet.inputs import InputSettings
 from focaldet.losses import RetinaNetCriterion
 from focaldet.modeling import AnchorGenerator, Matcher, PostProcess, RetinaNet
+from focaldet.modeling.weights import init_weights as load_init_weights
+from focaldet.modeling.weights import print_report
 from focaldet.recipe import describe
 from focaldet.structures.boxes import rescale_boxes
 
@@ -41,6 +43,11 @@ class RetinaNetModule(L.LightningModule):
         box_loss: any box loss of ``focaldet.losses`` (default ``SmoothL1Loss``).
         fpn_channels, p6_from, num_convs, head_norm, prior_prob: see ``RetinaNet``.
         normalizer_momentum: EMA of the positive count (detectron2: 0.9); None = per batch.
+        init_weights: start from pretrained weights (``focaldet.modeling.weights``): a focaldet
+            checkpoint of any class count, a torchvision RetinaNet state dict file (v1; v2
+            with ``head_norm: gn``), a torchvision ResNet file, or a torchvision weights name
+            (``RetinaNet_ResNet50_FPN_Weights.COCO_V1``, downloaded). Every tensor whose name
+            and shape match is copied and a load report printed; see configs/finetune_r50_coco.yaml.
     Optimisation:
         base_lr: learning rate for ``base_batch_size`` images; scaled linearly with the
             global batch (``batch_size`` x devices x nodes x gradient accumulation).
@@ -100,6 +107,7 @@ class RetinaNetModule(L.LightningModule):
         draw_score_threshold: float = 0.3,
         channels_last: bool = True,
         flush_denormal: bool = True,
+        init_weights: str | None = None,
     ):
         super().__init__()
         if optimizer not in ("sgd", "adamw"):
@@ -125,6 +133,10 @@ class RetinaNetModule(L.LightningModule):
         self.criterion = RetinaNetCriterion(cls_loss, box_loss, matcher, self.model.box_coder,
                                             normalizer_momentum=normalizer_momentum)
         self._init_run_state()
+        self.init_weights_source = init_weights  # kept in checkpoint["focaldet"], for the record
+        self.hparams["init_weights"] = None  # the checkpoint's own weights replace them
+        if init_weights is not None:
+            print_report(load_init_weights(self.model, init_weights))
 
     def _init_run_state(self, run_config: str | None = None) -> None:
         """The evaluation state and stored config of a fresh module (also for subclasses that
@@ -295,7 +307,8 @@ class RetinaNetModule(L.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["focaldet"] = {"format": CHECKPOINT_FORMAT, "label_map": self.label_map,
-                                  "inputs": self.inputs.to_dict(), "config": self.run_config}
+                                  "inputs": self.inputs.to_dict(), "config": self.run_config,
+                                  "init_weights": self.init_weights_source}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resuming or evaluating: the checkpoint's classes must be this data's."""

@@ -31,6 +31,8 @@ def test_config_instantiates(config, synth_coco, tmp_path):
             "--trainer.devices", "1", "--trainer.strategy", "auto", "--trainer.default_root_dir", str(tmp_path)]
     if "coco" in config.stem:
         args += ["--model.backbone.init_args.weights", "null"]  # never download in tests
+    if "finetune" in config.stem:
+        args += ["--model.init_weights", "null"]
     cli = _instantiate(args)
     assert cli.model.hparams.num_classes == 4
     assert cli.model.model.num_classes == 4

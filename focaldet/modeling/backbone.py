@@ -12,6 +12,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torchvision import ops
 
 from focaldet.errors import ConfigError
+from focaldet.modeling.weights import load_matching, print_report, read_source
 
 RESNET_OUT_CHANNELS = {18: (128, 256, 512), 34: (128, 256, 512), 50: (512, 1024, 2048), 101: (512, 1024, 2048)}
 NORMS = ("frozen_bn", "bn", "gn")
@@ -83,8 +84,12 @@ class ResNetBackbone(nn.Module):
         freeze_at: freeze the stem (1) and also stage 1 (2, the default as detectron2) ...
             up to 5 (everything); 0 trains everything.
         weights: ``None`` (random init), a path to a ``state_dict`` file of a torchvision
-            ResNet (loaded with ``weights_only=True``), or a torchvision weights enum name
-            such as ``"ResNet50_Weights.IMAGENET1K_V1"`` (downloaded by torchvision: online only).
+            ResNet (loaded with ``weights_only=True``; the prefixes of
+            ``focaldet.modeling.weights`` are handled, so a detection checkpoint's backbone
+            loads too), or a torchvision weights enum name such as
+            ``"ResNet50_Weights.IMAGENET1K_V1"`` (downloaded by torchvision: online only).
+            Tensors are copied by name and shape (`load_matching`); the report names what
+            did not load, and fewer than half of the tensors matching is an error.
     """
 
     def __init__(self, depth: int = 50, norm: str = "frozen_bn", freeze_at: int = 2, weights: str | None = None):
@@ -95,12 +100,13 @@ class ResNetBackbone(nn.Module):
             raise ConfigError(f"freeze_at must be in 0..5, got {freeze_at}")
         self.depth, self.norm, self.freeze_at, self.weights = depth, norm, freeze_at, weights  # the recipe
         net = getattr(torchvision.models, f"resnet{depth}")(weights=None, norm_layer=_norm_layer(norm))
-        if weights is not None:
-            net.load_state_dict(_load_resnet_weights(weights, depth), strict=False)
         # Same attribute names as torchvision's ResNet, so its state dicts load as they are.
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         self.out_channels = RESNET_OUT_CHANNELS[depth]
+        if weights is not None:  # every name- and shape-matched tensor; the rest reported, never ignored
+            report = load_matching(self, _load_resnet_weights(weights, depth), str(weights), backbone_prefix="")
+            print_report(report, "backbone weights")
         stages = [[self.conv1, self.bn1], self.layer1, self.layer2, self.layer3, self.layer4]
         for stage in stages[:freeze_at]:
             for module in stage:
@@ -118,18 +124,13 @@ class ResNetBackbone(nn.Module):
 
 
 def _load_resnet_weights(weights: str, depth: int) -> dict[str, Tensor]:
-    """A torchvision ResNet state dict from a file path or a weights enum name."""
+    """A ResNet state dict (focaldet names) from a file path or a weights enum name."""
     path = Path(weights).expanduser()
     if path.suffix in (".pth", ".pt", ".bin", ".ckpt") or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"backbone weights file not found: {path}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-        return {k: v for k, v in state.items() if not k.startswith("fc.")}
+        return read_source(path)
     try:  # e.g. "ResNet50_Weights.IMAGENET1K_V1" or "IMAGENET1K_V1"
         enum = torchvision.models.get_model_weights(f"resnet{depth}")
         member = enum[weights.split(".")[-1]]
     except (KeyError, ValueError) as e:
         raise ConfigError(f"backbone weights {weights!r} is neither a file nor a torchvision weights name") from e
-    state = member.get_state_dict(progress=True)
-    return {k: v for k, v in state.items() if not k.startswith("fc.")}
+    return dict(member.get_state_dict(progress=True))

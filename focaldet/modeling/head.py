@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 from focaldet.errors import ConfigError
@@ -51,19 +52,27 @@ class RetinaNetHead(nn.Module):
         self.box_tower = _tower(in_channels, num_convs, norm)
         self.cls_logits = nn.Conv2d(in_channels, num_anchors * num_logits, 3, padding=1)
         self.bbox_pred = nn.Conv2d(in_channels, num_anchors * 4, 3, padding=1)
+        self.prior_prob, self.background_logit = prior_prob, background_logit
         for m in self.modules():
             if isinstance(m, nn.Conv2d):  # paper: gaussian sigma = 0.01, bias 0
                 nn.init.normal_(m.weight, std=0.01)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        bias = self.cls_logits.bias.view(num_anchors, num_logits)  # (A*C,) -> (A, C)
-        if background_logit:
+        self.reset_cls_logits()
+
+    @torch.no_grad()
+    def reset_cls_logits(self) -> None:
+        """The class-logit layer as at construction: weights N(0, 0.01), bias the prior
+        (also used by ``init_weights`` when a loaded file has another class or anchor count)."""
+        nn.init.normal_(self.cls_logits.weight, std=0.01)
+        bias = self.cls_logits.bias.view(self.num_anchors, self.num_logits)  # (A*C,) -> (A, C)
+        if self.background_logit:
             # Softmax over K fg + 1 bg logits: fg logits 0 and bg logit log(1/pi - K) give
             # every foreground class probability pi, like the sigmoid prior.
-            num_fg = num_logits - 1
-            bias.data[:, -1] = math.log(max(1 / prior_prob - num_fg, 1.0))
+            bias.zero_()
+            bias[:, -1] = math.log(max(1 / self.prior_prob - (self.num_logits - 1), 1.0))
         else:
-            bias.data.fill_(prior_bias(prior_prob))
+            bias.fill_(prior_bias(self.prior_prob))
 
     def forward(self, features: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """``[(N, Cin, Hi, Wi), ...]`` -> class logits ``[(N, Hi*Wi*A, C), ...]`` and box
