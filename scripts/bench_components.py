@@ -21,7 +21,8 @@ from torchvision.ops import batched_nms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import focaldet.bench as B  # noqa: E402
+from focaldet.bench import Settings  # noqa: E402
+from focaldet.bench.models import head_outputs, random_targets  # noqa: E402
 from focaldet.losses import L1Loss, RetinaNetCriterion, SigmoidFocalLoss  # noqa: E402
 from focaldet.modeling import BoxCoder, Matcher, PostProcess  # noqa: E402
 from focaldet.modeling.postprocess import grouped_nms  # noqa: E402
@@ -61,10 +62,10 @@ def medians(fns: dict, repeats: int = 7, before=None) -> dict[str, float]:
 
 def main(src: str) -> None:
     old = load_old(src)
-    settings = B.Settings()
+    settings = Settings()
     n, size, k = 8, 512, 80
-    logits, deltas, anchors, counts = B._head_outputs(settings, n, size, bias_mean=-4.6, seed=3)
-    boxes, labels = B.random_targets(n, 50, size, k, 4, "cpu")
+    logits, deltas, anchors, _, counts = head_outputs(settings, n, size, bias_mean=-4.6, seed=3)
+    boxes, labels = random_targets(n, 50, size, k, 4, "cpu")
     valid = labels >= 0
     rows = [("matcher", medians({"old": lambda: old["Matcher"]()(anchors, boxes, valid),
                                  "new": lambda: Matcher()(anchors, boxes, valid)}))]
@@ -97,7 +98,7 @@ def main(src: str) -> None:
                  medians({"old": criterion(old["RetinaNetCriterion"], old["L1Loss"]),
                           "new": criterion(RetinaNetCriterion, L1Loss)}, before=clear)))
 
-    plogits, pdeltas, panchors, pcounts = B._head_outputs(settings, n, size, bias_mean=-1.1, seed=5)
+    plogits, pdeltas, panchors, _, pcounts = head_outputs(settings, n, size, bias_mean=-1.1, seed=5)
     levels, dlevels = list(plogits.split(pcounts, 1)), list(pdeltas.split(pcounts, 1))
     alevels = list(panchors.split(pcounts))
     sizes = torch.tensor([[size, size]] * n)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from focaldet import bench
+from focaldet.bench import coco_eval, harness, models
 
 
 def test_format_table_and_ratio_direction():
@@ -30,13 +31,13 @@ def test_freeze_batchnorm_keeps_the_function():
         net[1].weight.uniform_(0.5, 2)
     x = torch.randn(2, 3, 8, 8)
     ref = net.eval()(x)
-    bench.freeze_batchnorm(net)
+    models.freeze_batchnorm(net)
     assert type(net[1]).__name__ == "FrozenBatchNorm2d"
     torch.testing.assert_close(net.train()(x), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_synthetic_eval_data_is_valid_coco():
-    dataset, results = bench.synthetic_coco_eval_data(5, 7, seed=0, num_classes=3)
+    dataset, results = coco_eval.synthetic_coco_eval_data(5, 7, seed=0, num_classes=3)
     assert len(dataset["images"]) == 5 and len(results) == 35
     assert {r["category_id"] for r in results} <= {c["id"] for c in dataset["categories"]}
 
@@ -59,22 +60,22 @@ def test_quick_run_writes_json_with_every_case(tmp_path):
 def test_training_steps_do_the_same_flops():
     """Same architecture on both sides: the counted FLOPs of a training step are equal."""
     settings = bench.Settings.quick(verbose=False)
-    tv, fd = bench.build_pair(settings, 128, frozen_bn=True)
-    criterion = bench._criterion(fd, settings)
-    images = bench._padded_batch(1, 128, torch.Generator().manual_seed(0), settings)
+    tv, fd = models.build_pair(settings, 128, frozen_bn=True)
+    criterion = models.build_criterion(fd, settings)
+    images = models.padded_batch(1, 128, torch.Generator().manual_seed(0), settings)
     sizes = torch.tensor([[128, 128]])
-    boxes, labels = bench.random_targets(1, 4, 128, settings.num_classes, seed=0, device="cpu")
-    fd_run, tv_run = bench.focaldet_train_step(fd, criterion, settings), bench.torchvision_train_step(tv, settings)
-    flops = bench.step_flops(lambda: fd_run(images, sizes, boxes, labels))
-    assert flops == bench.step_flops(lambda: tv_run(images.contiguous(), sizes, boxes, labels)) > 1e10
+    boxes, labels = models.random_targets(1, 4, 128, settings.num_classes, seed=0, device="cpu")
+    fd_run, tv_run = models.focaldet_train_step(fd, criterion, settings), models.torchvision_train_step(tv, settings)
+    flops = harness.step_flops(lambda: fd_run(images, sizes, boxes, labels))
+    assert flops == harness.step_flops(lambda: tv_run(images.contiguous(), sizes, boxes, labels)) > 1e10
 
 
 def test_flops_note_gives_the_share_of_the_gpu_peak(monkeypatch):
     settings = bench.Settings(amp="bf16")
-    note = bench._flops_note({"focaldet": 2e12, "torchvision": 2e12}, {"focaldet": 0.01, "torchvision": 0.02}, settings)
+    note = harness.flops_note({"focaldet": 2e12, "torchvision": 2e12}, {"focaldet": 0.01, "torchvision": 0.02}, settings)
     assert note == "2000.0 GFLOP/step on both sides; 200 / 100 TFLOP/s"  # CPU: no peak to compare with
-    monkeypatch.setattr(bench, "_gpu_peak_tflops", lambda s: 1000.0)
-    note = bench._flops_note({"focaldet": 2e12, "torchvision": 3e12}, {"focaldet": 0.01, "torchvision": 0.02}, settings)
+    monkeypatch.setattr(harness, "_gpu_peak_tflops", lambda s: 1000.0)
+    note = harness.flops_note({"focaldet": 2e12, "torchvision": 3e12}, {"focaldet": 0.01, "torchvision": 0.02}, settings)
     assert note == ("2000.0 GFLOP/step (torchvision 3000.0); 200 / 150 TFLOP/s = 20.0 % / 15.0 % "
                     "of the bf16 peak (1000)")
 
@@ -105,7 +106,7 @@ def test_matcher_equals_torchvision_matcher(block, grids, monkeypatch):
     gen = AnchorGenerator(torchvision_compat=True)
     shapes = gen.feature_shapes(256, 256)
     anchors = gen(shapes, "cpu", image_size=(256, 256))
-    boxes, labels = bench.random_targets(3, 12, 256, 5, seed=0, device="cpu")
+    boxes, labels = models.random_targets(3, 12, 256, 5, seed=0, device="cpu")
     labels[0, 6:] = -1  # padding
     valid = labels >= 0
     ours = Matcher()(anchors, boxes, valid, grids=gen.grids(shapes, "cpu", image_size=(256, 256)) if grids else None)
@@ -122,8 +123,8 @@ def test_pairwise_iou_equals_box_iou():
     from torchvision.ops import box_iou
 
     from focaldet.modeling.matcher import pairwise_iou
-    boxes, _ = bench.random_targets(3, 12, 256, 5, seed=1, device="cpu")  # (3, 12, 4)
-    anchors, _ = bench.random_targets(1, 500, 256, 5, seed=2, device="cpu")
+    boxes, _ = models.random_targets(3, 12, 256, 5, seed=1, device="cpu")  # (3, 12, 4)
+    anchors, _ = models.random_targets(1, 500, 256, 5, seed=2, device="cpu")
     got = pairwise_iou(boxes, anchors[0])  # (3, 12, 500)
     for i in range(3):
         assert torch.equal(got[i], box_iou(boxes[i], anchors[0]))
@@ -137,7 +138,7 @@ def test_grid_iou_equals_pairwise_iou(compat, offset, size):
     gen = AnchorGenerator(offset=offset, torchvision_compat=compat)
     shapes = gen.feature_shapes(*size)
     anchors = gen(shapes, image_size=size).split(gen.num_per_level(shapes))
-    boxes, _ = bench.random_targets(2, 7, max(size), 5, seed=3, device="cpu")  # (2, 7, 4)
+    boxes, _ = models.random_targets(2, 7, max(size), 5, seed=3, device="cpu")  # (2, 7, 4)
     for grid, level in zip(gen.grids(shapes, image_size=size), anchors):
         assert torch.equal(grid.anchors(), level)
         h = grid.ys.shape[0]
