@@ -98,6 +98,7 @@ class FocaldetCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.label_map", "model.label_map", compute_fn=lambda m: m.to_dict(),
                               apply_on="instantiate")
+        parser.link_arguments("data.inputs", "model.inputs", compute_fn=lambda s: s.to_dict(), apply_on="instantiate")
         parser.link_arguments("data.batch_size", "model.batch_size")
 
     def before_instantiate_classes(self) -> None:
@@ -144,13 +145,28 @@ def main(argv: list[str] | None = None) -> int:
         from focaldet.equal_budget import main as equal_budget_main
 
         return equal_budget_main(args[1:])
+    if args and args[0] == "predict" and not {"-c", "--config"} & set(args):
+        args = _config_from_checkpoint(args)
     FocaldetCLI(
         RetinaNetModule, CocoDataModule,
         trainer_defaults=trainer_defaults(),
         save_config_kwargs={"overwrite": True},
-        args=argv,  # None: LightningCLI reads sys.argv itself
+        args=args,
     )
     return 0
+
+
+def _config_from_checkpoint(args: list[str]) -> list[str]:
+    """``predict --ckpt_path X`` with no ``-c``: the checkpoint supplies the model, the label
+    map and the input settings (`focaldet.api.checkpoint_config`)."""
+    ckpt = next((a.split("=", 1)[1] for a in args if a.startswith("--ckpt_path=")), None)
+    if ckpt is None and "--ckpt_path" in args[:-1]:
+        ckpt = args[args.index("--ckpt_path") + 1]
+    if ckpt is None:
+        return args
+    from focaldet.api import checkpoint_config
+
+    return [args[0], "--config", checkpoint_config(ckpt), *args[1:]]
 
 
 if __name__ == "__main__":

@@ -19,3 +19,7 @@ class ConfigError(FocaldetError, ValueError):
 
 class NonFiniteLossError(FocaldetError, FloatingPointError):
     """Training produced a NaN/Inf loss."""
+
+
+class WeightsError(FocaldetError, ValueError):
+    """A checkpoint or weights file is missing, corrupt, or does not fit the model."""

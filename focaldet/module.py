@@ -17,12 +17,17 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from focaldet.errors import ConfigError, NonFiniteLossError
+from focaldet.errors import ConfigError, DataError, NonFiniteLossError
 from focaldet.evaluation import Evaluator, detections_to_coco
 from focaldet.evaluation.thresholds import load_thresholds, per_label_thresholds
+from focaldet.inputs import InputSettings
 from focaldet.losses import RetinaNetCriterion
 from focaldet.modeling import AnchorGenerator, Matcher, PostProcess, RetinaNet
+from focaldet.recipe import describe
 from focaldet.structures.boxes import rescale_boxes
+
+OBJECT_ARGS = ("backbone", "anchor_generator", "matcher", "postprocess", "cls_loss", "box_loss")
+CHECKPOINT_FORMAT = 2  # checkpoint["focaldet"]: 1 = {label_map, config}; 2 adds inputs, recipe in hyper_parameters
 
 
 class RetinaNetModule(L.LightningModule):
@@ -51,6 +56,8 @@ class RetinaNetModule(L.LightningModule):
     Evaluation / prediction:
         eval_backend: ``"pycocotools"`` or ``"faster_coco_eval"`` (same numbers, faster).
         label_map: category ids and names, linked from the data module and saved in checkpoints.
+        inputs: the data's eval settings (``InputSettings.to_dict()``), linked from the data
+            module: the model's own ``predict`` resizes and pads as ``validate`` does.
         draw_predictions: ``predict`` also writes images with the detections drawn.
         draw_score_threshold: minimum score of the drawn detections (validate draws at the
             F1 thresholds it computes).
@@ -95,6 +102,7 @@ class RetinaNetModule(L.LightningModule):
         nonfinite: str = "raise",
         eval_backend: str = "pycocotools",
         label_map: dict | None = None,
+        inputs: dict | None = None,
         draw_predictions: bool = False,
         draw_score_threshold: float = 0.3,
         max_dets: int = 100,
@@ -107,11 +115,19 @@ class RetinaNetModule(L.LightningModule):
             raise ConfigError(f"model.optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
         if nonfinite not in ("raise", "skip"):
             raise ConfigError(f"model.nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
-        self.save_hyperparameters(ignore=["backbone", "anchor_generator", "matcher", "postprocess", "cls_loss", "box_loss"])
+        # The checkpoint's recipe (hyper_parameters): every argument, parts as class_path trees
+        # (focaldet.recipe), so that focaldet.load and `--ckpt_path` rebuild this very model.
+        # The label map and input settings are stored once each, in checkpoint["focaldet"].
+        self.save_hyperparameters(ignore=[*OBJECT_ARGS, "label_map", "inputs"])
+        objects = dict(backbone=backbone, anchor_generator=anchor_generator, matcher=matcher,
+                       postprocess=postprocess, cls_loss=cls_loss, box_loss=box_loss)
+        self.hparams.update({name: _describe(obj) for name, obj in objects.items()})
+        self.label_map = label_map
+        self.inputs = InputSettings.from_dict(inputs)
         self.model = RetinaNet(
             num_classes, backbone=backbone, anchor_generator=anchor_generator, postprocess=postprocess,
             fpn_channels=fpn_channels, p6_from=p6_from, num_convs=num_convs, head_norm=head_norm,
-            prior_prob=prior_prob, channels_last=channels_last,
+            prior_prob=prior_prob, channels_last=channels_last, **self.inputs.predict_args(),
             # the head sizes itself from what the loss declares, never from the loss's type
             background_logit=bool(getattr(cls_loss, "background_logit", False)),
         )
@@ -130,12 +146,12 @@ class RetinaNetModule(L.LightningModule):
     # ------------------------------------------------------------------ helpers
     @property
     def class_names(self) -> list[str]:
-        lm = self.hparams.label_map
+        lm = self.label_map
         return list(lm["names"]) if lm else [str(i) for i in range(self.hparams.num_classes)]
 
     @property
     def label_to_cat_id(self) -> list[int]:
-        lm = self.hparams.label_map
+        lm = self.label_map
         return list(lm["cat_ids"]) if lm else list(range(self.hparams.num_classes))
 
     def _forward(self, batch: dict) -> dict:
@@ -307,7 +323,29 @@ class RetinaNetModule(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["focaldet"] = {"label_map": self.hparams.label_map, "config": self.run_config}
+        checkpoint["focaldet"] = {"format": CHECKPOINT_FORMAT, "label_map": self.label_map,
+                                  "inputs": self.inputs.to_dict(), "config": self.run_config}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resuming or evaluating: the checkpoint's classes must be this data's."""
+        saved = (checkpoint.get("focaldet") or {}).get("label_map")
+        if saved is None:
+            return
+        if self.label_map is None:
+            self.label_map = saved
+        elif list(saved["cat_ids"]) != list(self.label_map["cat_ids"]):
+            raise DataError(f"the checkpoint's category ids {list(saved['cat_ids'])} differ from this data's "
+                            f"{list(self.label_map['cat_ids'])}")
+
+
+def _describe(obj: Any) -> dict | None:
+    """The recipe of one part; a part that cannot say how to rebuild it is recorded by its
+    class only (``init_args: None``), and ``focaldet.load`` then refuses it by name."""
+    try:
+        return describe(obj)
+    except ConfigError as e:
+        rank_zero_info(f"note: {e}")
+        return {"class_path": f"{type(obj).__module__}.{type(obj).__qualname__}", "init_args": None}
 
 
 def _preview(batch: dict, detections: list[dict], max_images: int = 8) -> tuple[list, list, list]:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from focaldet.errors import FocaldetError
+from focaldet.inputs import InputSettings
 
 __all__ = ["build_parser", "main"]
 
@@ -27,8 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a COCO dataset and report statistics and problems")
     check.add_argument("annotations", type=Path, help="COCO instances JSON")
     check.add_argument("--images", type=Path, help="image folder (files are not checked without it)")
-    check.add_argument("--min-size", type=int, default=800, help="training shorter side (default 800)")
-    check.add_argument("--max-size", type=int, default=1333, help="training longer-side cap (default 1333)")
+    check.add_argument("--min-size", type=int, default=InputSettings.min_size,
+                       help=f"shorter side after resizing (default {InputSettings.min_size})")
+    check.add_argument("--max-size", type=int, default=InputSettings.max_size,
+                       help=f"longer-side cap after resizing (default {InputSettings.max_size})")
     check.add_argument("--json", type=Path, metavar="OUT", help="also write the report as JSON")
 
     voc = sub.add_parser("voc2coco", help="convert Pascal VOC XML annotations to a COCO JSON")

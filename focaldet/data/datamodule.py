@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, get_worker_info
 from focaldet.data.coco import CocoDetection, ImageFolderDataset, LabelMap, load_coco
 from focaldet.data.transforms import build_transforms, collate_detection
 from focaldet.errors import ConfigError, DataError
+from focaldet.inputs import InputSettings
 
 __all__ = ["CocoDataModule"]
 
@@ -87,12 +88,12 @@ class CocoDataModule(L.LightningDataModule):
         num_workers: int = 2,
         pin_memory: bool = True,
         persistent_workers: bool = True,
-        min_size: int | list[int] = 800,
-        max_size: int = 1333,
+        min_size: int | list[int] = InputSettings.min_size,
+        max_size: int = InputSettings.max_size,
         hflip_prob: float = 0.5,
         train_transforms: list[dict[str, Any]] | None = None,
         eval_transforms: list[dict[str, Any]] | None = None,
-        size_divisibility: int = 128,
+        size_divisibility: int = InputSettings.size_divisibility,
         filter_empty: bool = False,
         label_map: dict | None = None,
     ) -> None:
@@ -143,6 +144,11 @@ class CocoDataModule(L.LightningDataModule):
         return self._label_map
 
     @property
+    def inputs(self) -> InputSettings:
+        """The eval settings (resize, padding) that checkpoints store and ``predict`` reuses."""
+        return InputSettings.from_data(self.min_size, self.max_size, self.size_divisibility, self.eval_transforms)
+
+    @property
     def num_classes(self) -> int:
         return self.label_map.num_classes
 
@@ -163,31 +169,18 @@ class CocoDataModule(L.LightningDataModule):
             raise ValueError(f"unknown stage {stage!r}; expected one of {sorted(_STAGE_ALIASES)}")
         return self._coco(split)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"label_map": self._label_map.to_dict() if self._label_map is not None else None}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the label map saved in a checkpoint; it must agree with the annotations."""
-        if state_dict.get("label_map") is None:
-            return
-        saved = LabelMap.from_dict(state_dict["label_map"])
-        if self._label_map is not None and saved.cat_ids != self._label_map.cat_ids:
-            raise DataError(
-                f"the checkpoint's category ids {saved.cat_ids} differ from this data's {self._label_map.cat_ids}"
-            )
-        self._label_map = saved
-
     # ----------------------------------------------------------------------------------
     # Datasets and loaders
     # ----------------------------------------------------------------------------------
 
     def _transforms(self, train: bool) -> Callable:
-        custom = self.train_transforms if train else self.eval_transforms
+        if not train:
+            return self.inputs.eval_pipeline()
         # Seed the augmentation RNG from torch, so seed_everything() makes num_workers=0 runs
         # reproducible too (workers reseed it in _seed_worker).
-        seed = int(torch.randint(0, 2**31 - 1, ()).item()) if train else None
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
         return build_transforms(
-            train, self.min_size, self.max_size, self.hflip_prob, transforms=custom, seed=seed
+            train, self.min_size, self.max_size, self.hflip_prob, transforms=self.train_transforms, seed=seed
         )
 
     def _coco_dataset(self, split: str) -> CocoDetection:

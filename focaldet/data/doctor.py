@@ -22,6 +22,7 @@ from torchvision.ops import box_iou
 from focaldet.data.coco import MIN_BOX_SIDE, read_coco_json
 from focaldet.data.transforms import shortest_edge_scale
 from focaldet.errors import DataError
+from focaldet.inputs import InputSettings
 
 __all__ = ["Report", "best_anchor_iou", "check_dataset"]
 
@@ -62,8 +63,8 @@ class Report:
 
     ann_file: str
     image_dir: str | None = None
-    min_size: int = 800
-    max_size: int = 1333
+    min_size: int = InputSettings.min_size
+    max_size: int = InputSettings.max_size
     num_images: int = 0
     num_boxes: int = 0
     num_crowd: int = 0
@@ -242,9 +243,9 @@ def _is_number(v: Any) -> bool:
 def check_dataset(
     ann_file: str | os.PathLike,
     image_dir: str | os.PathLike | None = None,
-    min_size: int = 800,
-    max_size: int = 1333,
-    size_divisibility: int = 128,
+    min_size: int = InputSettings.min_size,
+    max_size: int = InputSettings.max_size,
+    size_divisibility: int = InputSettings.size_divisibility,
     anchor_generator: Any | None = None,
 ) -> Report:
     """Validate a COCO instances JSON (and its image files when ``image_dir`` is given).

@@ -28,6 +28,7 @@ import torch
 from albumentations.augmentations.geometric.resize import MaxSizeTransform
 
 from focaldet.errors import ConfigError
+from focaldet.inputs import InputSettings
 
 __all__ = [
     "ResizeShortestEdge",
@@ -166,8 +167,8 @@ def build_pipeline(transforms: Sequence[Mapping[str, Any]], min_visibility: floa
 
 def build_transforms(
     train: bool,
-    min_size: int | Sequence[int] = 800,
-    max_size: int = 1333,
+    min_size: int | Sequence[int] = InputSettings.min_size,
+    max_size: int = InputSettings.max_size,
     hflip_prob: float = 0.5,
     transforms: Sequence[Mapping[str, Any]] | None = None,
     min_visibility: float = 0.0,
@@ -189,7 +190,7 @@ def build_transforms(
     return build_pipeline(transforms, min_visibility=min_visibility, seed=seed)
 
 
-def collate_detection(batch: Sequence[Mapping[str, Any]], size_divisibility: int = 128) -> dict[str, Any]:
+def collate_detection(batch: Sequence[Mapping[str, Any]], size_divisibility: int = InputSettings.size_divisibility) -> dict[str, Any]:
     """Stack dataset samples into a padded batch.
 
     Images are zero-padded at the bottom/right to a common size that is a multiple of

@@ -93,6 +93,7 @@ class ResNetBackbone(nn.Module):
             raise ConfigError(f"ResNet depth must be one of {sorted(RESNET_OUT_CHANNELS)}, got {depth}")
         if not 0 <= freeze_at <= 5:
             raise ConfigError(f"freeze_at must be in 0..5, got {freeze_at}")
+        self.depth, self.norm, self.freeze_at, self.weights = depth, norm, freeze_at, weights  # the recipe
         net = getattr(torchvision.models, f"resnet{depth}")(weights=None, norm_layer=_norm_layer(norm))
         if weights is not None:
             net.load_state_dict(_load_resnet_weights(weights, depth), strict=False)

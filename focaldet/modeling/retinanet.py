@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from focaldet.inputs import InputSettings
 from focaldet.modeling.anchors import AnchorGenerator
 from focaldet.modeling.backbone import ResNetBackbone, fuse_frozen_batchnorm
 from focaldet.modeling.box_coder import BoxCoder
@@ -40,6 +41,8 @@ class RetinaNet(nn.Module):
         min_size, max_size: ``predict`` resizes the shorter side to ``min_size`` and caps
             the longer side at ``max_size`` (torchvision's resize); ``None`` keeps the size.
         size_divisibility: ``predict`` pads batches to a multiple of this.
+            Defaults: `InputSettings`'s; ``RetinaNetModule`` passes the data's eval settings
+            (``InputSettings.predict_args()``), so ``predict`` runs at the trained size.
         channels_last: keep weights and activations in NHWC memory order (``torch.channels_last``),
             which oneDNN (CPU) and cuDNN (tensor cores) run faster than NCHW; the data
             pipeline already delivers NHWC batches. Numerically the same model.
@@ -60,9 +63,9 @@ class RetinaNet(nn.Module):
         background_logit: bool = False,
         pixel_mean: Sequence[float] = IMAGENET_MEAN,
         pixel_std: Sequence[float] = IMAGENET_STD,
-        min_size: int | None = 800,
-        max_size: int | None = 1333,
-        size_divisibility: int = 128,
+        min_size: int | None = InputSettings.min_size,
+        max_size: int | None = InputSettings.max_size,
+        size_divisibility: int = InputSettings.size_divisibility,
         channels_last: bool = True,
     ):
         super().__init__()
@@ -83,6 +86,11 @@ class RetinaNet(nn.Module):
         self.size_divisibility = size_divisibility
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.to(memory_format=self.memory_format)
+
+    @property
+    def inputs(self) -> InputSettings:
+        """The resize and padding ``predict`` applies (the exporters read these too)."""
+        return InputSettings(self.min_size, self.max_size, self.size_divisibility)
 
     # ------------------------------------------------------------------ training path
     def normalize(self, images: Tensor, image_sizes: Tensor | None = None) -> Tensor:

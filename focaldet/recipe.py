@@ -1,0 +1,72 @@
+"""A model's recipe: the ``class_path`` tree a checkpoint stores to rebuild its own model.
+
+The recipe has the form of the CLI's YAML, so a reader can copy it into a config::
+
+    {"class_path": "focaldet.modeling.backbone.ResNetBackbone",
+     "init_args": {"depth": 18, "norm": "frozen_bn", "freeze_at": 0, "weights": None}}
+
+`describe` writes it from a live object, `instantiate` builds the object back. The rule
+`describe` relies on: every constructor argument is kept on the object under its own name
+(``self.depth = depth``), as focaldet's parts do. Arguments named ``weights`` or
+``init_weights`` are recorded as ``None``: the checkpoint's state dict holds the weights.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+from focaldet.errors import ConfigError
+
+__all__ = ["describe", "instantiate", "plain"]
+
+WEIGHT_ARGS = ("weights", "init_weights")
+
+
+def plain(value: Any) -> Any:
+    """Tuples -> lists, recursively (YAML- and ``weights_only``-friendly)."""
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    return value
+
+
+def describe(obj: Any) -> dict[str, Any] | None:
+    """``{"class_path", "init_args"}`` of ``obj`` (``None`` for ``None``); raises
+    ``ConfigError`` naming the arguments the object does not keep."""
+    if obj is None:
+        return None
+    cls = type(obj)
+    init_args, missing = {}, []
+    for name, p in inspect.signature(cls.__init__).parameters.items():
+        if name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if name in WEIGHT_ARGS:
+            init_args[name] = None
+        elif hasattr(obj, name):
+            init_args[name] = plain(getattr(obj, name))
+        else:
+            missing.append(name)
+    if missing:
+        raise ConfigError(f"{cls.__qualname__} does not keep its constructor argument(s) {missing} "
+                          f"as attributes: a checkpoint cannot record how to rebuild it")
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
+
+
+def instantiate(spec: Any) -> Any:
+    """Build the object a `describe` output (or a CLI ``class_path`` dict) names."""
+    if not (isinstance(spec, Mapping) and "class_path" in spec):
+        return spec
+    module_name, _, attr = str(spec["class_path"]).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ConfigError(f"cannot import {spec['class_path']!r}: {e}") from None
+    kwargs = {k: instantiate(v) for k, v in (spec.get("init_args") or {}).items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{spec['class_path']}: {e}") from None
