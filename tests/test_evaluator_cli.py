@@ -53,6 +53,11 @@ def test_validate_writes_evaluation_files_and_predict_uses_thresholds(tmp_path, 
     preds = json.loads((_latest_version(run) / "predictions.json").read_text())
     floor = {n: (t["score"] if t["score"] is not None else thresholds["all"]["score"]) for n, t in thresholds.items()}
     assert all(p["score"] >= floor[p["category_name"]] - 1e-5 for p in preds)
+    import focaldet
+
+    detector = focaldet.load(run / "checkpoints" / "last.ckpt")  # Detector.predict reads the same file
+    for r in detector.predict(str(synth_coco.images), score_threshold=str(version / "thresholds.json")):
+        assert all(s >= floor[detector.names[k]] - 1e-5 for s, k in zip(r["scores"].tolist(), r["labels"].tolist()))
     main(["predict", "-c", str(cfg), "--ckpt_path", "last", "--data.predict_images", str(synth_coco.images),
           "--model.score_threshold", "0.5"])
     assert all(p["score"] >= 0.5 for p in json.loads((_latest_version(run) / "predictions.json").read_text()))
