@@ -32,8 +32,13 @@ def test_validate_on_two_processes_equals_one(tmp_path):
         proc = run_cli("validate", "-c", str(cfg), "-c", str(low_thresh), *extra)
         assert proc.returncode == 0, proc.stderr[-3000:]
         metrics[name] = _val_metrics(tmp_path / name / "run")
-    assert len(metrics["one"]) == 12 and metrics["one"]["val/AR100"] > 0
-    assert metrics["two"] == metrics["one"]
+    assert metrics["one"]["val/AR100"] > 0
+    # the COCO numbers (12 + per-class AP) are exact; val/loss averages over the sampler's
+    # padded repeats, so it may differ in DDP
+    coco = {k: v for k, v in metrics["one"].items() if not k.startswith("val/loss")}
+    assert len([k for k in coco if k.count("/") == 1]) == 12
+    assert {k: v for k, v in metrics["two"].items() if not k.startswith("val/loss")} == coco
+    assert {"val/loss", "val/loss_cls", "val/loss_box"} <= set(metrics["two"])
 
 
 def test_one_step_two_processes_equals_one_process_two_images(tmp_path):
