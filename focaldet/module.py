@@ -300,7 +300,10 @@ class RetinaNetModule(L.LightningModule):
 
     def _apply_score_threshold(self, detections: list[dict]) -> list[dict]:
         """Keep the detections scoring at least ``score_threshold`` (one number, or per class)."""
-        thr = per_label_thresholds(load_thresholds(self.hparams.score_threshold), self.class_names)
+        if getattr(self, "_score_thresholds", None) is None:  # read the file once per run
+            self._score_thresholds = per_label_thresholds(load_thresholds(self.hparams.score_threshold),
+                                                          self.class_names)
+        thr = self._score_thresholds
         out = []
         for det in detections:
             keep = det["scores"] >= torch.as_tensor(thr, dtype=det["scores"].dtype, device=det["scores"].device)[
