@@ -2,7 +2,7 @@
 
 ``focaldet fit|validate|test|predict -c CONFIG.yaml [--key value ...]`` is Lightning's
 ``LightningCLI`` over ``RetinaNetModule`` and ``CocoDataModule``; ``focaldet data ...`` are
-the dataset tools, ``focaldet bench`` the side-by-side benchmark and
+the dataset tools, ``focaldet bench`` the side-by-side benchmark, ``focaldet export`` the ONNX / torch.export files and
 ``focaldet equal-budget`` the side-by-side training run.
 """
 
@@ -16,7 +16,9 @@ import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from focaldet.checkpoints import check_checkpoint, checkpoint_dir, install_checkpoint_io, resolve_ckpt_path
 from focaldet.data.datamodule import CocoDataModule
+from focaldet.failures import StopAllRanks, report_errors
 from focaldet.loggers import default_logger
 from focaldet.module import RetinaNetModule
 
@@ -101,6 +103,14 @@ class FocaldetCLI(LightningCLI):
         parser.link_arguments("data.inputs", "model.inputs", compute_fn=lambda s: s.to_dict(), apply_on="instantiate")
         parser.link_arguments("data.batch_size", "model.batch_size")
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI torch.loads --ckpt_path here (for its hyperparameters): name a bad file first
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            check_checkpoint(ckpt_path)
+        super()._parse_ckpt_path()
+
     def before_instantiate_classes(self) -> None:
         # the same resolution of "config of this subcommand" as Lightning's SaveConfigCallback
         sub = self.subcommand
@@ -116,6 +126,12 @@ class FocaldetCLI(LightningCLI):
         for cb in self.trainer.checkpoint_callbacks:
             if cb.dirpath is None:
                 cb.dirpath = str(Path(self.trainer.default_root_dir) / "checkpoints")
+        install_checkpoint_io(self.trainer)  # atomic saves, one-line errors on unreadable files
+        self.trainer.callbacks.append(StopAllRanks())  # one failing DDP rank ends them all
+        sub = self.subcommand
+        if sub is not None and "ckpt_path" in self.config_init[sub]:  # checked before the trainer runs
+            kwargs = self.config_init[sub]
+            kwargs["ckpt_path"] = resolve_ckpt_path(kwargs["ckpt_path"], checkpoint_dir(self.trainer))
 
 
 def trainer_defaults() -> dict:
@@ -132,6 +148,12 @@ def trainer_defaults() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``focaldet`` command: :func:`run`, with focaldet errors printed as one line (exit 1)."""
+    return report_errors(run, argv)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """``focaldet ARGS`` raising focaldet errors (for callers that handle them)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "data":
         from focaldet.data.cli import main as data_main
@@ -141,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         from focaldet.bench import main as bench_main
 
         return bench_main(args[1:])
+    if args and args[0] == "export":
+        from focaldet.export.cli import main as export_main
+
+        return export_main(args[1:])
     if args and args[0] == "equal-budget":
         from focaldet.equal_budget import main as equal_budget_main
 

@@ -23,3 +23,7 @@ class NonFiniteLossError(FocaldetError, FloatingPointError):
 
 class WeightsError(FocaldetError, ValueError):
     """A checkpoint or weights file is missing, corrupt, or does not fit the model."""
+
+
+class CheckpointError(WeightsError):
+    """A Lightning checkpoint is missing, truncated or corrupt, or could not be written."""

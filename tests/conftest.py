@@ -70,3 +70,21 @@ def make_coco(tmp_path: Path) -> Callable[..., tuple[Path, Path]]:
         return ann_file, image_dir
 
     return make
+
+
+# `gpu` tests run where CUDA is; FOCALDET_GPU_TESTS_DEVICE=cpu runs them on CPU instead (a dry
+# run of their logic, as `scripts/gpu_check.sh --cpu` does); elsewhere they are skipped.
+GPU_TESTS_DEVICE_ENV = "FOCALDET_GPU_TESTS_DEVICE"
+
+
+def pytest_collection_modifyitems(config, items):
+    import os
+
+    import torch
+
+    if torch.cuda.is_available() or os.environ.get(GPU_TESTS_DEVICE_ENV):
+        return
+    skip = pytest.mark.skip(reason=f"needs CUDA (or {GPU_TESTS_DEVICE_ENV}=cpu for a dry run)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

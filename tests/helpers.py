@@ -41,8 +41,9 @@ def tiny_config(tmp_path: Path, data, **overrides) -> Path:
     return path
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """``focaldet ARGS`` in a fresh process (needed for DDP and kill tests)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore"}
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None
+            ) -> subprocess.CompletedProcess:
+    """``focaldet ARGS`` in a fresh process (needed for DDP and kill tests); ``env`` adds variables."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run([sys.executable, "-m", "focaldet.cli", *args], cwd=cwd or REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)

@@ -7,11 +7,12 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-from focaldet.cli import main
-from focaldet.errors import NonFiniteLossError
+from focaldet.cli import main, run
+from focaldet.errors import DataError, NonFiniteLossError
+from focaldet.failures import one_line
 from focaldet.losses import RetinaNetCriterion
 
-from helpers import REPO, tiny_config
+from helpers import REPO, run_cli, tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -137,7 +138,7 @@ def test_non_finite_loss(tmp_path, synth_coco, monkeypatch, mode):
     cfg = tiny_config(tmp_path, synth_coco, **{"trainer.max_steps": 3, "trainer.limit_val_batches": 0})
     if mode == "raise":
         with pytest.raises(NonFiniteLossError, match="non-finite loss at step 1"):
-            main(["fit", "-c", str(cfg)])
+            run(["fit", "-c", str(cfg)])
     else:
         main(["fit", "-c", str(cfg), "--model.nonfinite", "skip"])
         ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
@@ -147,3 +148,47 @@ def test_non_finite_loss(tmp_path, synth_coco, monkeypatch, mode):
 def test_data_subcommand_is_wired(tmp_path):
     assert main(["data", "synth", "--out", str(tmp_path / "s"), "--num-images", "4", "--size", "64"]) == 0
     assert (tmp_path / "s" / "annotations" / "instances_train.json").is_file()
+
+
+@pytest.mark.parametrize("command", ["fit", "validate"])
+@pytest.mark.parametrize("fault", ["missing", "malformed"])
+def test_a_data_error_is_one_line_without_traceback(tmp_path, synth_coco, capsys, monkeypatch, command, fault):
+    bad = tmp_path / "instances_val.json"
+    if fault == "malformed":
+        bad.write_text('{"images": [{"id": 1, "file_name": "a.jpg",')  # cut short
+    cfg = tiny_config(tmp_path, synth_coco, **{"data.val_ann": str(bad)})
+    capsys.readouterr()
+    assert main([command, "-c", str(cfg)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("focaldet: error: ") and str(bad) in err[0], err
+    monkeypatch.setenv("FOCALDET_DEBUG", "1")  # the traceback, for a developer
+    with pytest.raises(DataError):
+        main([command, "-c", str(cfg)])
+
+
+class _FailsInAWorker(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        raise DataError(f"annotation 7 of image 3 (images/x.jpg): bbox [1, 2, nan, 4] is not finite, item {i}")
+
+
+def test_a_worker_error_is_unwrapped_to_its_own_line():
+    loader = torch.utils.data.DataLoader(_FailsInAWorker(), num_workers=1)
+    with pytest.raises(DataError) as err:
+        next(iter(loader))
+    assert "Original Traceback" in str(err.value)  # how PyTorch delivers it
+    assert one_line(err.value) == ("annotation 7 of image 3 (images/x.jpg): bbox [1, 2, nan, 4] is not finite, "
+                                   "item 0 [DataLoader worker process 0]")
+    assert one_line(DataError("plain\nsecond line")) == "plain second line"
+
+
+@pytest.mark.slow
+def test_the_command_prints_one_line_and_exits_non_zero(tmp_path, synth_coco):
+    cfg = tiny_config(tmp_path, synth_coco, **{"data.train_ann": str(tmp_path / "nope.json")})
+    proc = run_cli("fit", "-c", str(cfg))
+    assert proc.returncode == 1
+    err = proc.stderr.strip().splitlines()
+    assert err[-1].startswith("focaldet: error: ") and "nope.json" in err[-1]
+    assert "Traceback" not in proc.stderr

@@ -9,9 +9,11 @@ import time
 import pytest
 import torch
 
+from focaldet.checkpoints import resolve_ckpt_path
+
 from helpers import REPO, tiny_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 
 
 def test_kill_and_resume(tmp_path, synth_coco):
@@ -32,9 +34,11 @@ def test_kill_and_resume(tmp_path, synth_coco):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
-    for path in ckpt_dir.glob("*.ckpt"):  # every checkpoint on disk is complete
+    for path in ckpt_dir.glob("*.ckpt"):  # every checkpoint on disk is complete (saves are atomic)
         torch.load(path, map_location="cpu", weights_only=False)
-    killed_at = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
+    # the kill may land while the first last.ckpt is written: "last" is then the newest step-*.ckpt
+    resumable = resolve_ckpt_path("last", ckpt_dir)
+    killed_at = torch.load(resumable, map_location="cpu", weights_only=False)["global_step"]
     assert 0 < killed_at < steps
 
     done = subprocess.run(cmd + ["--ckpt_path", "last"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

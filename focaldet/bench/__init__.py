@@ -18,6 +18,8 @@ Cases::
     eval         COCO evaluation: faster-coco-eval (focaldet column) vs pycocotools
     memory       peak memory of one training step (CUDA: max_memory_allocated; CPU: peak
                  RSS growth in a fresh process per side)
+    export       the ONNX file through onnxruntime (focaldet column) vs focaldet's PyTorch
+                 predict (torchvision column), CPU
 
 Usage: ``focaldet bench [--cases loss,postprocess] [--quick] [--json FILE] [--device cuda]``.
 Adding a case: a module here defining ``CASE = Case(run, unit, target)`` (see harness.Case),
@@ -34,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from focaldet.bench import coco_eval, data, inference, loss, memory, postprocess, train_step
+from focaldet.bench import coco_eval, data, export, inference, loss, memory, postprocess, train_step
 from focaldet.bench import harness, plot
 from focaldet.bench.harness import BCCD_DIR, Case, Settings, log, _warn_if_busy, write_json
 
@@ -49,6 +51,7 @@ CASES: dict[str, Case] = {
     "data": data.CASE,
     "eval": coco_eval.CASE,
     "memory": memory.CASE,
+    "export": export.CASE,
 }
 
 UNITS = {name: case.unit for name, case in CASES.items()}

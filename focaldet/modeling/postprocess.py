@@ -71,20 +71,8 @@ class PostProcess:
             ``[{"boxes": (M, 4), "scores": (M,), "labels": (M,)}]`` with ``M <= detections_per_img``,
             in the batch's pixel coordinates, sorted by decreasing score.
         """
+        boxes, scores_, labels = self.candidates(scores, box_deltas, anchors, image_sizes, box_coder, score_fn)
         n = image_sizes.shape[0]
-        all_boxes, all_scores, all_labels = [], [], []
-        for s, d, a in zip(scores, box_deltas, anchors):
-            # The top k of the scores above the threshold are the top k of all scores that
-            # pass it: top-k first, threshold afterwards.
-            top_scores, anchor_idx, labels = self._topk(s)  # (N, k) each
-            deltas = d.gather(1, anchor_idx.unsqueeze(-1).expand(-1, -1, 4))  # (N, k, 4)
-            all_boxes.append(box_coder.decode(deltas, a[anchor_idx]))  # (N, k, 4)
-            top_scores = top_scores.float()
-            all_scores.append(score_fn(top_scores) if score_fn is not None else top_scores)
-            all_labels.append(labels)
-        boxes = clip_boxes(torch.cat(all_boxes, 1), image_sizes)  # (N, M, 4)
-        scores_ = torch.cat(all_scores, 1)  # (N, M)
-        labels = torch.cat(all_labels, 1)
         image_idx = torch.arange(n, device=boxes.device)[:, None].expand_as(labels)
 
         keep = scores_ > self.score_thresh  # (N, M) -> flat selections (P,)
@@ -103,6 +91,64 @@ class PostProcess:
             for b, s, lab in zip(boxes[order].split(sizes), scores_[order].split(sizes), labels[order].split(sizes))
         ]
 
+    def candidates(self, scores: Sequence[Tensor], box_deltas: Sequence[Tensor], anchors: Sequence[Tensor],
+                   image_sizes: Tensor, box_coder: BoxCoder,
+                   score_fn: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """The first half of both paths: per level the top ``topk_candidates`` (anchor, class)
+        pairs of each image, decoded and clipped to the image (arguments as ``__call__``).
+
+        Returns ``(boxes (N, M, 4), scores (N, M), labels (N, M))``, M = sum of the levels'
+        k, not yet thresholded.
+        """
+        all_boxes, all_scores, all_labels = [], [], []
+        for s, d, a in zip(scores, box_deltas, anchors):
+            # The top k of the scores above the threshold are the top k of all scores that
+            # pass it: top-k first, threshold afterwards.
+            top_scores, anchor_idx, labels = self._topk(s)  # (N, k) each
+            deltas = d.gather(1, anchor_idx.unsqueeze(-1).expand(-1, -1, 4))  # (N, k, 4)
+            all_boxes.append(box_coder.decode(deltas, a[anchor_idx]))  # (N, k, 4)
+            top_scores = top_scores.float()
+            all_scores.append(score_fn(top_scores) if score_fn is not None else top_scores)
+            all_labels.append(labels)
+        boxes = clip_boxes(torch.cat(all_boxes, 1), image_sizes)  # (N, M, 4)
+        return boxes, torch.cat(all_scores, 1), torch.cat(all_labels, 1)
+
+    @torch.no_grad()
+    def padded(self, scores: Sequence[Tensor], box_deltas: Sequence[Tensor], anchors: Sequence[Tensor],
+               image_sizes: Tensor, box_coder: BoxCoder,
+               score_fn: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
+        """The same detections as ``__call__`` in fixed-shape tensors, for export: no Python
+        loop or branch that depends on the data, one ``torchvision.ops.nms`` with class-aware
+        offsets (``batched_nms``'s coordinate trick) over the whole batch.
+
+        Returns ``boxes (N, D, 4)``, ``scores (N, D)``, ``labels (N, D)`` (contiguous; -1 in
+        padding) and ``num_detections (N,)``, D = ``detections_per_img``; each image's rows
+        are sorted by decreasing score, rows past ``num_detections`` have score 0 and box 0.
+
+        The offsets are computed in float32 (ONNX's NonMaxSuppression takes nothing else), as
+        ``batched_nms`` does on a GPU: a pair of boxes whose IoU lies within ~1e-4 of
+        ``nms_thresh`` may be decided differently from ``__call__``'s exact per-group NMS.
+        """
+        boxes, scores_, labels = self.candidates(scores, box_deltas, anchors, image_sizes, box_coder, score_fn)
+        n, m = scores_.shape
+        d = self.detections_per_img
+        image_idx = torch.arange(n, device=boxes.device)[:, None].expand_as(labels)
+        groups = (image_idx * (labels.max() + 1) + labels).reshape(-1)  # (N*M,) one per (image, class)
+        flat_boxes, flat_scores = boxes.reshape(-1, 4), scores_.reshape(-1)  # (N, M, 4) -> (N*M, 4)
+        idx = (flat_scores > self.score_thresh).nonzero().squeeze(1)  # (P,) candidates above the threshold
+        # boxes are clipped to the image: groups * (max side + 1) keeps groups apart
+        offsets = groups[idx].to(boxes.dtype) * (image_sizes.max().to(boxes.dtype) + 1)  # (P,)
+        kept = idx[nms(flat_boxes[idx] + offsets[:, None], flat_scores[idx], self.nms_thresh)]
+        final = torch.zeros_like(flat_scores).scatter(0, kept, flat_scores[kept]).reshape(n, m)  # 0: dropped
+        # D zero rows appended: the top-D exists even when an image has fewer than D candidates
+        final = torch.cat([final, final.new_zeros(n, d)], 1)  # (N, M + D)
+        top_scores, top_idx = final.topk(d, dim=1)  # (N, D), by decreasing score
+        valid = top_scores > 0
+        boxes = torch.cat([boxes, boxes.new_zeros(n, d, 4)], 1).gather(1, top_idx[..., None].expand(-1, -1, 4))
+        labels = torch.cat([labels, labels.new_zeros(n, d)], 1).gather(1, top_idx)
+        return {"boxes": boxes * valid[..., None], "scores": top_scores,
+                "labels": torch.where(valid, labels, -1), "num_detections": valid.sum(1)}
+
     def _topk(self, scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The ``topk_candidates`` best (anchor, class) pairs of each image of ``scores (N, R, K)``:
         ``(scores, anchor index, class)``, each ``(N, k)``, in no particular order.
@@ -113,13 +159,11 @@ class PostProcess:
         of over all R * K.
         """
         n, r, num_classes = scores.shape
-        k = min(self.topk_candidates, r * num_classes)
-        if r <= k:  # few anchors: every anchor is a candidate
-            top_scores, top_idx = scores.reshape(n, -1).topk(k, dim=1, sorted=False)
-            return top_scores, top_idx // num_classes, top_idx % num_classes
-        anchors = scores.amax(dim=2).topk(k, dim=1, sorted=False).indices  # (N, k)
-        candidates = scores.gather(1, anchors.unsqueeze(-1).expand(-1, -1, num_classes))  # (N, k, K)
-        top_scores, top_idx = candidates.reshape(n, -1).topk(k, dim=1, sorted=False)
+        # sym_min: a plain min on ints, a symbolic one under torch.export (no branch on r)
+        k = torch.sym_min(self.topk_candidates, r * num_classes)
+        anchors = scores.amax(dim=2).topk(torch.sym_min(self.topk_candidates, r), dim=1, sorted=False).indices  # (N, a)
+        candidates = scores.gather(1, anchors.unsqueeze(-1).expand(-1, -1, num_classes))  # (N, a, K)
+        top_scores, top_idx = candidates.reshape(n, -1).topk(k, dim=1, sorted=False)  # (N, a*K) -> (N, k)
         return top_scores, anchors.gather(1, top_idx // num_classes), top_idx % num_classes
 
     def __repr__(self) -> str:

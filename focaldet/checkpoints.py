@@ -1,0 +1,159 @@
+"""Checkpoints that survive faults: atomic saves, corrupt files named, ``last`` recovered.
+
+- :class:`FocaldetCheckpointIO` (installed by ``focaldet`` in place of Lightning's
+  ``TorchCheckpointIO``) writes each checkpoint to a temporary file *in the same folder*,
+  fsyncs it and renames it over the target, so a failed save (disk full, killed process)
+  leaves the previous file intact; the failure stops the run with one line naming the path.
+  (Lightning's ``_atomic_save`` stages the file under the system temp dir and then
+  ``shutil.move``s it: across file systems that is a copy that truncates the old file first.)
+  Reading a file that is not a checkpoint raises :class:`~focaldet.errors.CheckpointError`.
+- :func:`resolve_ckpt_path` checks ``--ckpt_path`` before the trainer runs. For ``last``
+  with an unreadable ``last.ckpt`` it falls back to the newest readable checkpoint in the
+  folder, warning with both names, or refuses naming them all.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from focaldet.errors import CheckpointError
+
+# what Lightning's "last" matches (ModelCheckpoint.CHECKPOINT_NAME_LAST, with its "-vN" copies)
+LAST_NAME = "last"
+SUFFIX = ".ckpt"
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint focaldet skipped (and what it used instead)."""
+
+
+def _is_remote(path: str | os.PathLike) -> bool:
+    return "://" in str(path)
+
+
+def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False,
+                    weights_only: bool | None = False) -> dict:
+    """``torch.load`` of a Lightning checkpoint; any unreadable file raises one ``CheckpointError``
+    naming it (zero bytes, truncated, random bytes, a damaged pickle, not a checkpoint dict)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: file not found")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path}: empty file (0 bytes), not a checkpoint")
+    try:
+        ckpt = torch.load(path, map_location=map_location, mmap=mmap, weights_only=weights_only)
+    except Exception as e:  # RuntimeError (zip), UnpicklingError, EOFError, ValueError, ...
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {reason})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"checkpoint {path}: not a Lightning checkpoint (no 'state_dict')")
+    return ckpt
+
+
+def check_checkpoint(path: str | os.PathLike) -> None:
+    """Raises ``CheckpointError`` unless ``path`` reads as a checkpoint (tensors are memory-mapped,
+    not read, so this costs little beyond unpickling the metadata)."""
+    load_checkpoint_file(path, mmap=True)
+
+
+def _readable(path: Path) -> CheckpointError | None:
+    try:
+        check_checkpoint(path)
+    except CheckpointError as e:
+        return e
+    return None
+
+
+def resolve_ckpt_path(ckpt_path: str | None, ckpt_dir: str | os.PathLike) -> str | None:
+    """The checkpoint a subcommand should load, checked: ``ckpt_path`` itself, or for ``"last"``
+    the newest readable ``last*.ckpt`` in ``ckpt_dir``, else (warning) the newest readable
+    ``*.ckpt`` there. ``None``, ``"best"``, ``"hpc"``, remote URLs and a ``last`` with no
+    checkpoint at all in ``ckpt_dir`` are left for Lightning to resolve."""
+    if ckpt_path is None or ckpt_path in ("best", "hpc", "registry") or _is_remote(ckpt_path) \
+            or str(ckpt_path).startswith("registry:"):
+        return ckpt_path
+    if ckpt_path != LAST_NAME:
+        check_checkpoint(ckpt_path)
+        return ckpt_path
+    folder = Path(ckpt_dir)
+    found = sorted(folder.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime, reverse=True) if folder.is_dir() else []
+    if not found:
+        return ckpt_path  # Lightning warns "no last checkpoint" and starts afresh
+    lasts = [p for p in found if p.stem == LAST_NAME or p.stem.startswith(LAST_NAME + "-")]
+    bad: list[Path] = []
+    for path in lasts + [p for p in found if p not in lasts]:  # the lasts first, then the newest other
+        if _readable(path) is None:
+            if bad:
+                warnings.warn(f"--ckpt_path last: {bad[0]} is truncated or corrupt; resuming from {path}, "
+                              f"the newest readable checkpoint in {folder}", CheckpointWarning, stacklevel=2)
+            elif path not in lasts:  # killed before its first last.ckpt was complete
+                warnings.warn(f"--ckpt_path last: no {LAST_NAME}{SUFFIX} in {folder}; resuming from {path}, "
+                              f"the newest checkpoint there", CheckpointWarning, stacklevel=2)
+            return str(path)
+        bad.append(path)
+    raise CheckpointError(f"--ckpt_path last: no readable checkpoint in {folder} (truncated or corrupt: "
+                          f"{', '.join(p.name for p in bad)}); delete them to start afresh")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class FocaldetCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` with an atomic local save and one-line errors on save and load."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if _is_remote(path) or storage_options is not None:
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        target = Path(path)
+        tmp_name = None
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            for stale in target.parent.glob(f".{target.name}.*.tmp"):  # left by a process killed mid-save
+                stale.unlink(missing_ok=True)
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would have made
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp_name, target)  # atomic on POSIX: readers see the old file or the new one
+            tmp_name = None
+        except OSError as e:
+            raise CheckpointError(f"could not save checkpoint {target}: {e.strerror or e} "
+                                  f"(the previous file, if any, is unchanged)") from e
+        finally:
+            if tmp_name is not None and os.path.exists(tmp_name):
+                os.remove(tmp_name)
+
+    def load_checkpoint(self, path, map_location: Any = lambda storage, loc: storage,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        if _is_remote(path):
+            return super().load_checkpoint(path, map_location, weights_only)
+        return load_checkpoint_file(path, map_location=map_location, weights_only=weights_only)
+
+
+def checkpoint_dir(trainer) -> Path:
+    """Where ``--ckpt_path last`` looks: the checkpoint callback's folder, else
+    ``<default_root_dir>/checkpoints`` (where ``focaldet`` puts it)."""
+    callback = trainer.checkpoint_callback
+    if callback is not None and callback.dirpath:
+        return Path(callback.dirpath)
+    return Path(trainer.default_root_dir) / "checkpoints"
+
+
+def install_checkpoint_io(trainer) -> None:
+    """Puts :class:`FocaldetCheckpointIO` in place of the trainer's default ``TorchCheckpointIO``
+    (a user's own ``trainer.plugins`` checkpoint IO is left alone)."""
+    strategy = trainer.strategy
+    if type(strategy.checkpoint_io) is TorchCheckpointIO:
+        strategy.checkpoint_io = FocaldetCheckpointIO()

@@ -1,0 +1,86 @@
+"""The exportable detector: one module from input pixels to padded detections.
+
+``ExportableDetector(model, category_ids)`` wraps a `RetinaNet` so that its forward is what
+``predict`` does, in tensor operations that ``torch.export`` and the ONNX exporter can trace
+with the batch size, height and width left dynamic::
+
+    images (N, 3, H, W) float32 RGB in [0, 1]
+      -> resize: shorter side to min_size, longer side capped at max_size (the data
+         pipeline's eval rule, `ResizeShortestEdge`: size round(side * scale), bilinear)
+      -> normalise (pixel_mean, pixel_std) -> pad right/below to size_divisibility
+      -> backbone, FPN, head; anchors from the feature shapes
+      -> `PostProcess.padded`: top-k, decode, clip, class-aware NMS, top D
+      -> boxes back to input pixels, contiguous labels -> the dataset's category ids
+    boxes (N, D, 4) float32 xyxy, scores (N, D), labels (N, D) int64 category ids
+    (-1 in padding), num_detections (N,) int64
+
+All images of a batch share one (H, W), hence one resized size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from focaldet.modeling.retinanet import RetinaNet
+
+OUTPUT_NAMES = ("boxes", "scores", "labels", "num_detections")
+
+
+def eval_size(h, w, min_size: int | None, max_size: int | None):
+    """``(oh, ow)``: the data pipeline's eval resize rule (``shortest_edge_scale``, sizes
+    rounded half up); plain ints for ints, symbolic ones under ``torch.export``."""
+    if min_size is None:
+        return h, w
+    scale = torch.sym_min(min_size / torch.sym_min(h, w), max_size / torch.sym_max(h, w))
+    return math.floor(h * scale + 0.5), math.floor(w * scale + 0.5)  # round() has no ONNX translation
+
+
+class ExportableDetector(nn.Module):
+    """``images (N, 3, H, W)`` in [0, 1] -> ``(boxes, scores, labels, num_detections)`` (see
+    the module docstring); ``model``'s own ``min_size``, ``max_size``, ``size_divisibility``,
+    ``pixel_mean``, ``pixel_std`` and ``postprocess`` settings are used."""
+
+    def __init__(self, model: RetinaNet, category_ids: Sequence[int]):
+        super().__init__()
+        if len(category_ids) != model.num_classes:
+            raise ValueError(f"{len(category_ids)} category ids for a model of {model.num_classes} classes")
+        self.model = model
+        self.register_buffer("category_ids", torch.tensor(list(category_ids), dtype=torch.int64), persistent=False)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        m = self.model
+        n, _, h, w = images.shape
+        oh, ow = eval_size(h, w, m.min_size, m.max_size)
+        x = F.interpolate(images, size=(oh, ow), mode="bilinear", align_corners=False)  # (N, 3, oh, ow)
+        x = (x - m.pixel_mean) / m.pixel_std
+        d = m.size_divisibility
+        x = F.pad(x, (0, (ow + d - 1) // d * d - ow, 0, (oh + d - 1) // d * d - oh))  # zeros right/below
+        x = x.contiguous(memory_format=m.memory_format)
+        features = m.fpn(m.backbone(x))
+        cls_logits, box_deltas = m.head(features)  # per level (N, Hi*Wi*A, C), (N, Hi*Wi*A, 4)
+        anchors = level_anchors(m, [f.shape[-2:] for f in features], x.shape[-2:], x.device)
+        sizes = torch.tensor([oh, ow], device=x.device).expand(n, 2)  # (N, 2)
+        if m.background_logit:
+            dets = m.postprocess.padded([m.scores(t) for t in cls_logits], box_deltas, anchors, sizes, m.box_coder)
+        else:  # as RetinaNet.detect: top-k on the logits, sigmoid on the selected only
+            dets = m.postprocess.padded(cls_logits, box_deltas, anchors, sizes, m.box_coder, score_fn=torch.sigmoid)
+        scale = torch.tensor([w / ow, h / oh, w / ow, h / oh], device=x.device)  # back to input pixels
+        labels = torch.where(dets["labels"] >= 0, self.category_ids[dets["labels"].clamp(min=0)], -1)
+        return dets["boxes"] * scale, dets["scores"], labels, dets["num_detections"]
+
+
+def level_anchors(model: RetinaNet, feature_shapes, padded_size, device) -> list[Tensor]:
+    """Per level ``(Hi*Wi*A, 4)`` anchors, as ``model.anchor_generator`` makes them, from
+    shapes that may be symbolic (the generator's cache keys on ints, which would fix them)."""
+    gen = model.anchor_generator
+    if gen.torchvision_compat:
+        strides = [(padded_size[0] // h, padded_size[1] // w) for h, w in feature_shapes]
+    else:
+        strides = [(s, s) for s in gen.strides]
+    return [gen._grid(c, st, (h, w), device).anchors()
+            for c, st, (h, w) in zip(gen._cells, strides, feature_shapes)]

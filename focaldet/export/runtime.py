@@ -1,0 +1,74 @@
+"""Run an exported detector: ONNX through onnxruntime, ``.pt2`` through ``torch.export``.
+
+``ExportedDetector(path)`` reads either file and its metadata; ``detector(images)`` takes
+a float32 ``(N, 3, H, W)`` batch in [0, 1] and returns per image ``{"boxes" (M, 4),
+"scores" (M,), "category_ids" (M,)}`` (the first ``num_detections`` rows), as tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from focaldet.export.core import ExportError, load_torch_export
+from focaldet.export.graph import OUTPUT_NAMES
+
+
+def onnx_session(path: str | os.PathLike, threads: int = 0, spinning: bool = True):
+    """An onnxruntime CPU session of ``path``, graph optimisations on; ``threads`` 0 =
+    onnxruntime's choice. ``spinning=False`` stops its threads busy-waiting after each run
+    (they would take the cores from whatever runs next, e.g. the other side of a benchmark)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # NO_SUCHFILE, INVALID_PROTOBUF, ...
+        reason = "no such file" if not Path(path).is_file() else f"not a loadable ONNX model ({str(e).splitlines()[0]})"
+        raise ExportError(f"{path}: {reason}") from None
+
+
+class ExportedDetector:
+    """An exported focaldet model (``.onnx`` or ``.pt2``) with its metadata (``names``,
+    ``category_ids``, ``min_size``, ...) and a call on image batches."""
+
+    def __init__(self, path: str | os.PathLike, threads: int = 0, spinning: bool = True):
+        self.path = Path(path)
+        if self.path.suffix == ".pt2":
+            self._module, meta = load_torch_export(self.path)
+            self._session = None
+        else:
+            self._session = onnx_session(self.path, threads, spinning)
+            meta = dict(self._session.get_modelmeta().custom_metadata_map)
+        if "category_ids" not in meta:
+            raise ExportError(f"{self.path}: no focaldet metadata (category_ids): not exported by focaldet export")
+        self.metadata = meta
+        self.names: list[str] = json.loads(meta["names"])
+        self.category_ids: list[int] = json.loads(meta["category_ids"])
+
+    def run(self, images: Tensor | np.ndarray) -> tuple[np.ndarray, ...]:
+        """The raw outputs ``(boxes (N, D, 4), scores (N, D), labels (N, D), num_detections (N,))``."""
+        if self._session is not None:
+            x = images.detach().cpu().numpy() if isinstance(images, Tensor) else images
+            return tuple(self._session.run(list(OUTPUT_NAMES), {"images": np.ascontiguousarray(x, np.float32)}))
+        with torch.no_grad():
+            return tuple(t.numpy() for t in self._module(torch.as_tensor(images, dtype=torch.float32)))
+
+    def __call__(self, images: Tensor | np.ndarray) -> list[dict[str, Tensor]]:
+        boxes, scores, labels, counts = self.run(images)
+        return [{"boxes": torch.from_numpy(b[:k]), "scores": torch.from_numpy(s[:k]),
+                 "category_ids": torch.from_numpy(c[:k])}
+                for b, s, c, k in zip(boxes, scores, labels, counts.tolist())]
+
+    def predict_image(self, image: np.ndarray) -> dict[str, Tensor]:
+        """Detections of one ``(H, W, 3)`` uint8 RGB image (what ``read_image`` returns)."""
+        return self(image.transpose(2, 0, 1)[None].astype(np.float32) / 255)[0]

@@ -1,0 +1,299 @@
+"""Export: the fixed-shape detection path, ONNX (onnxruntime) and torch.export files
+against the PyTorch model, their mAP, metadata and bad input.
+
+The model is tiny (ResNet-18, FPN 32, one head conv) and trained 4 steps on a synthetic
+set; its class bias is then raised so that every image has many detections (a few steps
+leave the scores near the 0.01 prior, below the 0.05 threshold).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from focaldet.data import CocoDataModule, read_image, write_synthetic_coco
+from focaldet.export import ExportableDetector, ExportedDetector, ExportError, export_onnx, export_torch
+from focaldet.export.cli import main as export_main
+from focaldet.modeling import BoxCoder, PostProcess
+
+SIZE = 128  # eval min_size = max_size
+
+
+# ----------------------------------------------------------------------------- the two paths
+@pytest.mark.parametrize("n,r,k,bias", [(3, 700, 5, -1.5), (2, 3000, 3, -3.0), (1, 40, 2, -8.0)])
+def test_padded_path_gives_the_fast_paths_detections(n, r, k, bias):
+    """PostProcess.padded (export) and PostProcess.__call__ (training-time evaluation): the
+    same detections per image, in the same order; few, many and no candidates."""
+    g = torch.Generator().manual_seed(r)
+    post, coder = PostProcess(detections_per_img=50), BoxCoder()
+    levels = [r, r // 4]
+    logits = [torch.randn(n, m, k, generator=g) + bias for m in levels]
+    deltas = [torch.randn(n, m, 4, generator=g) * 0.2 for m in levels]
+    anchors = []
+    for m in levels:
+        xy = torch.rand(m, 2, generator=g) * 200
+        anchors.append(torch.cat([xy, xy + 8 + torch.rand(m, 2, generator=g) * 60], 1))
+    sizes = torch.tensor([[240, 260]] * n)
+    fast = post(logits, deltas, anchors, sizes, coder, score_fn=torch.sigmoid)
+    padded = post.padded(logits, deltas, anchors, sizes, coder, score_fn=torch.sigmoid)
+    assert padded["boxes"].shape == (n, 50, 4) and padded["scores"].shape == (n, 50)
+    for i, det in enumerate(fast):
+        m = int(padded["num_detections"][i])
+        assert m == len(det["scores"])
+        torch.testing.assert_close(padded["scores"][i, :m], det["scores"], rtol=0, atol=0)
+        torch.testing.assert_close(padded["boxes"][i, :m], det["boxes"], rtol=0, atol=0)
+        assert torch.equal(padded["labels"][i, :m], det["labels"])
+        assert (padded["scores"][i, m:] == 0).all() and (padded["labels"][i, m:] == -1).all()
+        assert (padded["boxes"][i, m:] == 0).all()
+    if bias == -8.0:
+        assert int(padded["num_detections"].sum()) == 0
+
+
+# ----------------------------------------------------------------------------- a small trained model
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """``(module, datamodule, folder)``: the tiny model after 4 AdamW steps on 128 px
+    synthetic images (the eval size: validate's pipeline and the graph resize nothing), class
+    bias raised to -2."""
+    import lightning as L
+
+    from focaldet.models import ResNetBackbone
+    from focaldet.module import RetinaNetModule
+
+    root = tmp_path_factory.mktemp("export")
+    data = write_synthetic_coco(root / "data", num_images=12, seed=1, num_classes=3, image_size=SIZE,
+                                val_fraction=0.34)
+    dm = CocoDataModule(train_ann=str(data.train_ann), train_images=str(data.images), val_ann=str(data.val_ann),
+                        val_images=str(data.images), batch_size=2, num_workers=0, min_size=SIZE, max_size=SIZE)
+    dm.setup("fit")
+    torch.manual_seed(0)
+    module = RetinaNetModule(num_classes=dm.num_classes, fpn_channels=32, num_convs=1, warmup_iters=2, batch_size=2,
+                             backbone=ResNetBackbone(depth=18, norm="frozen_bn", freeze_at=0), optimizer="adamw",
+                             base_lr=1e-3, base_batch_size=2, label_map=dm.label_map.to_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False, limit_val_batches=0,
+                  enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root)).fit(module, dm)
+    model = module.model.eval()
+    model.min_size, model.max_size = SIZE, SIZE  # the data's eval size (the CLI passes it; built by hand here)
+    with torch.no_grad():
+        model.head.cls_logits.bias.fill_(-2.0)
+    return module, dm, root
+
+
+@pytest.fixture(scope="module")
+def onnx_file(trained):
+    module, dm, root = trained
+    return export_onnx(module.model, dm.label_map.cat_ids, dm.label_map.names, root / "model.onnx")
+
+
+def _images(bccd_root, synth_dm, count=3) -> list[np.ndarray]:
+    """RGB uint8 images: the synthetic val images, and BCCD val images when present."""
+    ds = synth_dm.datasets["val"] if "val" in synth_dm.datasets else None
+    paths = [ds.image_dir / r["file_name"] for r in ds.records[:count]]
+    if bccd_root is not None:
+        bccd = json.loads((bccd_root / "annotations" / "instances_val.json").read_text())
+        paths += [bccd_root / "images" / im["file_name"] for im in bccd["images"][:count]]
+    return [read_image(p) for p in paths]
+
+
+def _assert_same_top_detections(got, ref, category_ids, top=20):
+    """The top ``top`` reference detections and the exported ones pair up: same category,
+    box within 0.5 px, score within 1e-3."""
+    cats = torch.tensor(category_ids)[ref["labels"]]
+    assert abs(len(got["scores"]) - len(ref["scores"])) <= 1  # one may sit at the threshold
+    for a, b in ((ref, got), (got, ref)):
+        a_cats = cats if a is ref else a["category_ids"]
+        b_cats = cats if b is ref else b["category_ids"]
+        for j in range(min(top, len(a["scores"]))):
+            close = ((b["scores"] - a["scores"][j]).abs() <= 1e-3) & (b_cats == a_cats[j]) \
+                & ((b["boxes"] - a["boxes"][j]).abs().amax(1) <= 0.5)
+            assert close.any(), f"detection {j} ({a_cats[j]}, {a['scores'][j]:.4f}, {a['boxes'][j]}) unmatched"
+
+
+@pytest.fixture(scope="module")
+def bccd_or_none():
+    from tests.conftest import BCCD_DIR
+
+    return BCCD_DIR if (BCCD_DIR / "annotations" / "instances_val.json").is_file() else None
+
+
+@pytest.mark.slow
+def test_onnx_matches_predict_on_real_and_synthetic_images(trained, onnx_file, bccd_or_none):
+    """onnxruntime against RetinaNet.predict, image by image: synthetic 128 px and, when
+    present, BCCD 640x480 photos (resized to 96x128 by both)."""
+    module, dm, _ = trained
+    onnx = ExportedDetector(onnx_file)
+    images = _images(bccd_or_none, dm)
+    for image in images:
+        x = torch.from_numpy(image).permute(2, 0, 1).float() / 255
+        ref = module.model.predict([x])[0]
+        got = onnx.predict_image(image)
+        assert len(ref["scores"]) > 10
+        _assert_same_top_detections(got, ref, dm.label_map.cat_ids)
+
+
+@pytest.mark.slow
+def test_onnx_batches_of_any_size_and_shape(trained, onnx_file):
+    """N, H and W are dynamic: a batch of 3 images of 150x100 px (a shape not traced, an
+    odd resize) gives the eager graph's outputs."""
+    module, dm, _ = trained
+    graph = ExportableDetector(module.model, dm.label_map.cat_ids).eval()
+    x = torch.rand(3, 3, 150, 100, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = graph(x)
+    got = ExportedDetector(onnx_file).run(x)
+    assert got[0].shape == (3, 100, 4) and got[2].dtype == np.int64 and got[3].dtype == np.int64
+    np.testing.assert_array_equal(got[3], ref[3].numpy())
+    np.testing.assert_array_equal(got[2], ref[2].numpy())
+    np.testing.assert_allclose(got[1], ref[1].numpy(), atol=1e-4)
+    np.testing.assert_allclose(got[0], ref[0].numpy(), atol=0.05)
+    assert set(np.unique(got[2])) <= set(dm.label_map.cat_ids) | {-1}
+
+
+@pytest.mark.slow
+def test_onnx_map_equals_validate(trained, onnx_file, tmp_path):
+    """COCO mAP of the ONNX file through onnxruntime (export evaluate) within 0.002 of
+    ``trainer.validate``'s, on ground truth where the model scores well: its own confident
+    detections on the val images (so the number is sensitive to every box and score)."""
+    import lightning as L
+
+    from focaldet.export.evaluate import evaluate_exported
+
+    module, dm, root = trained
+    val = dm.datasets["val"]
+    gt = json.loads(val.ann_file.read_text())
+    gt["annotations"] = []
+    for rec in val.records:
+        x = torch.from_numpy(read_image(val.image_dir / rec["file_name"])).permute(2, 0, 1).float() / 255
+        det = module.model.predict([x])[0]
+        for box, label in zip(det["boxes"][:8].tolist(), det["labels"][:8].tolist()):
+            gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": rec["image_id"],
+                                      "category_id": dm.label_map.cat_ids[label], "iscrowd": 0,
+                                      "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
+                                      "area": (box[2] - box[0]) * (box[3] - box[1])})
+    ann = tmp_path / "pseudo_val.json"
+    ann.write_text(json.dumps(gt))
+    vdm = CocoDataModule(val_ann=str(ann), val_images=str(val.image_dir), batch_size=2, num_workers=0,
+                         min_size=SIZE, max_size=SIZE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                  default_root_dir=str(tmp_path)).validate(module, vdm, verbose=False)
+    validate_map = module.last_eval.stats["mAP"]
+    exported_map = evaluate_exported(onnx_file, ann, val.image_dir).stats["mAP"]
+    assert validate_map > 0.5
+    assert exported_map == pytest.approx(validate_map, abs=0.002)
+
+
+@pytest.mark.slow
+def test_torch_export_program_gives_the_graphs_outputs(trained, tmp_path):
+    module, dm, _ = trained
+    path = export_torch(module.model, dm.label_map.cat_ids, dm.label_map.names, tmp_path / "model.pt2")
+    exported = ExportedDetector(path)
+    assert exported.category_ids == dm.label_map.cat_ids and exported.names == dm.label_map.names
+    graph = ExportableDetector(module.model, dm.label_map.cat_ids).eval()
+    for shape in ((1, 3, 160, 160), (2, 3, 97, 211)):
+        x = torch.rand(shape, generator=torch.Generator().manual_seed(5))
+        with torch.no_grad():
+            ref = graph(x)
+        for a, b in zip(exported.run(x), ref):
+            np.testing.assert_allclose(a, b.numpy(), atol=1e-3)
+
+
+@pytest.mark.slow
+def test_onnx_metadata(onnx_file, trained):
+    import onnx
+
+    _, dm, _ = trained
+    meta = {p.key: p.value for p in onnx.load(str(onnx_file)).metadata_props}
+    assert json.loads(meta["category_ids"]) == dm.label_map.cat_ids
+    assert json.loads(meta["names"]) == dm.label_map.names
+    assert json.loads(meta["min_size"]) == SIZE and json.loads(meta["size_divisibility"]) == 128
+    assert meta["focaldet_version"]
+    model = onnx.load(str(onnx_file))
+    assert [i.name for i in model.graph.input] == ["images"]
+    assert [o.name for o in model.graph.output] == ["boxes", "scores", "labels", "num_detections"]
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert isinstance(dims[0], str) and dims[1] == 3 and isinstance(dims[2], str) and isinstance(dims[3], str)
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_unknown_format_and_missing_folder_are_one_line_errors(tmp_path, capsys):
+    from focaldet.export import export
+
+    with pytest.raises(ExportError, match="unknown export format 'tflite'; choose from onnx, torch_export"):
+        export(None, [1], ["a"], tmp_path / "m.tflite", fmt="tflite")
+    with pytest.raises(ExportError, match="output folder .*nope does not exist"):
+        export(None, [1], ["a"], tmp_path / "nope" / "m.onnx")
+    ckpt = tmp_path / "x.ckpt"
+    assert export_main(["--ckpt_path", str(ckpt), "--format", "onnx", "--output", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"focaldet export: {ckpt}: no such checkpoint"
+    assert export_main(["--ckpt_path", str(ckpt), "--format", "coreml", "--output", str(tmp_path / "m")]) == 2
+    assert "unknown export format 'coreml'" in capsys.readouterr().err
+
+
+def test_corrupt_or_foreign_exported_files_are_one_line_errors(tmp_path):
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"\x08\x07garbage" * 10)
+    with pytest.raises(ExportError, match=r"model.onnx: not a loadable ONNX model"):
+        ExportedDetector(bad)
+    with pytest.raises(ExportError, match=r"missing.onnx: no such file"):
+        ExportedDetector(tmp_path / "missing.onnx")
+    pt2 = tmp_path / "model.pt2"
+    pt2.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ExportError, match=r"model.pt2: not a torch.export program"):
+        ExportedDetector(pt2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_exportable_graph_on_cuda_gives_predicts_detections(trained):
+    """On CUDA the fast path's NMS is fp64 batched_nms, the padded one fp32 offsets: the
+    graph's detections still pair up with predict's."""
+    import copy
+
+    module, dm, _ = trained
+    model = copy.deepcopy(module.model).cuda()
+    graph = ExportableDetector(model, dm.label_map.cat_ids).eval()
+    x = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(7)).cuda()
+    with torch.no_grad():
+        boxes, scores, labels, counts = (t.cpu() for t in graph(x))
+    for i, ref in enumerate(model.predict(list(x))):
+        ref = {k: v.cpu() for k, v in ref.items()}
+        got = {"boxes": boxes[i, :counts[i]], "scores": scores[i, :counts[i]], "category_ids": labels[i, :counts[i]]}
+        _assert_same_top_detections(got, ref, dm.label_map.cat_ids)
+
+
+@pytest.mark.slow
+def test_export_command_from_a_checkpoint(tmp_path, synth_coco, capsys):
+    """``focaldet export --ckpt_path X --format onnx --output Y`` on a checkpoint of
+    ``focaldet fit`` (tiny config): the file's detections are those of ``focaldet.load(X)``'s
+    model (the .pt2 route shares everything but the writer, tested above)."""
+    fmt, suffix = "onnx", ".onnx"
+    import focaldet
+    from tests.helpers import run_cli, tiny_config
+
+    if not hasattr(focaldet, "load"):
+        pytest.skip("focaldet.load (checkpoint -> Detector) is not in this build yet")
+    cfg = tiny_config(tmp_path, synth_coco)
+    assert run_cli("fit", "-c", str(cfg)).returncode == 0
+    ckpt = next((tmp_path / "run" / "checkpoints").glob("last*.ckpt"))
+    out = tmp_path / f"model{suffix}"
+    assert export_main(["--ckpt_path", str(ckpt), "--format", fmt, "--output", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    det = focaldet.load(str(ckpt))
+    exported = ExportedDetector(out)
+    assert exported.category_ids == list(det.category_ids) and exported.names == list(det.names)
+    image = read_image(next(synth_coco.images.iterdir()))
+    ref = det.model.predict([torch.from_numpy(image).permute(2, 0, 1).float() / 255])[0]
+    got = exported.predict_image(image)
+    if len(ref["scores"]):
+        _assert_same_top_detections(got, ref, list(det.category_ids))
+    else:
+        assert len(got["scores"]) == 0
