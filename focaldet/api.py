@@ -195,14 +195,21 @@ def read_thresholds(score_threshold: Any, names: Sequence[str]) -> Tensor | None
             raise DataError(f"thresholds file {source}: cannot read it as JSON ({e})") from None
     if not isinstance(score_threshold, Mapping):
         raise DataError(f"score_threshold must be a number, a {{name: score}} mapping or a JSON file, got {source!r}")
-    unknown = sorted(set(score_threshold) - set(names))
+    unknown = sorted(set(score_threshold) - set(names) - {"all"})
     if unknown:
         raise DataError(f"score thresholds {source if isinstance(source, (str, os.PathLike)) else ''} name "
                         f"unknown classes {unknown}; the model's classes are {list(names)}")
+
+    def score(value: Any) -> float | None:
+        return value.get("score") if isinstance(value, Mapping) else value
+
+    # validate's thresholds.json: "all" (all classes pooled) stands in for a class without its own score
+    default = score(score_threshold.get("all"))
+    default = 0.0 if default is None else float(default)
     out = torch.zeros(len(names))
     for i, name in enumerate(names):
-        value = score_threshold.get(name, 0.0)
-        out[i] = float(value["score"] if isinstance(value, Mapping) else value)
+        value = score(score_threshold.get(name))
+        out[i] = default if value is None else float(value)
     return out
 
 

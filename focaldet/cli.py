@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from focaldet.checkpoints import check_checkpoint, checkpoint_dir, install_checkpoint_io, resolve_ckpt_path
 from focaldet.data.datamodule import CocoDataModule
 from focaldet.failures import StopAllRanks, report_errors
+from focaldet.loggers import default_logger
 from focaldet.module import RetinaNetModule
 
 
@@ -118,6 +119,8 @@ class FocaldetCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         self.model.run_config = self._resolved  # stored in every checkpoint
+        if self.config.get(str(self.subcommand), self.config).trainer.logger in (None, True):
+            self.trainer.loggers = [default_logger(self.trainer.default_root_dir)]  # see focaldet.loggers
         # Checkpoints live at a stable place, <default_root_dir>/checkpoints, not inside the
         # logger's versioned folder: re-running a command with `--ckpt_path last` resumes it.
         for cb in self.trainer.checkpoint_callbacks:

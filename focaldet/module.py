@@ -18,7 +18,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from focaldet.errors import ConfigError, DataError, NonFiniteLossError
-from focaldet.evaluation import detections_to_coco, evaluate_distributed
+from focaldet.evaluation import Evaluator, detections_to_coco
+from focaldet.evaluation.thresholds import load_thresholds, per_label_thresholds
 from focaldet.inputs import InputSettings
 from focaldet.losses import RetinaNetCriterion
 from focaldet.modeling import AnchorGenerator, Matcher, PostProcess, RetinaNet
@@ -65,7 +66,13 @@ class RetinaNetModule(L.LightningModule):
         inputs: the data's eval settings (``InputSettings.to_dict()``), linked from the data
             module: the model's own ``predict`` resizes and pads as ``validate`` does.
         draw_predictions: ``predict`` also writes images with the detections drawn.
-        draw_score_threshold: minimum score of the drawn detections.
+        draw_score_threshold: minimum score of the drawn detections (validate draws at the
+            F1 thresholds it computes).
+        max_dets: detections per image COCOeval evaluates (COCO's 100); for crowded scenes
+            raise it together with ``postprocess.detections_per_img``.
+        score_threshold: ``predict`` keeps detections scoring at least this: a number, or
+            the path of a ``thresholds.json`` written by ``validate`` (per class). Default:
+            everything the postprocess keeps.
         channels_last: run the model in NHWC memory order (``RetinaNet(channels_last=...)``):
             faster with oneDNN on CPU and with tensor cores on GPU.
         flush_denormal: flush subnormal floats to zero on CPU. Training from scratch fills
@@ -105,6 +112,8 @@ class RetinaNetModule(L.LightningModule):
         inputs: dict | None = None,
         draw_predictions: bool = False,
         draw_score_threshold: float = 0.3,
+        max_dets: int = 100,
+        score_threshold: float | str | None = None,
         channels_last: bool = True,
         flush_denormal: bool = True,
         init_weights: str | None = None,
@@ -168,11 +177,9 @@ class RetinaNetModule(L.LightningModule):
         """Detections in the batch's (resized) pixel coordinates."""
         return self.model.detect(self._forward(batch), batch["image_sizes"])
 
-    def _detect(self, batch: dict) -> list[dict]:
-        """Detections mapped back to each image's original pixels."""
-        detections = self._detections(batch)
-        if self._preview is None and self.trainer.state.fn in ("validate", "test") and self.trainer.is_global_zero:
-            self._preview = _preview(batch, detections)
+    def _detect(self, batch: dict, detections: list[dict] | None = None) -> list[dict]:
+        """Detections (computed here unless given) mapped back to each image's original pixels."""
+        detections = self._detections(batch) if detections is None else detections
         for det, size, orig in zip(detections, batch["image_sizes"].tolist(), batch["orig_sizes"].tolist()):
             det["boxes"] = rescale_boxes(det["boxes"], size, orig)
         return detections
@@ -241,7 +248,18 @@ class RetinaNetModule(L.LightningModule):
         self._results, self._preview = [], None
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        detections = self._detect(batch)
+        stage = "test" if self.trainer.testing else "val"
+        if self.criterion is not None:  # losses and detections of one forward pass
+            outputs = self._forward(batch)
+            losses = self.criterion(outputs, batch["boxes"], batch["labels"])
+            self.log_dict({f"{stage}/{k}": losses[k] for k in ("loss", "loss_cls", "loss_box")},
+                          batch_size=batch["images"].shape[0], sync_dist=True)
+            detections = self.model.detect(outputs, batch["image_sizes"])
+        else:
+            detections = self._detections(batch)
+        if self._preview is None and self.trainer.is_global_zero:
+            self._preview = _preview(batch, detections)
+        detections = self._detect(batch, detections)
         self._results.extend(detections_to_coco(batch["image_ids"].tolist(), detections, self.label_to_cat_id))
 
     def on_validation_epoch_end(self) -> None:
@@ -253,35 +271,36 @@ class RetinaNetModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._evaluate("test")
 
+    @property
+    def evaluator(self) -> Evaluator:
+        return Evaluator(self.class_names, backend=self.hparams.eval_backend,
+                         max_dets=self.hparams.get("max_dets", 100))
+
     def _evaluate(self, stage: str) -> None:
+        """Evaluate, log, and (``validate``/``test``, rank 0) print and write the run folder's files."""
+        evaluator, full = self.evaluator, self.trainer.state.fn in ("validate", "test")
         coco_gt = self.trainer.datamodule.coco_gt(stage)
         out = self._run_dir()  # every rank: trainer.log_dir is a collective under DDP
-        result = evaluate_distributed(coco_gt, self._results, backend=self.hparams.eval_backend,
-                                      class_names=self.class_names, results_path=out / f"{stage}_detections.json")
-        self._results = []
-        self.last_eval = result
-        self.log_dict({f"{stage}/{k}": float(v) for k, v in result.stats.items()})
-        if self.trainer.is_global_zero and self.trainer.state.fn in ("validate", "test"):
-            print(f"\nCOCO bbox evaluation ({stage}, {len(coco_gt.getImgIds())} images)\n{result.table()}\n"
-                  f"\n{result.per_class_table()}\n", flush=True)
-            self._write_pictures(stage, result, out)
-
-    def _write_pictures(self, stage: str, result, out: Path) -> None:
-        """``{stage}_detections.png`` (first batch, ground truth in white) and ``{stage}_pr_curves.png``."""
-        from focaldet.evaluation import plot_pr_curves
-        from focaldet.visualize import save_detection_grid
-
-        written = [plot_pr_curves(result, out / f"{stage}_pr_curves.png")]
-        if self._preview is not None:
-            images, detections, targets = self._preview
-            written.append(save_detection_grid(images, detections, self.class_names, out / f"{stage}_detections.png",
-                                               targets=targets, score_threshold=self.hparams.draw_score_threshold))
-        print("wrote " + ", ".join(str(p) for p in written), flush=True)
-        self._preview = None
+        report = evaluator.compute(coco_gt, self._results, stage, extras=full,
+                                   results_path=out / f"{stage}_detections.json")
+        self._results, preview, self._preview = [], self._preview, None
+        self.last_eval = report.coco
+        self.log_dict(evaluator.metrics(report))
+        if not self.trainer.is_global_zero:
+            return
+        if not self.trainer.sanity_checking:
+            evaluator.log_images(report, self.trainer.loggers, self.global_step, preview,
+                                 self.hparams.draw_score_threshold)
+        if full:
+            print(f"\n{evaluator.summary(report)}\n", flush=True)
+            written = evaluator.write(report, out, preview, self.hparams.draw_score_threshold)
+            print("wrote " + ", ".join(str(p) for p in written), flush=True)
 
     # ------------------------------------------------------------------ prediction
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         detections = self._detect(batch)
+        if self.hparams.get("score_threshold") is not None:
+            detections = self._apply_score_threshold(detections)
         entries = detections_to_coco(batch["image_ids"].tolist(), detections, self.label_to_cat_id)
         names = dict(zip(self.label_to_cat_id, self.class_names))
         files = dict(zip(batch["image_ids"].tolist(), batch["file_names"]))
@@ -290,6 +309,19 @@ class RetinaNetModule(L.LightningModule):
         if self.hparams.draw_predictions:
             self._draw(batch, detections)
         return entries
+
+    def _apply_score_threshold(self, detections: list[dict]) -> list[dict]:
+        """Keep the detections scoring at least ``score_threshold`` (one number, or per class)."""
+        if getattr(self, "_score_thresholds", None) is None:  # read the file once per run
+            self._score_thresholds = per_label_thresholds(load_thresholds(self.hparams.score_threshold),
+                                                          self.class_names)
+        thr = self._score_thresholds
+        out = []
+        for det in detections:
+            keep = det["scores"] >= torch.as_tensor(thr, dtype=det["scores"].dtype, device=det["scores"].device)[
+                det["labels"]]
+            out.append({k: v[keep] for k, v in det.items()})
+        return out
 
     def _draw(self, batch: dict, detections: list[dict]) -> None:
         from focaldet.data import read_image

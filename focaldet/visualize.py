@@ -53,11 +53,12 @@ def draw_detections(
     image: Tensor,
     detections: dict[str, Tensor],
     class_names: Sequence[str],
-    score_threshold: float = 0.3,
+    score_threshold: float | Sequence[float] = 0.3,
     target: dict[str, Tensor] | None = None,
     width: int = 2,
 ) -> Tensor:
-    """Draw the detections scoring at least ``score_threshold`` on ``image``.
+    """Draw the detections scoring at least ``score_threshold`` (one number, or one per
+    class) on ``image``.
 
     Each box is coloured by class (:func:`class_color`) and labelled ``"name 0.87"`` in
     black on a tag of the box's colour.
@@ -74,7 +75,12 @@ def draw_detections(
     boxes = detections["boxes"].detach().cpu().float().reshape(-1, 4)
     scores = detections["scores"].detach().cpu().float().reshape(-1)
     labels = detections["labels"].detach().cpu().long().reshape(-1)
-    keep = (scores >= score_threshold) & _valid(boxes)
+    if isinstance(score_threshold, (int, float)):
+        keep = scores >= score_threshold
+    else:  # per class; a nan threshold keeps nothing of its class
+        thr = torch.as_tensor(list(score_threshold), dtype=torch.float32)
+        keep = scores >= thr[labels.clamp(0, len(thr) - 1)]
+    keep &= _valid(boxes)
     if not keep.any():
         return out
     boxes, scores, labels = boxes[keep], scores[keep], labels[keep].tolist()
@@ -102,15 +108,33 @@ def save_detection_grid(
     class_names: Sequence[str],
     path: str | os.PathLike,
     ncols: int = 4,
-    score_threshold: float = 0.3,
+    score_threshold: float | Sequence[float] = 0.3,
     targets: Sequence[dict[str, Tensor]] | None = None,
     max_size: int = 640,
 ) -> Path:
-    """Draw each image's detections (and ground truth) and tile them into one PNG.
+    """Save :func:`detection_grid` as a PNG."""
+    grid = detection_grid(images, detections_list, class_names, ncols, score_threshold, targets, max_size)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)  # torchvision.io is deprecated (0.29)
+    return path
+
+
+def detection_grid(
+    images: Sequence[Tensor],
+    detections_list: Sequence[dict[str, Tensor]],
+    class_names: Sequence[str],
+    ncols: int = 4,
+    score_threshold: float | Sequence[float] = 0.3,
+    targets: Sequence[dict[str, Tensor]] | None = None,
+    max_size: int = 640,
+) -> Tensor:
+    """Draw each image's detections (and ground truth) and tile them: a ``uint8 (3, H, W)`` tensor.
 
     Images may differ in size: each is first downscaled to at most ``max_size`` pixels on
     its longer side (boxes scaled to match, so labels stay readable), then padded with
     black at the bottom/right to the largest size, and laid out ``ncols`` per row.
+    ``score_threshold`` is one number or one per class (e.g. the F1 thresholds).
     """
     if len(images) != len(detections_list) or (targets is not None and len(targets) != len(images)):
         raise ValueError("images, detections_list and targets must have the same length")
@@ -123,8 +147,4 @@ def save_detection_grid(
     h = max(d.shape[1] for d in drawn)
     w = max(d.shape[2] for d in drawn)
     padded = [TF.pad(d, [0, 0, w - d.shape[2], h - d.shape[1]]) for d in drawn]
-    grid = make_grid(torch.stack(padded), nrow=ncols, padding=4, pad_value=0)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)  # torchvision.io is deprecated (0.29)
-    return path
+    return make_grid(torch.stack(padded), nrow=ncols, padding=4, pad_value=0)

@@ -20,7 +20,10 @@ DDP = ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.acceler
 
 def _val_metrics(run: Path) -> dict[str, float]:
     rows = list(csv.DictReader((next((run / "lightning_logs").iterdir()) / "metrics.csv").open()))
-    return {k: float(v) for row in rows for k, v in row.items() if k.startswith("val/") and v}
+    # val/loss averages over the sampler's padded repeats, so it may differ in DDP: the COCO
+    # numbers and per-class AP are the exact ones
+    return {k: float(v) for row in rows for k, v in row.items()
+            if k.startswith("val/") and not k.startswith("val/loss") and v}
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +40,7 @@ def one_process_validation(tmp_path_factory):
     proc = run_cli("validate", "-c", str(cfg), "-c", str(low_thresh))
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = _val_metrics(tmp_path / "one" / "run")
-    assert len(metrics) == 12 and metrics["val/AR100"] > 0
+    assert len([k for k in metrics if k.count("/") == 1]) == 12 and metrics["val/AR100"] > 0
     return data, low_thresh, metrics
 
 

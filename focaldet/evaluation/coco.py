@@ -143,6 +143,13 @@ class CocoEvalResult:
         precision: COCOeval's ``eval["precision"]`` array ``(T, R, K, A, M)`` for plots
             (IoU thresholds, recall thresholds, classes, area ranges, max detections).
         class_names: names in category-id order (the K axis of ``precision``).
+        scores: COCOeval's ``eval["scores"]`` array, same shape: the score at which each
+            precision entry is reached.
+        matches: per class, COCOeval's per-detection matching at IoU 0.5, area "all",
+            ``max_dets`` (:class:`~focaldet.evaluation.thresholds.ClassMatches`): what the
+            F1 thresholds are computed from.
+        max_dets: the largest ``params.maxDets`` (COCO's 100 by default); ``AR100`` and
+            the APs are computed at this many detections per image.
     """
 
     stats: dict[str, float]
@@ -151,6 +158,9 @@ class CocoEvalResult:
     num_gt: dict[str, int]
     precision: np.ndarray | None = field(default=None, repr=False)
     class_names: list[str] = field(default_factory=list)
+    scores: np.ndarray | None = field(default=None, repr=False)
+    matches: list | None = field(default=None, repr=False)
+    max_dets: int = 100
 
     def table(self) -> str:
         """The 12 summary numbers as an aligned two-column text table."""
@@ -227,6 +237,7 @@ def evaluate_coco(
     backend: str = "pycocotools",
     class_names: Sequence[str] | None = None,
     image_ids: Sequence[int] | None = None,
+    max_dets: int = 100,
 ) -> CocoEvalResult:
     """Run COCO bbox evaluation of ``results`` against ``coco_gt``.
 
@@ -241,9 +252,20 @@ def evaluate_coco(
             category names.
         image_ids: evaluate only these images (e.g. a smoke run over a subset); default all
             images of the ground truth, as COCOeval does.
+        max_dets: detections per image evaluated (``params.maxDets = [1, 10, max_dets]``);
+            COCO's 100 by default, more for crowded scenes. ``mAP`` and ``AR100`` are then
+            at ``max_dets`` (the names stay). The model's own cap is
+            ``PostProcess.detections_per_img``: raise both together.
 
-    The libraries' progress prints are silenced.
+    The libraries' progress prints are silenced. The per-detection matching at IoU 0.5
+    (``matches``) comes from pycocotools' ``evalImgs``; with the faster-coco-eval
+    backend, whose ``evalImgs`` stay in C++, pycocotools is run once more at IoU 0.5 only.
     """
+    from focaldet.evaluation.thresholds import matches_at_iou50
+
+    if int(max_dets) < 10:
+        raise ConfigError(f"max_dets must be >= 10 (COCOeval also reports AR1 and AR10), got {max_dets}")
+    max_dets = int(max_dets)
     coco_cls, eval_cls, eval_kwargs = _backend_classes(backend)
     with contextlib.redirect_stdout(io.StringIO()):
         gt = _to_backend_coco(coco_gt, coco_cls)
@@ -254,9 +276,24 @@ def evaluate_coco(
         ev = eval_cls(gt, dt, iouType="bbox", **eval_kwargs)
         if image_ids is not None:
             ev.params.imgIds = sorted({int(i) for i in image_ids})
+        ev.params.maxDets = [1, 10, max_dets]
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
+        if backend.replace("-", "_") == "pycocotools":
+            matches = matches_at_iou50(ev, max_dets)
+        else:
+            from pycocotools.coco import COCO
+            from pycocotools.cocoeval import COCOeval
+
+            pgt = _to_backend_coco(gt, COCO)
+            pev = COCOeval(pgt, pgt.loadRes([dict(r) for r in results]) if results else _empty_results_coco(pgt, COCO),
+                           iouType="bbox")
+            pev.params.imgIds, pev.params.iouThrs = list(ev.params.imgIds), np.array([0.5])
+            pev.params.areaRng, pev.params.areaRngLbl = pev.params.areaRng[:1], pev.params.areaRngLbl[:1]
+            pev.params.maxDets = [max_dets]
+            pev.evaluate()
+            matches = matches_at_iou50(pev, max_dets)
 
     cat_ids = list(ev.params.catIds)  # sorted, the K axis of the precision array
     if class_names is None:
@@ -266,6 +303,7 @@ def evaluate_coco(
     class_names = [str(n) for n in class_names]
 
     precision = np.asarray(ev.eval["precision"])
+    scores = np.asarray(ev.eval["scores"])
     gt_anns = gt.loadAnns(gt.getAnnIds(imgIds=list(ev.params.imgIds)))
     gt_count = Counter(a["category_id"] for a in gt_anns if not a.get("iscrowd", 0))
     per_class, per_class_ap50, num_gt = {}, {}, {}
@@ -275,7 +313,9 @@ def evaluate_coco(
         num_gt[name] = gt_count[cat_id]
 
     stats = {name: float(v) for name, v in zip(STAT_NAMES, ev.stats[: len(STAT_NAMES)])}
-    return CocoEvalResult(stats, per_class, per_class_ap50, num_gt, precision, class_names)
+    if max_dets != 100:  # pycocotools' summarize() computes mAP at a hard-coded maxDets=100
+        stats["mAP"] = _mean_valid(precision[:, :, :, 0, -1]) if (precision[:, :, :, 0, -1] > -1).any() else -1.0
+    return CocoEvalResult(stats, per_class, per_class_ap50, num_gt, precision, class_names, scores, matches, max_dets)
 
 
 def _mean_valid(precision: np.ndarray) -> float:
@@ -291,6 +331,7 @@ def evaluate_distributed(
     class_names: Sequence[str] | None = None,
     image_ids: Sequence[int] | None = None,
     results_path: str | os.PathLike | None = None,
+    max_dets: int = 100,
 ) -> CocoEvalResult:
     """:func:`evaluate_coco` over the results of all ranks; every rank gets the result.
 
@@ -304,16 +345,27 @@ def evaluate_distributed(
     :func:`evaluate_coco` on the de-duplicated local results.
     """
     results = gather_results(local_results)
-    if not _distributed():
+
+    def evaluate() -> CocoEvalResult:
         if results_path is not None:
             write_results_json(results, results_path)
-        return evaluate_coco(coco_gt, results, backend, class_names, image_ids)
+        return evaluate_coco(coco_gt, results, backend, class_names, image_ids, max_dets)
+
+    return on_rank_zero(evaluate)
+
+
+def on_rank_zero(fn: Any) -> Any:
+    """``fn()`` run on rank 0 and its result broadcast to every rank (a collective).
+
+    An exception on rank 0 is re-raised on every rank instead of leaving the others
+    waiting. Without distributed, just ``fn()``.
+    """
+    if not _distributed():
+        return fn()
     payload: list[Any] = [None]
     if dist.get_rank() == 0:
         try:
-            if results_path is not None:
-                write_results_json(results, results_path)
-            payload[0] = evaluate_coco(coco_gt, results, backend, class_names, image_ids)
+            payload[0] = fn()
         except Exception as e:  # noqa: BLE001 - forwarded to every rank below
             payload[0] = e
     dist.broadcast_object_list(payload, src=0)
@@ -340,18 +392,25 @@ def write_results_json(results: Sequence[dict[str, Any]], path: str | os.PathLik
 
 
 def plot_pr_curves(result: CocoEvalResult, path: str | os.PathLike, max_legend: int = 20) -> Path:
-    """Save precision-recall curves per class at IoU 0.5 and 0.75 as a PNG.
+    """Save :func:`pr_curves_figure` as a PNG."""
+    fig = pr_curves_figure(result, max_legend)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
 
-    Area "all", at most 100 detections per image. Classes without ground truth are left
-    out; the mean over classes is drawn in bold black. The legend lists at most
-    ``max_legend`` classes.
+
+def pr_curves_figure(result: CocoEvalResult, max_legend: int = 20):
+    """Precision-recall curves per class at IoU 0.5 and 0.75 (a matplotlib ``Figure``).
+
+    Area "all", at most ``result.max_dets`` detections per image. Classes without ground
+    truth are left out; the mean over classes is drawn in bold black. The legend lists at
+    most ``max_legend`` classes.
     """
     from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas
 
     if result.precision is None:
         raise ValueError("this CocoEvalResult carries no precision array")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig = Figure(figsize=(12, 5), dpi=100, layout="constrained")
     for ax, iou in zip(fig.subplots(1, 2), (0.5, 0.75)):
         t = int(np.argmin(np.abs(IOU_THRESHOLDS - iou)))
@@ -367,6 +426,6 @@ def plot_pr_curves(result: CocoEvalResult, path: str | os.PathLike, max_legend: 
         ax.grid(alpha=0.3)
         if 0 < len(valid) <= max_legend:
             ax.legend(fontsize="small", loc="lower left")
-    fig.suptitle(f"Precision-recall (area all, maxDets 100): mAP={result.stats.get('mAP', float('nan')):.4f}")
-    fig.savefig(path)
-    return path
+    fig.suptitle(f"Precision-recall (area all, maxDets {result.max_dets}): "
+                 f"mAP={result.stats.get('mAP', float('nan')):.4f}")
+    return fig

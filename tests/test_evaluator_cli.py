@@ -1,0 +1,81 @@
+"""``focaldet validate`` writes the evaluation files, logs val/loss; predict applies
+thresholds.json; the default logger writes TensorBoard events and metrics.csv together."""
+
+import csv
+import json
+import math
+
+import pytest
+
+from focaldet.cli import main
+from tests.helpers import tiny_config
+
+
+def _latest_version(run):
+    return max((run / "lightning_logs").iterdir(), key=lambda p: int(p.name.split("_")[1]))
+
+
+@pytest.mark.slow
+def test_validate_writes_evaluation_files_and_predict_uses_thresholds(tmp_path, synth_coco, capsys):
+    low = {"class_path": "focaldet.models.PostProcess", "init_args": {"score_thresh": 0.0, "detections_per_img": 20}}
+    cfg = tiny_config(tmp_path, synth_coco, **{"model.postprocess": low})
+    run = tmp_path / "run"
+    main(["fit", "-c", str(cfg)])
+    fit_dir = _latest_version(run)
+    with open(fit_dir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    val_rows = [r for r in rows if r.get("val/loss")]
+    assert val_rows and all(math.isfinite(float(r["val/loss"])) for r in val_rows)
+    assert {"val/loss_cls", "val/loss_box", "val/AP/circle"} <= set(rows[0])
+
+    capsys.readouterr()
+    main(["validate", "-c", str(cfg), "--ckpt_path", "last"])
+    out = capsys.readouterr().out
+    assert "Score thresholds maximising F1 at IoU 0.5" in out and "TIDE error breakdown" in out
+    version = _latest_version(run)
+    for name in ("thresholds.json", "confusion_matrix.csv", "confusion_matrix.png", "errors.json", "errors.png",
+                 "val_pr_curves.png", "val_detections.png", "val_detections.json"):
+        assert (version / name).is_file(), name
+    thresholds = json.loads((version / "thresholds.json").read_text())
+    assert set(thresholds) == {"circle", "square", "triangle", "cross", "all"}
+    errors = json.loads((version / "errors.json").read_text())
+    assert set(errors["dAP"]) == {"classification", "localisation", "both", "duplicate", "background", "missed"}
+    with open(version / "confusion_matrix.csv") as f:
+        table = list(csv.reader(f))
+    assert table[0] == ["true \\ predicted", "circle", "square", "triangle", "cross", "background"]
+    gt = json.loads(synth_coco.val_ann.read_text())
+    assert sum(int(v) for row in table[1:5] for v in row[1:]) == len(gt["annotations"])  # each box once
+    with open(version / "metrics.csv") as f:
+        assert "val/loss" in next(csv.reader(f))
+
+    main(["predict", "-c", str(cfg), "--ckpt_path", "last", "--data.predict_images", str(synth_coco.images),
+          "--model.score_threshold", str(version / "thresholds.json")])
+    preds = json.loads((_latest_version(run) / "predictions.json").read_text())
+    floor = {n: (t["score"] if t["score"] is not None else thresholds["all"]["score"]) for n, t in thresholds.items()}
+    assert all(p["score"] >= floor[p["category_name"]] - 1e-5 for p in preds)
+    import focaldet
+
+    detector = focaldet.load(run / "checkpoints" / "last.ckpt")  # Detector.predict reads the same file
+    for r in detector.predict(str(synth_coco.images), score_threshold=str(version / "thresholds.json")):
+        assert all(s >= floor[detector.names[k]] - 1e-5 for s, k in zip(r["scores"].tolist(), r["labels"].tolist()))
+    main(["predict", "-c", str(cfg), "--ckpt_path", "last", "--data.predict_images", str(synth_coco.images),
+          "--model.score_threshold", "0.5"])
+    assert all(p["score"] >= 0.5 for p in json.loads((_latest_version(run) / "predictions.json").read_text()))
+
+
+@pytest.mark.slow
+def test_default_logger_writes_tensorboard_and_csv_in_one_folder(tmp_path, synth_coco):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny_config(tmp_path, synth_coco)
+    main(["fit", "-c", str(cfg)])
+    versions = list((tmp_path / "run" / "lightning_logs").iterdir())
+    assert len(versions) == 1
+    folder = versions[0]
+    assert (folder / "metrics.csv").is_file() and list(folder.glob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(folder), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    scalars, images = set(acc.Tags()["scalars"]), set(acc.Tags()["images"])
+    assert {"train/loss", "val/loss", "val/mAP", "val/AP50", "val/AP/circle", "lr-SGD"} <= scalars
+    assert {"val/detections", "val/pr_curves"} <= images
