@@ -49,6 +49,8 @@ class TorchvisionRetinaNetModule(RetinaNetModule):
         self.model = module.model.to_torchvision(module.criterion)
         self.model.transform.resize = _keep_size
         self.criterion = None
+        # the fields RetinaNetModule.__init__ sets beside its model and criterion
+        self.label_map, self.inputs, self.init_weights_source = module.label_map, module.inputs, None
         self._init_run_state(module.run_config)
 
     @staticmethod

@@ -93,9 +93,10 @@ def test_api_predictions_give_validate_map(trained, synth_coco, capsys):
     key = lambda r: (r["image_id"], r["category_id"], -r["score"], r["bbox"])  # noqa: E731
     assert sorted(results, key=key) == sorted(logged, key=key)  # the same detections, entry by entry
     api = evaluate_coco(gt, results).stats
-    assert validate["mAP"] > 0
-    for key in ("mAP", "AP50", "AP75"):
-        assert api[key] == pytest.approx(validate[key], abs=1e-6)
+    # A 4-step model's mAP may round to 0 on some thread counts: the entry-by-entry equality
+    # above is the strong check; the 12 numbers must agree as well.
+    for key in validate:
+        assert api[key] == pytest.approx(validate[key], abs=1e-6), key
     r0 = out[0]
     assert r0["category_ids"].tolist() == [det.category_ids[i] for i in r0["labels"].tolist()]
     assert r0["names"] == [det.names[i] for i in r0["labels"].tolist()]
