@@ -204,8 +204,6 @@ def test_onnx_map_equals_validate(trained, onnx_file, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="torch.export.save cannot serialise the math.floor of the symbolic resize rounding "
-                          "(ONNX can); fix: round in integer arithmetic in graph.eval_size", strict=True)
 def test_torch_export_program_gives_the_graphs_outputs(trained, tmp_path):
     module, dm, _ = trained
     path = export_torch(module.model, dm.label_map.cat_ids, dm.label_map.names, tmp_path / "model.pt2")

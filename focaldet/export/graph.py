@@ -19,7 +19,6 @@ All images of a batch share one (H, W), hence one resized size.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -33,11 +32,19 @@ OUTPUT_NAMES = ("boxes", "scores", "labels", "num_detections")
 
 def eval_size(h, w, min_size: int | None, max_size: int | None):
     """``(oh, ow)``: the data pipeline's eval resize rule (``shortest_edge_scale``, sizes
-    rounded half up); plain ints for ints, symbolic ones under ``torch.export``."""
+    rounded half up; at an exact half the pipeline's float arithmetic may round 1 px the
+    other way); plain ints for ints, symbolic ones under ``torch.export``."""
     if min_size is None:
         return h, w
-    scale = torch.sym_min(min_size / torch.sym_min(h, w), max_size / torch.sym_max(h, w))
-    return math.floor(h * scale + 0.5), math.floor(w * scale + 0.5)  # round() has no ONNX translation
+    # round half up of x * min(min_size / short, max_size / long), in integer arithmetic (exact,
+    # and serialisable by torch.export): rounding is monotone, so the min of the two rounded
+    # candidates is the rounded min; floor(x * a / b + 1/2) = (2 * x * a + b) // (2 * b).
+    short, long = torch.sym_min(h, w), torch.sym_max(h, w)
+
+    def rounded(x):
+        return torch.sym_min((2 * x * min_size + short) // (2 * short), (2 * x * max_size + long) // (2 * long))
+
+    return rounded(h), rounded(w)
 
 
 class ExportableDetector(nn.Module):
