@@ -53,7 +53,7 @@ def test_quick_run_writes_json_with_every_case(tmp_path):
     results = json.loads(out.read_text())
     assert list(results) == cases
     for case, r in results.items():
-        assert set(r) == {"focaldet", "torchvision", "ratio"}, case
+        assert {"focaldet", "torchvision", "ratio"} <= set(r), case  # loss_scaling adds its own keys
         assert all(isinstance(v, (int, float)) and v > 0 for v in r.values()), (case, r)
         assert r["ratio"] == pytest.approx(
             r["focaldet"] / r["torchvision"] if case == "data" else r["torchvision"] / r["focaldet"])

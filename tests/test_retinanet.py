@@ -89,10 +89,10 @@ def test_backbone_weights_from_file(tmp_path):
 
 
 def test_bad_backbone_settings_are_clear():
-    from focaldet.errors import ConfigError
+    from focaldet.errors import ConfigError, WeightsError
     with pytest.raises(ConfigError, match="depth"):
         ResNetBackbone(depth=42)
-    with pytest.raises(ConfigError, match="not found"):
+    with pytest.raises(WeightsError, match="not found"):
         ResNetBackbone(18, weights="/nonexistent/r18.pth")
 
 
