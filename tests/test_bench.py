@@ -54,7 +54,9 @@ def test_quick_run_writes_json_with_every_case(tmp_path):
     assert list(results) == cases
     for case, r in results.items():
         assert {"focaldet", "torchvision", "ratio"} <= set(r), case  # loss_scaling adds its own keys
-        assert all(isinstance(v, (int, float)) and v > 0 for v in r.values()), (case, r)
+        assert all(isinstance(r[k], (int, float)) and r[k] > 0 for k in ("focaldet", "torchvision", "ratio")), (case, r)
+        for sub in (v for v in r.values() if isinstance(v, dict)):  # loss_scaling's loss_g{G}
+            assert sub["ratio"] == pytest.approx(sub["torchvision"] / sub["focaldet"]), (case, sub)
         assert r["ratio"] == pytest.approx(
             r["focaldet"] / r["torchvision"] if case == "data" else r["torchvision"] / r["focaldet"])
 
