@@ -8,6 +8,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from torch.utils.data import DistributedSampler
 
 from focaldet.data import CocoDataModule
 from focaldet.data.doctor import check_dataset
@@ -114,6 +115,8 @@ def test_datamodule_builds_the_sampler(synth_coco, monkeypatch):
     loader = dm.train_dataloader()
     sampler = loader.sampler
     assert isinstance(sampler, RepeatFactorSampler) and sampler.seed == 7
+    assert isinstance(sampler, DistributedSampler)  # Lightning's use_distributed_sampler keeps it as is
+    assert (sampler.num_replicas, sampler.rank) == (1, 0)
     labels = [r["labels"].tolist() for r in dm.datasets["train"].records]
     np.testing.assert_allclose(sampler.factors.numpy(), _direct(labels, 0.9, "linear"))
     assert len(loader) == math.ceil(len(sampler) / 2)
