@@ -102,15 +102,15 @@ def test_table_has_paper_columns_best_alpha_per_gamma_and_grid_and_heatmap(tmp_p
     table = table_markdown([GAMMA, ALPHA], outcomes)
     # AP = 0.1 + gamma / 10 + alpha / 100; AP50 = AP / 2, AP75 = AP / 3 (fake_result), in %
     assert "| gamma | alpha | AP | AP50 | AP75 |" in table
-    assert "| 2 | 0.25 | 30.2 | 15.1 | 10.1 |" in table
+    assert "| 2 | 0.25 | 30.3 | 15.1 | 10.1 |" in table
     best = table.split("Table 1b")[1]
     assert "| 0 | 0.75 | 10.8 | 5.4 | 3.6 |" in best and "| 2 | 0.75 | 30.8 | 15.4 | 10.3 |" in best
-    assert "| gamma \\ alpha | 0.25 | 0.75 |" in table and "| 2 | 30.2 | 30.8 |" in table
+    assert "| gamma \\ alpha | 0.25 | 0.75 |" in table and "| 2 | 30.3 | 30.8 |" in table
     assert (tmp_path / "table.md").read_text() == table
     assert (tmp_path / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     one = table_markdown([GAMMA], run_sweep(["b.yaml"], [(GAMMA, [1])], tmp_path / "one", run=FakeRun(),
                                             log=lambda s: None))
-    assert "Table 1b" not in one and "| 1 | 20.1 | 10.1 | 6.7 |" in one
+    assert "Table 1b" not in one and "| 1 | 20.0 | 10.0 | 6.7 |" in one
     assert not (tmp_path / "one" / "heatmap.png").exists()
 
 
