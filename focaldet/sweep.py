@@ -46,7 +46,7 @@ from focaldet.errors import ConfigError
 from focaldet.failures import one_line
 
 __all__ = ["Cell", "CellOutcome", "expand_grid", "parse_param", "parse_value", "run_sweep",
-           "split_values", "table_markdown", "write_outputs"]
+           "split_values", "table_markdown", "write_heatmap", "write_outputs"]
 
 CONFIG_KEY = "config"  # --param config=A.yaml,B.yaml: an extra config file per cell
 TABLE_STATS = ("mAP", "AP50", "AP75")  # the paper's Table 1 columns
@@ -334,7 +334,8 @@ def write_heatmap(keys: Sequence[str], outcomes: Sequence[CellOutcome], path: Pa
         elif o.status == "failed":
             text[i][j] = "failed"
     short = _short_keys(keys)
-    fig = Figure(figsize=(1.2 + 1.1 * len(cols), 1.0 + 0.6 * len(rows)), dpi=120)
+    widest = max(len(c) for c in cols)
+    fig = Figure(figsize=(2.0 + max(1.1, 0.08 * widest) * len(cols), 1.5 + 0.6 * len(rows)), dpi=120)
     ax = fig.add_subplot()
     image = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", aspect="auto")
     finite = grid[np.isfinite(grid)]
@@ -343,7 +344,7 @@ def write_heatmap(keys: Sequence[str], outcomes: Sequence[CellOutcome], path: Pa
         for j in range(len(cols)):
             dark = np.isfinite(grid[i, j]) and grid[i, j] < middle
             ax.text(j, i, text[i][j], ha="center", va="center", color="white" if dark else "black", fontsize=9)
-    ax.set_xticks(range(len(cols)), cols)
+    ax.set_xticks(range(len(cols)), cols, rotation=30 if widest > 8 else 0, ha="right" if widest > 8 else "center")
     ax.set_yticks(range(len(rows)), rows)
     ax.set_xlabel(short[1])
     ax.set_ylabel(short[0])
