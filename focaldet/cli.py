@@ -3,7 +3,8 @@
 ``focaldet fit|validate|test|predict -c CONFIG.yaml [--key value ...]`` is Lightning's
 ``LightningCLI`` over ``RetinaNetModule`` and ``CocoDataModule``; ``focaldet data ...`` are
 the dataset tools, ``focaldet bench`` the side-by-side benchmark, ``focaldet export`` the ONNX / torch.export files,
-``focaldet equal-budget`` the side-by-side training run and ``focaldet serve`` the model server.
+``focaldet equal-budget`` the side-by-side training run, ``focaldet sweep`` one run per cell of a
+parameter grid and ``focaldet serve`` the model server.
 """
 
 from __future__ import annotations
@@ -175,6 +176,10 @@ def run(argv: list[str] | None = None) -> int:
         from focaldet.equal_budget import main as equal_budget_main
 
         return equal_budget_main(args[1:])
+    if args and args[0] == "sweep":
+        from focaldet.sweep import main as sweep_main
+
+        return sweep_main(args[1:])
     if args and args[0] == "predict" and not {"-c", "--config"} & set(args):
         args = _config_from_checkpoint(args)
     FocaldetCLI(
