@@ -51,6 +51,7 @@ class TorchvisionRetinaNetModule(RetinaNetModule):
         self.criterion = None
         # the fields RetinaNetModule.__init__ sets beside its model and criterion
         self.label_map, self.inputs, self.init_weights_source = module.label_map, module.inputs, None
+        self.slicing = None  # equal-budget runs compare unsliced evaluations
         self._init_run_state(module.run_config)
 
     @staticmethod
