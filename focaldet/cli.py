@@ -103,6 +103,8 @@ class FocaldetCLI(LightningCLI):
                               apply_on="instantiate")
         parser.link_arguments("data.inputs", "model.inputs", compute_fn=lambda s: s.to_dict(), apply_on="instantiate")
         parser.link_arguments("data.batch_size", "model.batch_size")
+        # sliced inference cuts the original image: the data module must not resize it first
+        parser.link_arguments("model.slicing", "data.eval_original_size", compute_fn=lambda s: s is not None)
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI torch.loads --ckpt_path here (for its hyperparameters): name a bad file first

@@ -49,6 +49,7 @@ class TorchvisionRetinaNetModule(RetinaNetModule):
         self.model = self.model.to_torchvision(self.criterion)
         self.model.transform.resize = _keep_size
         self.criterion = None
+        self.slicing = None  # equal-budget runs compare unsliced evaluations
 
     @staticmethod
     def _inputs(batch: dict) -> list:

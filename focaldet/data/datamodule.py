@@ -88,6 +88,10 @@ class CocoDataModule(L.LightningDataModule):
             another size than their JSON entry says: ``"raise"`` an `ImageError` listing all
             of them, or ``"skip"`` them (and their annotations; the evaluation leaves them
             out too) with one `DataWarning` naming each.
+        eval_original_size: hand over val/test/predict images at their original size,
+            without the eval pipeline (boxes stay in original pixels): the model then
+            prepares them itself, e.g. for sliced inference (``model.slicing``, which sets this
+            on the CLI). ``inputs`` still describes the eval pipeline the model applies.
 
     `setup` decodes every image of the splits it builds once (`focaldet.data.scan`, in
     threads, cached per folder), so that no epoch dies on a bad file; truncated JPEGs are
@@ -122,6 +126,7 @@ class CocoDataModule(L.LightningDataModule):
         sampler: Literal["shuffle", "repeat_factor"] = "shuffle",
         repeat_threshold: float = REPEAT_THRESHOLD,
         repeat_rule: RepeatRule = "sqrt",
+        eval_original_size: bool = False,
     ) -> None:
         super().__init__()
         if bad_images not in _BAD_IMAGES:
@@ -153,6 +158,7 @@ class CocoDataModule(L.LightningDataModule):
         self.eval_transforms = eval_transforms
         self.size_divisibility = size_divisibility
         self.filter_empty = filter_empty
+        self.eval_original_size = eval_original_size
 
         self._cocos: dict[Path, COCO] = {}
         self._gt: dict[str, COCO] = {}  # a split's ground truth without its skipped images
@@ -209,9 +215,9 @@ class CocoDataModule(L.LightningDataModule):
     # Datasets and loaders
     # ----------------------------------------------------------------------------------
 
-    def _transforms(self, train: bool) -> Callable:
+    def _transforms(self, train: bool) -> Callable | None:
         if not train:
-            return self.inputs.eval_pipeline()
+            return None if self.eval_original_size else self.inputs.eval_pipeline()
         # Seed the augmentation RNG from torch, so seed_everything() makes num_workers=0 runs
         # reproducible too (workers reseed it in _seed_worker).
         seed = int(torch.randint(0, 2**31 - 1, ()).item())
