@@ -29,6 +29,7 @@ from torch import Tensor
 from focaldet.data.coco import IMAGE_EXTENSIONS, ImageFolderDataset, _apply_transforms
 from focaldet.data.transforms import collate_detection
 from focaldet.errors import ConfigError, DataError, WeightsError
+from focaldet.inference.slicing import Slicing, sliced_detections
 from focaldet.inputs import InputSettings
 from focaldet.modeling.retinanet import RetinaNet
 from focaldet.modeling.weights import read_weights_file
@@ -234,7 +235,7 @@ class Detector:
         return self.model.pixel_mean.device
 
     def predict(self, inputs: Any, score_threshold: float | Mapping | str | os.PathLike | None = None,
-                batch_size: int = 8) -> list[dict[str, Any]]:
+                batch_size: int = 8, slicing: Slicing | Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
         """Detections per image, in input order.
 
         ``inputs``: an image path, a folder (its images sorted by name), a list of paths, or
@@ -244,15 +245,27 @@ class Detector:
         ``category_ids (M,)`` the dataset's ids, ``names`` (M strings) and ``file_name``.
         ``score_threshold``: see `read_thresholds`; the postprocess's own ``score_thresh``
         has already been applied.
+        ``slicing``: sliced inference (`focaldet.inference.Slicing`, or a mapping of its
+        fields, e.g. ``{"size": 512}``): each image is read at its original size and cut into
+        windows, each window prepared as a whole image is without slicing; detections are
+        merged with class-aware NMS (``postprocess.nms_thresh``, ``detections_per_img``).
         """
-        dataset = _Images(_expand(inputs), self._transforms)
+        slicing = Slicing.of(slicing)
+        dataset = _Images(_expand(inputs), None if slicing is not None else self._transforms)
         thresholds = read_thresholds(score_threshold, self.names)
         cat_ids = torch.tensor(self.category_ids)
         results = []
         for start in range(0, len(dataset), max(int(batch_size), 1)):
             samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-            batch = collate_detection(samples, self.inputs.size_divisibility)
-            for det, name in zip(self._detect(batch), batch["file_names"]):
+            if slicing is not None:  # original-size images: cut, then each window through the eval pipeline
+                post = self.model.postprocess
+                found = sliced_detections([s["image"] for s in samples], self._detect, slicing, self._transforms,
+                                          self.inputs.size_divisibility, post.nms_thresh, post.detections_per_img)
+                names = [s["file_name"] for s in samples]
+            else:
+                batch = collate_detection(samples, self.inputs.size_divisibility)
+                found, names = self._detect(batch), batch["file_names"]
+            for det, name in zip(found, names):
                 det = {k: v.cpu() for k, v in det.items()}
                 if thresholds is not None:
                     keep = det["scores"] >= thresholds[det["labels"]]

@@ -3,8 +3,9 @@
 ``focaldet fit|validate|test|predict -c CONFIG.yaml [--key value ...]`` is Lightning's
 ``LightningCLI`` over ``RetinaNetModule`` and ``CocoDataModule``; ``focaldet data ...`` are
 the dataset tools, ``focaldet bench`` the side-by-side benchmark, ``focaldet export`` the ONNX / torch.export files,
-``focaldet equal-budget`` the side-by-side training run, ``focaldet serve`` the model server and
-``focaldet analyze`` the studies of a trained model (``focaldet.analysis``).
+``focaldet equal-budget`` the side-by-side training run, ``focaldet sweep`` one run per cell of a
+parameter grid, ``focaldet serve`` the model server and ``focaldet analyze`` the studies of a
+trained model (``focaldet.analysis``).
 """
 
 from __future__ import annotations
@@ -103,6 +104,8 @@ class FocaldetCLI(LightningCLI):
                               apply_on="instantiate")
         parser.link_arguments("data.inputs", "model.inputs", compute_fn=lambda s: s.to_dict(), apply_on="instantiate")
         parser.link_arguments("data.batch_size", "model.batch_size")
+        # sliced inference cuts the original image: the data module must not resize it first
+        parser.link_arguments("model.slicing", "data.eval_original_size", compute_fn=lambda s: s is not None)
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI torch.loads --ckpt_path here (for its hyperparameters): name a bad file first
@@ -180,6 +183,10 @@ def run(argv: list[str] | None = None) -> int:
         from focaldet.equal_budget import main as equal_budget_main
 
         return equal_budget_main(args[1:])
+    if args and args[0] == "sweep":
+        from focaldet.sweep import main as sweep_main
+
+        return sweep_main(args[1:])
     if args and args[0] == "predict" and not {"-c", "--config"} & set(args):
         args = _config_from_checkpoint(args)
     FocaldetCLI(

@@ -6,7 +6,7 @@ torchvision's as ``RetinaNet.to_torchvision`` of that same model, so the two sta
 identical weights and differ only in what each library implements -- matching, loss
 normalisation, padding, anchors and postprocessing. Optimiser, schedule, data order,
 augmentation, steps and evaluation are literally shared (``TorchvisionRetinaNetModule``
-inherits them from ``RetinaNetModule``)::
+inherits them from ``RetinaNetModule``; both runs are built by ``focaldet.runs``)::
 
     focaldet equal-budget -c configs/bccd.yaml                  # -> runs/equal_budget/report.md
     focaldet equal-budget -c configs/bccd.yaml --trainer.max_steps 200
@@ -17,12 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 
-import lightning as L
-
-from focaldet.data.datamodule import CocoDataModule
 from focaldet.module import RetinaNetModule
 
 #: torchvision's RetinaNet v1 box loss; set on both sides so that the recipe is the same.
@@ -36,22 +32,24 @@ def _keep_size(image, target=None):
 
 
 class TorchvisionRetinaNetModule(RetinaNetModule):
-    """``RetinaNetModule`` that trains and evaluates torchvision's RetinaNet, the twin of
-    ``module.model`` (same architecture and initial weights, ``RetinaNet.to_torchvision``).
+    """``RetinaNetModule`` that trains and evaluates torchvision's RetinaNet: the twin
+    (``RetinaNet.to_torchvision``, same architecture and weights) of the focaldet model that
+    ``RetinaNetModule`` builds from the same arguments. Same constructor, so the CLI builds it
+    from the same config; seeded alike, the two runs start from identical weights.
 
     Only the forward pass, the loss and the postprocess are torchvision's; the optimiser,
     learning-rate schedule, logging and COCO evaluation are ``RetinaNetModule``'s own.
     """
 
-    def __init__(self, module: RetinaNetModule):
-        L.LightningModule.__init__(self)
-        self.save_hyperparameters(dict(module.hparams))
-        self.model = module.model.to_torchvision(module.criterion)
+    def __init__(self, *args, **kwargs):
+        # RetinaNetModule's own constructor (same arguments, hyperparameters, label map, input
+        # settings, run state); then its model is replaced by the torchvision twin, whose loss is
+        # the criterion's settings (``to_torchvision`` refuses what torchvision cannot express).
+        super().__init__(*args, **kwargs)
+        self.model = self.model.to_torchvision(self.criterion)
         self.model.transform.resize = _keep_size
         self.criterion = None
-        # the fields RetinaNetModule.__init__ sets beside its model and criterion
-        self.label_map, self.inputs, self.init_weights_source = module.label_map, module.inputs, None
-        self._init_run_state(module.run_config)
+        self.slicing = None  # equal-budget runs compare unsliced evaluations
 
     @staticmethod
     def _inputs(batch: dict) -> list:
@@ -89,7 +87,7 @@ def _report(results: dict, config: str, args: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from focaldet.cli import FocaldetCLI, trainer_defaults
+    from focaldet.runs import build_run, fit_and_evaluate
 
     parser = argparse.ArgumentParser(
         prog="focaldet equal-budget", description=__doc__.split("\n\n")[0],
@@ -97,23 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-c", "--config", default="configs/bccd.yaml", help="training config (default %(default)s)")
     parser.add_argument("--out", default="runs/equal_budget", help="output folder (default %(default)s)")
     args, rest = parser.parse_known_args(argv)
-    # the two runs are configured through LightningCLI(args=...), not through sys.argv
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     out = Path(args.out)
     results = {}
-    for name in ("focaldet", "torchvision"):
-        cli = FocaldetCLI(RetinaNetModule, CocoDataModule, trainer_defaults=trainer_defaults(), run=False,
-                          save_config_kwargs={"overwrite": True},
-                          args=["-c", args.config, "--model.box_loss", BOX_LOSS, *rest,
-                                "--trainer.default_root_dir", str(out / name)])
-        # Each CLI seeds before building its model, so both focaldet models (and the twin) start equal.
-        module = cli.model if name == "focaldet" else TorchvisionRetinaNetModule(cli.model)
-        print(f"\n=== {name}: {sum(p.numel() for p in module.parameters() if p.requires_grad):,} trainable "
+    for name, module_class in (("focaldet", RetinaNetModule), ("torchvision", TorchvisionRetinaNetModule)):
+        # Each run seeds before building its model, so both start from the same weights.
+        cli = build_run([args.config], ["--model.box_loss", BOX_LOSS, *rest], out / name, module_class)
+        print(f"\n=== {name}: {sum(p.numel() for p in cli.model.parameters() if p.requires_grad):,} trainable "
               f"parameters, {cli.trainer.max_steps} steps ===", flush=True)
-        L.seed_everything(cli.config.get("seed_everything", 0))  # the same data order and augmentation
-        cli.trainer.fit(module, cli.datamodule)
-        cli.trainer.validate(module, cli.datamodule, verbose=False)
-        results[name] = module.last_eval
+        results[name] = fit_and_evaluate(cli)  # the same data order and augmentation
     report = _report(results, args.config, rest)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(report)

@@ -20,6 +20,7 @@ from torch import nn
 from focaldet.errors import ConfigError, DataError, NonFiniteLossError
 from focaldet.evaluation import Evaluator, detections_to_coco
 from focaldet.evaluation.thresholds import load_thresholds, per_label_thresholds
+from focaldet.inference.slicing import Slicing, sliced_detections
 from focaldet.inputs import InputSettings
 from focaldet.losses import RetinaNetCriterion
 from focaldet.modeling import AnchorGenerator, Matcher, PostProcess, RetinaNet
@@ -73,6 +74,14 @@ class RetinaNetModule(L.LightningModule):
         score_threshold: ``predict`` keeps detections scoring at least this: a number, or
             the path of a ``thresholds.json`` written by ``validate`` (per class). Default:
             everything the postprocess keeps.
+        slicing: sliced inference for ``validate``, ``test``, ``predict`` (and the validations
+            of ``fit``): e.g. ``--model.slicing.size 512 --model.slicing.overlap 0.2
+            --model.slicing.full_image true`` (`focaldet.inference.Slicing`). The CLI then has
+            the data module hand over the original-resolution images
+            (``data.eval_original_size``); each window and the whole image go through the
+            eval pipeline of ``inputs`` here. An inference setting: not stored in the
+            checkpoint's recipe, so ``focaldet.load`` and ``--ckpt_path`` never turn it on.
+            With slicing the validation loss is not logged (it is the unsliced model's).
         channels_last: run the model in NHWC memory order (``RetinaNet(channels_last=...)``):
             faster with oneDNN on CPU and with tensor cores on GPU.
         flush_denormal: flush subnormal floats to zero on CPU. Training from scratch fills
@@ -114,6 +123,7 @@ class RetinaNetModule(L.LightningModule):
         draw_score_threshold: float = 0.3,
         max_dets: int = 100,
         score_threshold: float | str | None = None,
+        slicing: Slicing | None = None,
         channels_last: bool = True,
         flush_denormal: bool = True,
         init_weights: str | None = None,
@@ -126,12 +136,14 @@ class RetinaNetModule(L.LightningModule):
         # The checkpoint's recipe (hyper_parameters): every argument, parts as class_path trees
         # (focaldet.recipe), so that focaldet.load and `--ckpt_path` rebuild this very model.
         # The label map and input settings are stored once each, in checkpoint["focaldet"].
-        self.save_hyperparameters(ignore=[*OBJECT_ARGS, "label_map", "inputs"])
+        # Slicing is how this run evaluates, not part of the model: kept out of the recipe.
+        self.save_hyperparameters(ignore=[*OBJECT_ARGS, "label_map", "inputs", "slicing"])
         objects = dict(backbone=backbone, anchor_generator=anchor_generator, matcher=matcher,
                        postprocess=postprocess, cls_loss=cls_loss, box_loss=box_loss)
         self.hparams.update({name: _describe(obj) for name, obj in objects.items()})
         self.label_map = label_map
         self.inputs = InputSettings.from_dict(inputs)
+        self.slicing = Slicing.of(slicing)
         self.model = RetinaNet(
             num_classes, backbone=backbone, anchor_generator=anchor_generator, postprocess=postprocess,
             fpn_channels=fpn_channels, p6_from=p6_from, num_convs=num_convs, head_norm=head_norm,
@@ -183,6 +195,34 @@ class RetinaNetModule(L.LightningModule):
         for det, size, orig in zip(detections, batch["image_sizes"].tolist(), batch["orig_sizes"].tolist()):
             det["boxes"] = rescale_boxes(det["boxes"], size, orig)
         return detections
+
+    def _detect_sliced(self, batch: dict) -> list[dict]:
+        """Detections by slices (`focaldet.inference.slicing`) of a batch of original-resolution
+        images, in their original pixels."""
+        sizes, orig = batch["image_sizes"].tolist(), batch["orig_sizes"].tolist()
+        bad = [(name, s, o) for name, s, o in zip(batch["file_names"], sizes, orig) if s != o]
+        if bad:
+            name, (h, w), (oh, ow) = bad[0]
+            raise ConfigError(f"model.slicing needs the images at their original size, but {name} arrives "
+                              f"resized ({w}x{h} of {ow}x{oh}, w x h): set data.eval_original_size "
+                              "(the focaldet CLI does so whenever model.slicing is set)")
+        images = [batch["images"][i, :, :h, :w].cpu() for i, (h, w) in enumerate(sizes)]  # (3, H, W) each
+
+        def detect(pieces: dict) -> list[dict]:
+            pieces = {**pieces, "images": pieces["images"].to(self.device),
+                      "image_sizes": pieces["image_sizes"].to(self.device)}
+            return self._detect(pieces)
+
+        post = self.model.postprocess
+        return sliced_detections(images, detect, self.slicing, self._piece_transforms, self.inputs.size_divisibility,
+                                 post.nms_thresh, post.detections_per_img)
+
+    @property
+    def _piece_transforms(self):
+        """The eval pipeline each slice goes through (built once)."""
+        if getattr(self, "_eval_pipeline", None) is None:
+            self._eval_pipeline = self.inputs.eval_pipeline()
+        return self._eval_pipeline
 
     def _run_dir(self) -> Path:
         """The logger's versioned run folder (a collective under DDP: call it on every rank)."""
@@ -249,6 +289,12 @@ class RetinaNetModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         stage = "test" if self.trainer.testing else "val"
+        if self.slicing is not None:  # original-resolution images in, detections in original pixels out
+            detections = self._detect_sliced(batch)
+            if self._preview is None and self.trainer.is_global_zero:
+                self._preview = _preview(batch, detections)
+            self._results.extend(detections_to_coco(batch["image_ids"].tolist(), detections, self.label_to_cat_id))
+            return
         if self.criterion is not None:  # losses and detections of one forward pass
             outputs = self._forward(batch)
             losses = self.criterion(outputs, batch["boxes"], batch["labels"])
@@ -298,7 +344,7 @@ class RetinaNetModule(L.LightningModule):
 
     # ------------------------------------------------------------------ prediction
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        detections = self._detect(batch)
+        detections = self._detect_sliced(batch) if self.slicing is not None else self._detect(batch)
         if self.hparams.get("score_threshold") is not None:
             detections = self._apply_score_threshold(detections)
         entries = detections_to_coco(batch["image_ids"].tolist(), detections, self.label_to_cat_id)

@@ -90,8 +90,14 @@ def test_api_predictions_give_validate_map(trained, synth_coco, capsys):
     results = detections_to_coco(ids, out, det.category_ids)
     version = max((trained["tmp"] / "run" / "lightning_logs").iterdir(), key=lambda p: int(p.name.split("_")[1]))
     logged = json.loads((version / "val_detections.json").read_text())
+    # the same detections, entry by entry; validate batches the images in twos, the API in
+    # threes, so the padding (and a last float bit of a box, rounded to 3 decimals) may differ
     key = lambda r: (r["image_id"], r["category_id"], -r["score"], r["bbox"])  # noqa: E731
-    assert sorted(results, key=key) == sorted(logged, key=key)  # the same detections, entry by entry
+    ours, theirs = sorted(results, key=key), sorted(logged, key=key)
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"]), (a, b)
+        assert a["score"] == pytest.approx(b["score"], abs=2e-5) and a["bbox"] == pytest.approx(b["bbox"], abs=2e-3)
     api = evaluate_coco(gt, results).stats
     # A 4-step model's mAP may round to 0 on some thread counts: the entry-by-entry equality
     # above is the strong check; the 12 numbers must agree as well.

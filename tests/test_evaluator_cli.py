@@ -29,6 +29,9 @@ def test_validate_writes_evaluation_files_and_predict_uses_thresholds(tmp_path, 
     assert {"val/loss_cls", "val/loss_box", "val/AP/circle"} <= set(rows[0])
 
     capsys.readouterr()
+    # an evaluation setting given to validate wins over the checkpoint's (fit's 100 replaced it)
+    assert main(["validate", "-c", str(cfg), "--ckpt_path", "last", "--model.max_dets", "5"]) == 1
+    assert "max_dets must be >= 10" in capsys.readouterr().err
     main(["validate", "-c", str(cfg), "--ckpt_path", "last"])
     out = capsys.readouterr().out
     assert "Score thresholds maximising F1 at IoU 0.5" in out and "TIDE error breakdown" in out

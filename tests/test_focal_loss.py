@@ -112,3 +112,34 @@ def test_softmax_focal_reduces_to_cross_entropy():
     ours = SoftmaxFocalLoss(alpha=-1, gamma=0)(logits, labels, torch.ones(40))
     torch.testing.assert_close(ours, F.cross_entropy(logits, labels, reduction="sum"))
     assert SoftmaxFocalLoss.background_logit and not SigmoidFocalLoss.background_logit
+
+
+@pytest.mark.parametrize("chunk", [None, 7])
+@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), ([0.1, 0.3, 0.5, 0.7, 0.9], 2.0), (0.25, 0.0)])
+def test_fused_kernel_gradient_equals_autograd_of_the_direct_formula(monkeypatch, chunk, alpha, gamma):
+    """The fused pass's hand-written gradient (negatives for every logit, corrected at the
+    positive entries) against autograd of the direct one-hot formula: a positive at
+    every class, background and ignored rows, logits of +-1e4, +-50 and 0; also walked in
+    chunks of a few rows (``CPU_CHUNK``)."""
+    import focaldet.losses.focal as focal
+
+    if chunk is not None:
+        monkeypatch.setattr(focal, "CPU_CHUNK", chunk)  # 7 elements: one row per chunk
+    k = 5
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4 * k, k, generator=g) * 3
+    x[0], x[1], x[2, :3] = 1e4, -1e4, torch.tensor([50.0, -50.0, 0.0])
+    x[3, ::2], x[3, 1::2] = 1e4, -1e4
+    labels = torch.cat([torch.arange(k), torch.arange(k), torch.full((2 * k,), k)])  # every class twice, background
+    labels = labels[torch.randperm(labels.numel(), generator=g)]
+    labels[:4] = torch.tensor([0, k - 1, 2, k])  # the extreme rows: positives at both ends and background
+    weight = torch.ones(4 * k)
+    weight[-2:] = 0  # ignored
+    x = x.requires_grad_()
+    ours = SigmoidFocalLoss(alpha, gamma)(x, labels, weight)
+    (g_ours,) = torch.autograd.grad(ours * 0.37, x)
+    ref = (sigmoid_focal_loss(x, F.one_hot(labels, k + 1)[:, :k].float(), alpha, gamma) * weight[:, None]).sum()
+    (g_ref,) = torch.autograd.grad(ref * 0.37, x)
+    assert torch.isfinite(g_ours).all()
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g_ours, g_ref, rtol=0, atol=1e-6)

@@ -3,7 +3,8 @@ the synthetic shapes dataset, the data doctor and a VOC converter.
 
 Where things live: ``images`` (decoding, headers), ``validate`` (the rules of a valid COCO
 file, shared by the loader and the doctor), ``scan`` (every image decoded before use,
-cached), ``coco`` (loading and datasets), ``doctor`` (``focaldet data check``).
+cached), ``coco`` (loading and datasets), ``doctor`` (``focaldet data check``), ``sampling``
+(repeat-factor sampling, ``data.sampler: repeat_factor``).
 
 `CocoDataModule` is imported lazily, so ``focaldet data ...`` tools do not pay for
 importing Lightning.
@@ -19,6 +20,7 @@ from focaldet.data.coco import (
 )
 from focaldet.data.doctor import Report, check_dataset
 from focaldet.data.images import ImageError, read_header, read_image
+from focaldet.data.sampling import RepeatFactorSampler, repeat_factors
 from focaldet.data.scan import ImageScan, scan_images
 from focaldet.data.synth import SyntheticCoco, write_synthetic_coco
 from focaldet.data.transforms import (
@@ -40,6 +42,7 @@ __all__ = [
     "ImageFolderDataset",
     "ImageScan",
     "LabelMap",
+    "RepeatFactorSampler",
     "Report",
     "ResizeShortestEdge",
     "SyntheticCoco",
@@ -53,6 +56,7 @@ __all__ = [
     "read_coco_json",
     "read_header",
     "read_image",
+    "repeat_factors",
     "scan_images",
     "validate_coco",
     "voc_to_coco",

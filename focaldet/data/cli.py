@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from focaldet.errors import FocaldetError
+from focaldet.data.sampling import REPEAT_RULES
 from focaldet.inputs import InputSettings
 
 __all__ = ["build_parser", "main"]
@@ -35,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"longer-side cap after resizing (default {InputSettings.max_size})")
     check.add_argument("--json", type=Path, metavar="OUT", help="also write the report as JSON")
     check.add_argument("--workers", type=int, help="threads decoding images (default: the CPUs, at most 16)")
+    check.add_argument("--repeat-threshold", type=float, metavar="T",
+                       help="also print the per-class frequency per epoch with repeat-factor sampling at "
+                            "threshold T (data.repeat_threshold; LVIS uses 0.001)")
+    check.add_argument("--repeat-rule", choices=REPEAT_RULES, default="sqrt",
+                       help="repeat-factor rule (data.repeat_rule, default sqrt)")
     check.add_argument("--no-cache", dest="cache", action="store_false",
                        help="decode every image again instead of reusing the cached scan")
 
@@ -80,7 +86,8 @@ def _check(args: argparse.Namespace) -> int:
     from focaldet.data.doctor import check_dataset
 
     report = check_dataset(args.annotations, args.images, min_size=args.min_size, max_size=args.max_size,
-                           workers=args.workers, progress=None, cache=args.cache)
+                           workers=args.workers, progress=None, cache=args.cache,
+                           repeat_threshold=args.repeat_threshold, repeat_rule=args.repeat_rule)
     print(report.format())
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

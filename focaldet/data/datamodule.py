@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader, get_worker_info
 
 from focaldet.data.coco import CocoDetection, DataWarning, ImageFolderDataset, LabelMap, load_coco, subset_coco
 from focaldet.data.images import ImageError
+from focaldet.data.sampling import REPEAT_THRESHOLD, RepeatFactorSampler, RepeatRule, repeat_factors
 from focaldet.data.scan import scan_images
 from focaldet.data.transforms import build_transforms, collate_detection
 from focaldet.errors import ConfigError, DataError
@@ -25,6 +27,7 @@ __all__ = ["CocoDataModule"]
 
 _STAGE_ALIASES = {"train": "train", "fit": "train", "val": "val", "validate": "val", "test": "test"}
 _BAD_IMAGES = ("raise", "skip")
+_SAMPLERS = ("shuffle", "repeat_factor")
 MAX_LISTED = 100  # bad files named in one error or warning
 
 
@@ -85,6 +88,10 @@ class CocoDataModule(L.LightningDataModule):
             another size than their JSON entry says: ``"raise"`` an `ImageError` listing all
             of them, or ``"skip"`` them (and their annotations; the evaluation leaves them
             out too) with one `DataWarning` naming each.
+        eval_original_size: hand over val/test/predict images at their original size,
+            without the eval pipeline (boxes stay in original pixels): the model then
+            prepares them itself, e.g. for sliced inference (``model.slicing``, which sets this
+            on the CLI). ``inputs`` still describes the eval pipeline the model applies.
 
     `setup` decodes every image of the splits it builds once (`focaldet.data.scan`, in
     threads, cached per folder), so that no epoch dies on a bad file; truncated JPEGs are
@@ -116,10 +123,20 @@ class CocoDataModule(L.LightningDataModule):
         filter_empty: bool = False,
         label_map: dict | None = None,
         bad_images: Literal["raise", "skip"] = "raise",
+        sampler: Literal["shuffle", "repeat_factor"] = "shuffle",
+        repeat_threshold: float = REPEAT_THRESHOLD,
+        repeat_rule: RepeatRule = "sqrt",
+        eval_original_size: bool = False,
     ) -> None:
         super().__init__()
         if bad_images not in _BAD_IMAGES:
             raise ConfigError(f"data.bad_images must be one of {list(_BAD_IMAGES)}, got {bad_images!r}")
+        if sampler not in _SAMPLERS:
+            raise ConfigError(f"data.sampler must be one of {list(_SAMPLERS)}, got {sampler!r}")
+        repeat_factors([], repeat_threshold, repeat_rule)  # checks the two values
+        self.sampler = sampler
+        self.repeat_threshold = repeat_threshold
+        self.repeat_rule = repeat_rule
         self.bad_images = bad_images
         self.paths = {
             "train": (train_ann, train_images),
@@ -141,6 +158,7 @@ class CocoDataModule(L.LightningDataModule):
         self.eval_transforms = eval_transforms
         self.size_divisibility = size_divisibility
         self.filter_empty = filter_empty
+        self.eval_original_size = eval_original_size
 
         self._cocos: dict[Path, COCO] = {}
         self._gt: dict[str, COCO] = {}  # a split's ground truth without its skipped images
@@ -197,9 +215,9 @@ class CocoDataModule(L.LightningDataModule):
     # Datasets and loaders
     # ----------------------------------------------------------------------------------
 
-    def _transforms(self, train: bool) -> Callable:
+    def _transforms(self, train: bool) -> Callable | None:
         if not train:
-            return self.inputs.eval_pipeline()
+            return None if self.eval_original_size else self.inputs.eval_pipeline()
         # Seed the augmentation RNG from torch, so seed_everything() makes num_workers=0 runs
         # reproducible too (workers reseed it in _seed_worker).
         seed = int(torch.randint(0, 2**31 - 1, ()).item())
@@ -276,6 +294,21 @@ class CocoDataModule(L.LightningDataModule):
         warnings.warn(f"skipping {what}{dropped} (data.bad_images: skip): {_listing([w for _, w in bad])}",
                       DataWarning, stacklevel=2)
 
+    def train_sampler(self) -> RepeatFactorSampler | None:
+        """The repeat-factor sampler of the training set (``None`` for ``sampler: shuffle``).
+
+        Rank and world size come from the attached trainer (else the process group); the seed
+        is Lightning's ``PL_GLOBAL_SEED`` (set by ``seed_everything``), the same on every rank.
+        """
+        if self.sampler != "repeat_factor":
+            return None
+        dataset = self.datasets["train"]
+        factors = repeat_factors([r["labels"].tolist() for r in dataset.records], self.repeat_threshold,
+                                 self.repeat_rule)
+        trainer = getattr(self, "trainer", None)
+        world = {} if trainer is None else {"num_replicas": trainer.world_size, "rank": trainer.global_rank}
+        return RepeatFactorSampler(factors, seed=int(os.getenv("PL_GLOBAL_SEED", 0)), **world)
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
             self.setup({"train": "fit", "val": "validate", "test": "test", "predict": "predict"}[split])
@@ -284,10 +317,12 @@ class CocoDataModule(L.LightningDataModule):
             raise ConfigError(f"no {split} data: set {what}")
         if self.num_workers > 0:
             disable_opencv_threads()
+        sampler = self.train_sampler() if split == "train" else None
         return DataLoader(
             self.datasets[split],
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             drop_last=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),

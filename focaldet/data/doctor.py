@@ -22,6 +22,7 @@ import torch
 from torchvision.ops import box_iou
 
 from focaldet.data.coco import read_coco_json
+from focaldet.data.sampling import class_repeat_factors, expected_class_frequency, repeat_factors
 from focaldet.data.scan import format_mismatch, scan_images
 from focaldet.data.transforms import shortest_edge_scale
 from focaldet.data.validate import MIN_BOX_SIDE, CocoValidation, Problems, validate_coco
@@ -57,6 +58,12 @@ class Report:
     imbalance_ratio: float | None = None
     anchor_coverage: float | None = None
     anchor_coverage_per_category: dict[str, float | None] = field(default_factory=dict)
+    # Repeat-factor sampling (only with a threshold): per category id, name, repeat_factor (r_c),
+    # images_per_epoch and share without it, sampled_images_per_epoch and sampled_share with it.
+    repeat_threshold: float | None = None
+    repeat_rule: str = "sqrt"
+    sampling: list[dict[str, Any]] = field(default_factory=list)
+    sampled_epoch_length: float | None = None  # expected images per epoch with it (sum of factors)
     problems: list[tuple[str, str]] = field(default_factory=list)  # (severity, message)
 
     @property
@@ -112,6 +119,21 @@ class Report:
                     f"  anchor coverage  {_pct(self.anchor_coverage)} of boxes have an anchor with IoU >= "
                     f"{COVERAGE_IOU} (resized to min_size {self.min_size}, max_size {self.max_size})"
                 )
+        if self.repeat_threshold is not None and self.sampled_epoch_length is not None:
+            lines += [
+                f"  repeat-factor sampling (t {self.repeat_threshold:g}, {self.repeat_rule} rule): "
+                f"{self.sampled_epoch_length:.1f} images per epoch on average instead of {self.num_images}",
+                f"      {'id':>6}  {'name':<20} {'r_c':>6}  {'images/epoch':>12} {'share':>7}  "
+                f"{'sampled':>9} {'share':>7}",
+            ]
+            for row in self.sampling:
+                lines.append(
+                    f"      {row['id']:>6}  {row['name'][:20]:<20} {row['repeat_factor']:>6.2f}  "
+                    f"{row['images_per_epoch']:>12.0f} {_pct(row['share']):>7}  "
+                    f"{row['sampled_images_per_epoch']:>9.1f} {_pct(row['sampled_share']):>7}"
+                )
+            lines.append("      (images per epoch containing the class and their share of the epoch, "
+                         "without and with it; data.sampler: repeat_factor)")
         if self.problems:
             lines.append("problems:")
             lines += [f"  {severity}: {message}" for severity, message in self.problems]
@@ -192,6 +214,8 @@ def check_dataset(
     workers: int | None = None,
     progress: bool | None = False,
     cache: bool = True,
+    repeat_threshold: float | None = None,
+    repeat_rule: str = "sqrt",
 ) -> Report:
     """Validate a COCO instances JSON (and its image files when ``image_dir`` is given).
 
@@ -203,6 +227,9 @@ def check_dataset(
     Image files are decoded in ``workers`` threads with a progress bar when ``progress``
     (``None``: when stderr is a terminal); ``cache`` reuses and stores the scan results
     (see `focaldet.data.scan`).
+
+    With a ``repeat_threshold`` the report also has the expected per-class frequency per
+    epoch without and with repeat-factor sampling (`focaldet.data.sampling`, ``repeat_rule``).
     """
     report = Report(str(ann_file), None if image_dir is None else str(image_dir), min_size, max_size)
     try:
@@ -254,6 +281,9 @@ def check_dataset(
         q = (5, 25, 50, 75, 95)
         report.sqrt_area_percentiles = {f"p{p}": float(v) for p, v in zip(q, np.percentile(np.sqrt(a), q))}
 
+    if repeat_threshold is not None:
+        _sampling(report, [[cid for _, cid in trainable.get(i, [])] for i in images], repeat_threshold, repeat_rule)
+
     # Anchor coverage.
     if areas:
         if anchor_generator is None:
@@ -298,6 +328,22 @@ def check_dataset(
     order = {"error": 0, "warning": 1, "info": 2}
     report.problems = sorted(problems.render() + report.problems, key=lambda p: order[p[0]])
     return report
+
+
+def _sampling(report: Report, labels: list[list[Any]], threshold: float, rule: str) -> None:
+    """Fill the report's repeat-factor sampling rows from each image's category ids."""
+    report.repeat_threshold, report.repeat_rule = threshold, rule
+    factors = repeat_factors(labels, threshold, rule)  # (N,)
+    r_c = class_repeat_factors(labels, threshold, rule)
+    plain, sampled = expected_class_frequency(labels), expected_class_frequency(labels, factors)
+    report.sampled_epoch_length = float(factors.sum())
+    report.sampling = [
+        {"id": cat["id"], "name": cat["name"], "repeat_factor": r_c.get(cat["id"], 1.0),
+         "images_per_epoch": plain.get(cat["id"], (0.0, 0.0))[0], "share": plain.get(cat["id"], (0.0, 0.0))[1],
+         "sampled_images_per_epoch": sampled.get(cat["id"], (0.0, 0.0))[0],
+         "sampled_share": sampled.get(cat["id"], (0.0, 0.0))[1]}
+        for cat in report.categories
+    ]
 
 
 def _check_image_files(

@@ -12,7 +12,9 @@ from torch import Tensor, nn
 from focaldet.losses.box import SmoothL1Loss
 from focaldet.losses.focal import SigmoidFocalLoss
 from focaldet.modeling.box_coder import BoxCoder
-from focaldet.modeling.matcher import FOREGROUND, Matcher
+from focaldet.modeling.matcher import BACKGROUND, FOREGROUND, Matcher
+
+CROWD_IOA_THRESHOLD = 0.5  # an anchor this much inside a crowd region is ignored (mmdetection's ignore_iof_thr)
 
 
 def _world_mean(x: Tensor) -> Tensor:
@@ -31,6 +33,16 @@ def paired_iou(a: Tensor, b: Tensor) -> Tensor:
     area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
     area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     return inter / (area_a + area_b - inter)
+
+
+def anchor_crowd_ioa(anchors: Tensor, crowd_boxes: Tensor) -> Tensor:
+    """Intersection over the ANCHOR's area of each anchor ``(R, 4)`` with each crowd box
+    ``(N, C, 4)`` (xyxy; zero padding rows give 0): ``(N, R, C)``."""
+    lt = torch.maximum(anchors[None, :, None, :2], crowd_boxes[:, None, :, :2])  # (N, R, C, 2)
+    rb = torch.minimum(anchors[None, :, None, 2:], crowd_boxes[:, None, :, 2:])  # (N, R, C, 2)
+    inter = (rb - lt).clamp(min=0).prod(-1)  # (N, R, C)
+    area = ((anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1])).clamp(min=1e-12)  # (R,)
+    return inter / area[None, :, None]
 
 
 @dataclass
@@ -71,11 +83,15 @@ class RetinaNetCriterion(nn.Module):
         cls_weight, box_weight: multipliers of the two losses in ``loss``.
         normalizer_momentum: if set (detectron2 uses 0.9), divide by an exponential moving
             average of the positive count, kept in the ``normalizer`` buffer (initial 100).
+        crowd_ioa_threshold: a BACKGROUND anchor whose intersection with a crowd box, over
+            the anchor's area, is >= this is ignored (weight 0); anchors matched to a real box
+            stay positive. Used only when crowd boxes are given.
     """
 
     def __init__(self, cls_loss: nn.Module | None = None, box_loss: nn.Module | None = None,
                  matcher: Matcher | None = None, box_coder: BoxCoder | None = None,
-                 cls_weight: float = 1.0, box_weight: float = 1.0, normalizer_momentum: float | None = None):
+                 cls_weight: float = 1.0, box_weight: float = 1.0, normalizer_momentum: float | None = None,
+                 crowd_ioa_threshold: float = CROWD_IOA_THRESHOLD):
         super().__init__()
         self.cls_loss = cls_loss if cls_loss is not None else SigmoidFocalLoss()
         self.box_loss = box_loss if box_loss is not None else SmoothL1Loss()
@@ -83,9 +99,11 @@ class RetinaNetCriterion(nn.Module):
         self.box_coder = box_coder if box_coder is not None else BoxCoder()
         self.cls_weight, self.box_weight = cls_weight, box_weight
         self.normalizer_momentum = normalizer_momentum
+        self.crowd_ioa_threshold = crowd_ioa_threshold
         self.register_buffer("normalizer", torch.tensor(100.0))
 
-    def assign(self, outputs: dict, gt_boxes: Tensor, gt_labels: Tensor) -> Targets:
+    def assign(self, outputs: dict, gt_boxes: Tensor, gt_labels: Tensor,
+               crowd_boxes: Tensor | None = None) -> Targets:
         """Match the anchors to the ground truth: class targets, ignore weights, positives.
 
         Args: as ``forward``. Returns ``Targets``.
@@ -100,9 +118,13 @@ class RetinaNetCriterion(nn.Module):
             cls_target = torch.where(fg, matched_labels, num_classes)
         else:
             cls_target = torch.full_like(matches.gt_index, num_classes)
+        weight = (matches.labels >= 0).float()  # (N, R)
+        if crowd_boxes is not None and crowd_boxes.shape[1] > 0:  # no crowd: nothing computed
+            on_crowd = anchor_crowd_ioa(anchors, crowd_boxes.to(anchors.dtype)).amax(-1) >= self.crowd_ioa_threshold
+            weight = weight.masked_fill(on_crowd & (matches.labels == BACKGROUND), 0.0)  # (N, R)
         n_idx, r_idx = fg.nonzero(as_tuple=True)  # (P,), (P,)
         return Targets(
-            cls_target=cls_target, weight=(matches.labels >= 0).float(), fg=fg, gt_index=matches.gt_index,
+            cls_target=cls_target, weight=weight, fg=fg, gt_index=matches.gt_index,
             pos_image=n_idx, pos_anchor=r_idx, gt_boxes=gt_boxes[n_idx, matches.gt_index[n_idx, r_idx]],
             num_pos=_world_mean(fg.sum().float()),
         )
@@ -134,17 +156,19 @@ class RetinaNetCriterion(nn.Module):
             raise ValueError(f"{type(self.cls_loss).__name__}: unknown normalizer {kind!r}")
         return _world_mean(count).clamp(min=torch.finfo(torch.float32).tiny)
 
-    def forward(self, outputs: dict, gt_boxes: Tensor, gt_labels: Tensor) -> dict[str, Tensor]:
+    def forward(self, outputs: dict, gt_boxes: Tensor, gt_labels: Tensor,
+                crowd_boxes: Tensor | None = None) -> dict[str, Tensor]:
         """Losses of one batch.
 
         Args:
             outputs: ``RetinaNet.forward``'s dict (per-level ``cls_logits (N, Ri, C)``,
                 ``box_deltas (N, Ri, 4)``, ``anchors (R, 4)``, optionally ``anchor_grids``).
             gt_boxes: ``(N, G, 4)`` xyxy, padded. gt_labels: ``(N, G)`` in [0, K), -1 = padding.
+            crowd_boxes: optional ``(N, C, 4)`` xyxy ``iscrowd`` regions, zero-padded.
         Returns:
             ``{"loss", "loss_cls", "loss_box", "num_pos"}``.
         """
-        t = self.assign(outputs, gt_boxes, gt_labels)
+        t = self.assign(outputs, gt_boxes, gt_labels, crowd_boxes)
         # Class logits stay per level (N, Ri, C): concatenating them would copy every logit
         # (31M at 512 px and 80 classes), and every class loss is a sum, so it is summed
         # level by level.

@@ -136,11 +136,16 @@ class PostProcess:
         image_idx = torch.arange(n, device=boxes.device)[:, None].expand_as(labels)
         groups = (image_idx * (labels.max() + 1) + labels).reshape(-1)  # (N*M,) one per (image, class)
         flat_boxes, flat_scores = boxes.reshape(-1, 4), scores_.reshape(-1)  # (N, M, 4) -> (N*M, 4)
-        idx = (flat_scores > self.score_thresh).nonzero().squeeze(1)  # (P,) candidates above the threshold
+        # NMS over all N*M candidates, the threshold applied after: a candidate below it scores
+        # lower than every one above it, so it never suppresses one (the kept set above the
+        # threshold is the same), and no data-dependent size is fed to NMS: with a `nonzero`
+        # first, torch.export specialised on the count and the saved program failed on images
+        # with fewer than 2 candidates.
         # boxes are clipped to the image: groups * (max side + 1) keeps groups apart
-        offsets = groups[idx].to(boxes.dtype) * (image_sizes.max().to(boxes.dtype) + 1)  # (P,)
-        kept = idx[nms(flat_boxes[idx] + offsets[:, None], flat_scores[idx], self.nms_thresh)]
-        final = torch.zeros_like(flat_scores).scatter(0, kept, flat_scores[kept]).reshape(n, m)  # 0: dropped
+        offsets = groups.to(boxes.dtype) * (image_sizes.max().to(boxes.dtype) + 1)  # (N*M,)
+        kept = nms(flat_boxes + offsets[:, None], flat_scores, self.nms_thresh)
+        final = torch.zeros_like(flat_scores).scatter(0, kept, flat_scores[kept])  # 0: suppressed
+        final = torch.where(final > self.score_thresh, final, 0).reshape(n, m)  # (N*M,) -> (N, M)
         # D zero rows appended: the top-D exists even when an image has fewer than D candidates
         final = torch.cat([final, final.new_zeros(n, d)], 1)  # (N, M + D)
         top_scores, top_idx = final.topk(d, dim=1)  # (N, D), by decreasing score

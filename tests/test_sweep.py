@@ -1,0 +1,132 @@
+"""``focaldet sweep``: grid expansion, value parsing, resume, failing cells, table layout
+(with a stand-in run function), and one real two-cell sweep of two steps each."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from focaldet.errors import ConfigError, NonFiniteLossError
+from focaldet.evaluation.coco import STAT_NAMES
+from focaldet.sweep import (
+    expand_grid, parse_param, parse_value, run_sweep, split_values, table_markdown,
+)
+from helpers import run_cli, tiny_config
+
+GAMMA, ALPHA = "model.cls_loss.init_args.gamma", "model.cls_loss.init_args.alpha"
+
+
+def fake_result(ap: float) -> dict:
+    stats = {name: ap / (i + 1) for i, name in enumerate(STAT_NAMES)}
+    return {"stats": stats, "per_class": {"circle": ap, "square": ap / 2},
+            "per_class_ap50": {"circle": 2 * ap, "square": ap}, "steps": 3, "train_s": 1.0, "wall_s": 1.5}
+
+
+class FakeRun:
+    """Stands in for training: AP from the cell's arguments; records the calls; fails on demand."""
+
+    def __init__(self, fail_when: str | None = None):
+        self.calls, self.fail_when = [], fail_when
+
+    def __call__(self, configs, args, root_dir):
+        self.calls.append((list(configs), list(args), root_dir))
+        if self.fail_when is not None and self.fail_when in args:
+            raise NonFiniteLossError("non-finite loss at step 2")
+        values = dict(zip(args[::2], args[1::2]))
+        return fake_result(0.1 + float(values.get(f"--{GAMMA}", 0)) / 10 + float(values.get(f"--{ALPHA}", 0)) / 100)
+
+
+def test_values_are_yaml_scalars_and_commas_in_brackets_do_not_split():
+    assert [parse_value(v) for v in ("0", "0.5", "1e-3", "null", "abc", "true", "data/x.json")] == [
+        0, 0.5, 0.001, None, "abc", True, "data/x.json"]
+    assert split_values("0, 0.5,[16,32],{a: 1, b: 2}") == ["0", "0.5", "[16,32]", "{a: 1, b: 2}"]
+    assert parse_param(f"--{GAMMA}=0,0.5,2") == (GAMMA, [0, 0.5, 2])
+    for bad in ("gamma", "=1,2", "gamma=", "gamma=1,,2", "gamma=1,1", "model..x=1"):
+        with pytest.raises(ConfigError):
+            parse_param(bad)
+
+
+def test_grid_expands_first_parameter_slowest_with_short_names_and_cli_arguments():
+    cells = expand_grid([(GAMMA, [0, 2]), (ALPHA, [0.25, None]), ("data.train_ann", ["a/noisy20.json"])])
+    assert [c.name for c in cells] == ["gamma=0,alpha=0.25,train_ann=noisy20", "gamma=0,alpha=null,train_ann=noisy20",
+                                       "gamma=2,alpha=0.25,train_ann=noisy20", "gamma=2,alpha=null,train_ann=noisy20"]
+    assert cells[1].args == (f"--{GAMMA}", "0", f"--{ALPHA}", "null", "--data.train_ann", "a/noisy20.json")
+    assert cells[3].values == {GAMMA: 2, ALPHA: None, "data.train_ann": "a/noisy20.json"}
+    cfg = expand_grid([("config", ["configs/losses/bce.yaml", "configs/losses/varifocal.yaml"])])
+    assert [(c.name, c.configs, c.args) for c in cfg] == [
+        ("config=bce", ("configs/losses/bce.yaml",), ()), ("config=varifocal", ("configs/losses/varifocal.yaml",), ())]
+    with pytest.raises(ConfigError):
+        expand_grid([(GAMMA, [1]), (GAMMA, [2])])
+
+
+def test_resume_skips_finished_cells_and_reruns_failed_or_changed_ones(tmp_path):
+    params = [(GAMMA, [0, 2]), (ALPHA, [0.25, 0.75])]
+    run = FakeRun(fail_when="2")
+    first = run_sweep(["base.yaml"], params, tmp_path, ["--trainer.max_steps", "3"], run=run, log=lambda s: None)
+    assert [o.status for o in first] == ["ok", "ok", "failed", "failed"] and len(run.calls) == 4
+    assert run.calls[0] == (["base.yaml"], ["--trainer.max_steps", "3", f"--{GAMMA}", "0", f"--{ALPHA}", "0.25"],
+                            tmp_path / "cells" / "gamma=0,alpha=0.25" / "run")
+    assert sorted(p.parent.name for p in tmp_path.glob("cells/*/result.json")) == ["gamma=0,alpha=0.25",
+                                                                                   "gamma=0,alpha=0.75"]
+    rerun = FakeRun()  # a killed or partly failed sweep, run again: only the unfinished cells train
+    second = run_sweep(["base.yaml"], params, tmp_path, ["--trainer.max_steps", "3"], run=rerun, log=lambda s: None)
+    assert [c[1][-3] for c in rerun.calls] == ["2", "2"] and all(o.status == "ok" for o in second)
+    assert [o.skipped for o in second] == [True, True, False, False]
+    assert not list(tmp_path.glob("cells/*/failed.json"))
+    changed = FakeRun()  # other fit arguments: the stored results are stale
+    run_sweep(["base.yaml"], params, tmp_path, ["--trainer.max_steps", "4"], run=changed, log=lambda s: None)
+    assert len(changed.calls) == 4
+
+
+def test_failing_cell_is_reported_on_one_line_and_the_sweep_goes_on(tmp_path):
+    lines = []
+    outcomes = run_sweep(["base.yaml"], [(GAMMA, [0, 2, 5])], tmp_path, run=FakeRun(fail_when="2"), log=lines.append)
+    assert [o.status for o in outcomes] == ["ok", "failed", "ok"]
+    assert "sweep: cell 1/3 gamma=0: running" in lines
+    assert "sweep: cell 2/3 gamma=2: FAILED: NonFiniteLossError: non-finite loss at step 2" in lines
+    with (tmp_path / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r[GAMMA], r["status"]) for r in rows] == [("0", "ok"), ("2", "failed"), ("5", "ok")]
+    assert rows[1]["error"].startswith("NonFiniteLossError") and rows[1]["mAP"] == ""
+    assert float(rows[2]["mAP"]) == pytest.approx(0.6) and float(rows[2]["AP/square"]) == pytest.approx(0.3)
+    assert list(rows[0])[:2 + len(STAT_NAMES) + 1] == ["cell", GAMMA, "status", *STAT_NAMES]
+    assert json.loads((tmp_path / "cells" / "gamma=2" / "failed.json").read_text())["error"].startswith("NonFinite")
+    assert "| 2 | failed | failed | failed |" in (tmp_path / "table.md").read_text()
+
+
+def test_table_has_paper_columns_best_alpha_per_gamma_and_grid_and_heatmap(tmp_path):
+    outcomes = run_sweep(["base.yaml"], [(GAMMA, [0, 2]), (ALPHA, [0.25, 0.75])], tmp_path, run=FakeRun(),
+                         log=lambda s: None)
+    table = table_markdown([GAMMA, ALPHA], outcomes)
+    # AP = 0.1 + gamma / 10 + alpha / 100; AP50 = AP / 2, AP75 = AP / 3 (fake_result), in %
+    assert "| gamma | alpha | AP | AP50 | AP75 |" in table
+    assert "| 2 | 0.25 | 30.3 | 15.1 | 10.1 |" in table
+    best = table.split("Table 1b")[1]
+    assert "| 0 | 0.75 | 10.8 | 5.4 | 3.6 |" in best and "| 2 | 0.75 | 30.8 | 15.4 | 10.3 |" in best
+    assert "| gamma \\ alpha | 0.25 | 0.75 |" in table and "| 2 | 30.3 | 30.8 |" in table
+    assert (tmp_path / "table.md").read_text() == table
+    assert (tmp_path / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    one = table_markdown([GAMMA], run_sweep(["b.yaml"], [(GAMMA, [1])], tmp_path / "one", run=FakeRun(),
+                                            log=lambda s: None))
+    assert "Table 1b" not in one and "| 1 | 20.0 | 10.0 | 6.7 |" in one
+    assert not (tmp_path / "one" / "heatmap.png").exists()
+
+
+@pytest.mark.slow
+def test_real_two_cell_sweep_trains_evaluates_and_resumes(tmp_path, synth_coco):
+    config = tiny_config(tmp_path, synth_coco, **{"trainer.max_steps": 2, "trainer.val_check_interval": 100,
+                                                 "trainer.num_sanity_val_steps": 0})
+    out = tmp_path / "sw"
+    args = ("sweep", "-c", str(config), "-c", "configs/losses/sigmoid_focal.yaml",
+            "--param", f"{GAMMA}=0,abc", "--out", str(out), "--trainer.limit_val_batches", "1")
+    proc = run_cli(*args)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # the bad value failed, the sweep went on
+    assert "sweep: cell 1/2 gamma=0: running" in proc.stdout
+    assert "sweep: cell 2/2 gamma=abc: FAILED: ConfigError: bad run arguments" in proc.stdout
+    result = json.loads((out / "cells" / "gamma=0" / "result.json").read_text())["result"]
+    assert result["steps"] == 2 and set(result["stats"]) == set(STAT_NAMES)
+    assert set(result["per_class"]) == {"circle", "square", "triangle", "cross"}
+    proc = run_cli(*args)
+    assert "gamma=0: finished earlier, skipped" in proc.stdout
