@@ -4,7 +4,8 @@
 ``LightningCLI`` over ``RetinaNetModule`` and ``CocoDataModule``; ``focaldet data ...`` are
 the dataset tools, ``focaldet bench`` the side-by-side benchmark, ``focaldet export`` the ONNX / torch.export files,
 ``focaldet equal-budget`` the side-by-side training run, ``focaldet sweep`` one run per cell of a
-parameter grid and ``focaldet serve`` the model server.
+parameter grid, ``focaldet serve`` the model server and ``focaldet analyze`` the studies of a
+trained model (``focaldet.analysis``).
 """
 
 from __future__ import annotations
@@ -174,6 +175,10 @@ def run(argv: list[str] | None = None) -> int:
         from focaldet.export.cli import main as export_main
 
         return export_main(args[1:])
+    if args and args[0] == "analyze":
+        from focaldet.analysis.cli import main as analyze_main
+
+        return analyze_main(args[1:])
     if args and args[0] == "equal-budget":
         from focaldet.equal_budget import main as equal_budget_main
 
