@@ -1,4 +1,4 @@
-"""``focaldet data ...`` subcommands: ``synth``, ``check``, ``voc2coco`` and ``corrupt``."""
+"""``focaldet data ...`` subcommands: ``synth``, ``check``, ``anchors``, ``voc2coco`` and ``corrupt``."""
 
 from __future__ import annotations
 
@@ -43,6 +43,23 @@ def build_parser() -> argparse.ArgumentParser:
                        help="repeat-factor rule (data.repeat_rule, default sqrt)")
     check.add_argument("--no-cache", dest="cache", action="store_false",
                        help="decode every image again instead of reusing the cached scan")
+
+    anchors = sub.add_parser("anchors", help="best possible recall of the anchors on a dataset, and anchors "
+                                             "fitted to it (YAML to paste under model.anchor_generator)")
+    anchors.add_argument("annotations", type=Path, help="COCO instances JSON (the training split)")
+    anchors.add_argument("--images", type=Path, help="image folder: checks that every image file exists (not "
+                                                     "needed: the sizes come from the JSON; nothing is decoded)")
+    anchors.add_argument("-c", "--config", type=Path, metavar="CONFIG",
+                         help="take the current anchors (model.anchor_generator) and the input sizes (data.min_size, "
+                              "max_size, size_divisibility) from this config (default: the model's COCO anchors)")
+    anchors.add_argument("--min-size", type=int, help=f"shorter side after resizing (default: the config's, "
+                                                      f"else {InputSettings.min_size})")
+    anchors.add_argument("--max-size", type=int, help=f"longer-side cap after resizing (default: the config's, "
+                                                      f"else {InputSettings.max_size})")
+    anchors.add_argument("--sample", type=int, default=5000, metavar="N",
+                         help="fit on a random sample of N boxes (default 5000); the BPR is then reported on all")
+    anchors.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
+    anchors.add_argument("--json", type=Path, metavar="OUT", help="also write the numbers as JSON")
 
     voc = sub.add_parser("voc2coco", help="convert Pascal VOC XML annotations to a COCO JSON")
     voc.add_argument("--ann-dir", required=True, type=Path, help="folder of VOC *.xml files")
@@ -95,6 +112,30 @@ def _check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _anchors(args: argparse.Namespace) -> int:
+    from focaldet.analysis.anchors import analyse_anchors, check_image_files, read_anchor_config, read_boxes
+    from focaldet.errors import ConfigError
+
+    current, data_args = read_anchor_config(args.config) if args.config is not None else (None, {})
+    if args.min_size is not None:
+        data_args.update(min_size=args.min_size, eval_transforms=None)
+    if args.max_size is not None:
+        data_args.update(max_size=args.max_size, eval_transforms=None)
+    settings = InputSettings.from_data(**data_args)
+    if args.sample < 1:
+        raise ConfigError(f"--sample must be >= 1, got {args.sample}")
+    data = read_boxes(args.annotations)
+    if args.images is not None:
+        check_image_files(args.images, data.file_names)
+    analysis = analyse_anchors(args.annotations, settings, current, args.sample, args.seed, data=data)
+    analysis.default_sizes = not ({"min_size", "max_size", "eval_transforms"} & set(data_args))
+    print(analysis.format())
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(analysis.to_dict(), indent=2))
+    return 0
+
+
 def _voc2coco(args: argparse.Namespace) -> int:
     from focaldet.data.voc import convert_voc_to_coco
 
@@ -110,7 +151,8 @@ def _voc2coco(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run ``focaldet data <command> ...``; returns the exit code (1 on bad data)."""
     args = build_parser().parse_args(argv)
-    handler = {"synth": _synth, "check": _check, "voc2coco": _voc2coco, "corrupt": _corrupt}[args.command]
+    handler = {"synth": _synth, "check": _check, "anchors": _anchors, "voc2coco": _voc2coco,
+               "corrupt": _corrupt}[args.command]
     try:
         return handler(args)
     except FocaldetError as e:
