@@ -34,6 +34,7 @@ can reach at the grid positions: the ceiling of any fit with those strides and o
 from __future__ import annotations
 
 import math
+import textwrap
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -700,20 +701,24 @@ class AnchorAnalysis:
         missed = round((1 - f.sample.bpr) * f.num_sample)
         lines.append("")
         if missed:
-            lines.append(
-                f"  {f.unreachable} of the {missed} boxes the fitted anchors miss{' in the sample' if sampled else ''} "
+            lines += _wrap(
+                f"{f.unreachable} of the {missed} boxes the fitted anchors miss{' in the sample' if sampled else ''} "
                 f"cannot reach IoU {cur.iou_threshold:g} with any anchor shape at their nearest anchor centres "
                 f"(strides {g.strides[0]}-{g.strides[-1]} px, offset {g.offset:g}): small and far from every centre; "
                 f"no anchors on this grid exceed {_pct(f.ceiling)}")
         same = g.num_anchors == self.current_generator.num_anchors
-        lines.append(
-            f"  fit: {f.evaluations} candidate anchor sets scored on {f.num_sample} boxes in {self.seconds:.1f} s; "
+        lines += _wrap(
+            f"fit: {f.evaluations} candidate anchor sets scored on {f.num_sample} boxes in {self.seconds:.1f} s; "
             f"A = {g.num_anchors} anchors per location ({len(g.scales)} scales x {len(g.aspect_ratios)} aspect ratios)"
             + (", as now: the head's shapes (and pretrained head weights) still fit" if same else ""))
         if g is self.current_generator:
             lines.append("  the current anchors are the best found: nothing to change")
         lines += ["", "paste into your config (replaces model.anchor_generator):", self.yaml().rstrip()]
         return "\n".join(lines)
+
+
+def _wrap(text: str) -> list[str]:
+    return textwrap.wrap(text, width=100, initial_indent="  ", subsequent_indent="    ")
 
 
 def _yaml_value(v: Any) -> str:
