@@ -23,6 +23,7 @@ from focaldet.evaluation.thresholds import load_thresholds, per_label_thresholds
 from focaldet.inference.slicing import Slicing, sliced_detections
 from focaldet.inputs import InputSettings
 from focaldet.losses import RetinaNetCriterion
+from focaldet.losses.criterion import CROWD_IOA_THRESHOLD
 from focaldet.modeling import AnchorGenerator, Matcher, PostProcess, RetinaNet
 from focaldet.modeling.weights import init_weights as load_init_weights
 from focaldet.modeling.weights import print_report
@@ -45,6 +46,10 @@ class RetinaNetModule(L.LightningModule):
         box_loss: any box loss of ``focaldet.losses`` (default ``SmoothL1Loss``).
         fpn_channels, p6_from, num_convs, head_norm, prior_prob: see ``RetinaNet``.
         normalizer_momentum: EMA of the positive count (detectron2: 0.9); None = per batch.
+        crowd_ioa_threshold: a background anchor whose intersection with an ``iscrowd`` region
+            of its image, over the anchor's area, is at least this is ignored in the loss
+            instead of trained as background (``RetinaNetCriterion``; positives stay positive);
+            ``null`` turns it off (crowd regions are then dropped, as before).
         init_weights: start from pretrained weights (``focaldet.modeling.weights``): a focaldet
             checkpoint of any class count, a torchvision RetinaNet state dict file (v1; v2
             with ``head_norm: gn``), a torchvision ResNet file, or a torchvision weights name
@@ -104,6 +109,7 @@ class RetinaNetModule(L.LightningModule):
         head_norm: str | None = None,
         prior_prob: float = 0.01,
         normalizer_momentum: float | None = None,
+        crowd_ioa_threshold: float | None = CROWD_IOA_THRESHOLD,
         base_lr: float = 0.01,
         base_batch_size: int = 16,
         batch_size: int = 16,
@@ -133,6 +139,8 @@ class RetinaNetModule(L.LightningModule):
             raise ConfigError(f"model.optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
         if nonfinite not in ("raise", "skip"):
             raise ConfigError(f"model.nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        if crowd_ioa_threshold is not None and not 0 < crowd_ioa_threshold <= 1:
+            raise ConfigError(f"model.crowd_ioa_threshold must be in (0, 1] or null (off), got {crowd_ioa_threshold!r}")
         # The checkpoint's recipe (hyper_parameters): every argument, parts as class_path trees
         # (focaldet.recipe), so that focaldet.load and `--ckpt_path` rebuild this very model.
         # The label map and input settings are stored once each, in checkpoint["focaldet"].
@@ -152,7 +160,8 @@ class RetinaNetModule(L.LightningModule):
             background_logit=bool(getattr(cls_loss, "background_logit", False)),
         )
         self.criterion = RetinaNetCriterion(cls_loss, box_loss, matcher, self.model.box_coder,
-                                            normalizer_momentum=normalizer_momentum)
+                                            normalizer_momentum=normalizer_momentum,
+                                            crowd_ioa_threshold=crowd_ioa_threshold)
         self._init_run_state()
         self.init_weights_source = init_weights  # kept in checkpoint["focaldet"], for the record
         self.hparams["init_weights"] = None  # the checkpoint's own weights replace them
@@ -183,7 +192,7 @@ class RetinaNetModule(L.LightningModule):
 
     def _losses(self, batch: dict) -> dict:
         """``{"loss", "loss_cls", "loss_box", ...}`` of a training batch."""
-        return self.criterion(self._forward(batch), batch["boxes"], batch["labels"])
+        return self.criterion(self._forward(batch), batch["boxes"], batch["labels"], batch.get("crowd_boxes"))
 
     def _detections(self, batch: dict) -> list[dict]:
         """Detections in the batch's (resized) pixel coordinates."""
@@ -297,7 +306,7 @@ class RetinaNetModule(L.LightningModule):
             return
         if self.criterion is not None:  # losses and detections of one forward pass
             outputs = self._forward(batch)
-            losses = self.criterion(outputs, batch["boxes"], batch["labels"])
+            losses = self.criterion(outputs, batch["boxes"], batch["labels"], batch.get("crowd_boxes"))
             self.log_dict({f"{stage}/{k}": losses[k] for k in ("loss", "loss_cls", "loss_box")},
                           batch_size=batch["images"].shape[0], sync_dist=True)
             detections = self.model.detect(outputs, batch["image_sizes"])

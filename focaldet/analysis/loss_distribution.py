@@ -105,7 +105,9 @@ def collect_logits(model, criterion, batches: Iterable[dict], max_negatives: int
     for batch in batches:
         images, sizes = batch["images"].to(device), batch["image_sizes"].to(device)
         outputs = model(model.normalize(images, sizes))
-        t = criterion.assign(outputs, batch["boxes"].to(device), batch["labels"].to(device))
+        crowd = batch.get("crowd_boxes")  # ignored anchors, as in training
+        t = criterion.assign(outputs, batch["boxes"].to(device), batch["labels"].to(device),
+                             None if crowd is None else crowd.to(device))
         logits = torch.cat(outputs["cls_logits"], dim=1).float()  # per level (N, Ri, K) -> (N, R, K)
         positives.append(logits[t.fg].gather(1, t.cls_target[t.fg][:, None])[:, 0].cpu())  # (P, K) -> (P,)
         background = (~t.fg) & (t.weight > 0)  # (N, R): neither positive nor ignored

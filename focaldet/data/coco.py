@@ -10,6 +10,8 @@ A dataset sample is a dict::
                a view of the decoded (H, W, 3) array
     boxes      (G, 4) float32 xyxy, in pixels of the transformed image
     labels     (G,) int64 contiguous labels
+    crowd_boxes (C, 4) float32 xyxy ``iscrowd`` regions, transformed with the boxes
+               (no labels: training ignores the background anchors inside them)
     image_id   int, the COCO image id (running index for an image folder)
     orig_size  (h, w) ints of the image file
     size       (h, w) ints after transforms
@@ -208,11 +210,25 @@ def _decoded_from(image: np.ndarray, reduce: int, height: int, width: int) -> bo
     return abs(h * reduce - height) < reduce and abs(w * reduce - width) < reduce
 
 
+CROWD = -1  # the label a crowd region travels under through the transforms (real labels are >= 0)
+
+
 def _apply_transforms(
-    transforms: Callable | None, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray
+    transforms: Callable | None, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
+    crowd_boxes: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Run an albumentations-style callable and pack the result as tensors."""
+    """Run an albumentations-style callable and pack the result as tensors.
+
+    Crowd regions ``(C, 4)`` ride along as extra boxes labelled `CROWD`, so every geometric
+    transform (resize, flip, crop, affine) moves them exactly as the boxes, and one that
+    leaves the image (or a crop that removes it) disappears; they are split off again after.
+    """
+    crowd = np.zeros((0, 4), dtype=np.float32) if crowd_boxes is None else crowd_boxes.reshape(-1, 4)
     if transforms is not None:
+        if len(crowd):  # without crowd regions the call is exactly the plain one
+            boxes = np.concatenate([np.asarray(boxes, dtype=np.float32).reshape(-1, 4), crowd])
+            labels = np.concatenate([np.asarray(labels, dtype=np.int64).reshape(-1),
+                                     np.full(len(crowd), CROWD, dtype=np.int64)])
         out = transforms(image=image, bboxes=boxes, labels=labels)
         image = out["image"]
         boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
@@ -220,12 +236,15 @@ def _apply_transforms(
         # Transforms may leave slivers; a box must keep a positive extent to be learnable.
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         boxes, labels = boxes[keep], labels[keep]
+        is_crowd = labels == CROWD
+        crowd, boxes, labels = boxes[is_crowd], boxes[~is_crowd], labels[~is_crowd]
     h, w = image.shape[:2]
     return {
         # (H, W, 3) -> (3, H, W) view, no copy: the collate copies it once, into the batch
         "image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1),
         "boxes": torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4),
         "labels": torch.as_tensor(labels, dtype=torch.int64).reshape(-1),
+        "crowd_boxes": torch.as_tensor(crowd, dtype=torch.float32).reshape(-1, 4),
         "size": (int(h), int(w)),
     }
 
@@ -239,9 +258,12 @@ class CocoDetection(Dataset):
     """Detection dataset over a COCO instances JSON and an image folder.
 
     Boxes are converted to ``xyxy`` and clipped to the image size given in the JSON;
-    ``iscrowd=1`` annotations are not trained on; boxes narrower or lower than 1 px after
-    clipping are dropped and counted (one `DataWarning` per dataset). Images without boxes
-    are kept unless ``filter_empty``.
+    boxes narrower or lower than 1 px after clipping are dropped and counted (one
+    `DataWarning` per dataset). ``iscrowd=1`` annotations are not objects to learn: they
+    become the sample's ``crowd_boxes`` (clipped and dropped alike, no label), regions whose
+    background anchors the criterion ignores; ``num_crowd`` counts the kept ones. They do not
+    make an image non-empty for ``filter_empty``. Images without boxes are kept unless
+    ``filter_empty``.
 
     Args:
         ann_file: COCO instances JSON.
@@ -282,18 +304,18 @@ class CocoDetection(Dataset):
         for image_id in sorted(self.coco.imgs):
             img = self.coco.imgs[image_id]
             height, width = int(img["height"]), int(img["width"])
-            boxes, labels = [], []
+            boxes, labels, crowd = [], [], []
             for ann in self.coco.imgToAnns.get(image_id, []):
-                if ann.get("iscrowd", 0):
-                    self.num_crowd += 1
-                    continue
                 box = clip_box(ann["bbox"], width, height)
                 if box is None:
                     self.num_degenerate += 1
                     degenerate_ids.append(ann["id"])
-                    continue
-                boxes.append(box)
-                labels.append(self.label_map.to_label(ann["category_id"]))
+                elif ann.get("iscrowd", 0):
+                    crowd.append(box)
+                else:
+                    boxes.append(box)
+                    labels.append(self.label_map.to_label(ann["category_id"]))
+            self.num_crowd += len(crowd)
             if filter_empty and not boxes:
                 continue
             self.records.append(
@@ -304,6 +326,7 @@ class CocoDetection(Dataset):
                     "width": width,
                     "boxes": np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
                     "labels": np.asarray(labels, dtype=np.int64),
+                    "crowd_boxes": np.asarray(crowd, dtype=np.float32).reshape(-1, 4),
                 }
             )
         if degenerate_ids:
@@ -325,8 +348,11 @@ class CocoDetection(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         rec = self.records[index]
-        image, boxes = self._read(rec)
-        sample = _apply_transforms(self.transforms, image, boxes, rec["labels"])
+        image, scale = self._read(rec)
+        boxes, crowd = rec["boxes"], rec["crowd_boxes"]
+        if scale is not None:
+            boxes, crowd = boxes * scale, crowd * scale
+        sample = _apply_transforms(self.transforms, image, boxes, rec["labels"], crowd)
         sample.update(
             image_id=int(rec["image_id"]),
             orig_size=(rec["height"], rec["width"]),
@@ -334,9 +360,9 @@ class CocoDetection(Dataset):
         )
         return sample
 
-    def _read(self, rec: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-        """The record's image and boxes, decoded as small as the transforms allow
-        (`decode_reduction`): the boxes are scaled to the decoded image."""
+    def _read(self, rec: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
+        """The record's image, decoded as small as the transforms allow (`decode_reduction`),
+        and the ``(4,)`` factor that scales its boxes to the decoded image (``None``: 1)."""
         path, height, width = self.image_dir / rec["file_name"], rec["height"], rec["width"]
         reduce = decode_reduction(self.transforms, height, width)
         image = read_image(path, rec["image_id"], reduce)
@@ -347,8 +373,8 @@ class CocoDetection(Dataset):
             raise ImageError(f"image {path} (image id {rec['image_id']}) is {w}x{h} (w x h) on disk "
                              f"but {width}x{height} in {self.ann_file}")
         if reduce == 1:
-            return image, rec["boxes"]
-        return image, rec["boxes"] * np.array([w / width, h / height] * 2, dtype=np.float32)
+            return image, None
+        return image, np.array([w / width, h / height] * 2, dtype=np.float32)
 
 
 class ImageFolderDataset(Dataset):

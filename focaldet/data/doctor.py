@@ -50,6 +50,7 @@ class Report:
     num_images: int = 0
     num_boxes: int = 0
     num_crowd: int = 0
+    num_crowd_images: int = 0  # images with at least one (valid, non-degenerate) crowd region
     num_trainable: int = 0
     num_images_without_boxes: int = 0
     categories: list[dict[str, Any]] = field(default_factory=list)  # id, name, boxes, images
@@ -98,6 +99,8 @@ class Report:
             lines += [
                 f"  images           {self.num_images} ({self.num_images_without_boxes} without boxes); folder {folder}",
                 f"  boxes            {self.num_boxes} ({self.num_crowd} crowd, {self.num_trainable} used for training)",
+                *([f"  crowd regions    {self.num_crowd} in {self.num_crowd_images} images: their background "
+                   "anchors are ignored in training (model.crowd_ioa_threshold)"] if self.num_crowd else []),
                 f"  categories       {len(self.categories)}",
                 f"      {'id':>6}  {'name':<20} {'boxes':>7} {'images':>7}  anchor coverage",
             ]
@@ -244,6 +247,7 @@ def check_dataset(
     report.num_images = len(images)
     report.num_boxes = checked.num_boxes
     report.num_crowd = checked.num_crowd
+    report.num_crowd_images = sum(1 for items in checked.crowd.values() if items)
     trainable = {image_id: [(box, cid) for _, cid, box in items] for image_id, items in checked.boxes.items()}
 
     if image_dir is not None and not Path(image_dir).is_dir():

@@ -9,7 +9,9 @@ Pipelines are built from plain config lists, so they can live in YAML::
 dotted import path (``my_pkg.aug.MyTransform``) for a user's own transform; the other keys
 are its constructor arguments. Containers (``OneOf``, ``SomeOf``, ...) take a nested
 ``transforms`` list. Boxes travel as ``pascal_voc`` (``xyxy`` pixels) with a ``labels``
-field, so a transform that drops a box drops its label too.
+field, so a transform that drops a box drops its label too. A dataset's ``iscrowd`` regions
+travel as more boxes with the label ``-1`` (`focaldet.data.coco.CROWD`) and are split off
+after, so they stay aligned with the image and the boxes whatever the pipeline does.
 
 Note that albumentations' ``LongestMaxSize`` *always* rescales the longer side to
 ``max_size`` (it upscales too); use `ResizeShortestEdge` for the detectron2 rule
@@ -201,6 +203,8 @@ def collate_detection(batch: Sequence[Mapping[str, Any]], size_divisibility: int
         orig_sizes   (N, 2) int64  (h, w) of the image files
         boxes        (N, Gmax, 4) float32 xyxy, zero-padded
         labels       (N, Gmax) int64, padded with -1 (``labels >= 0`` is the valid mask)
+        crowd_boxes  (N, Cmax, 4) float32 xyxy ``iscrowd`` regions, zero-padded (a zero box
+                     covers no anchor); Cmax = 0 when no image of the batch has one
         image_ids    (N,) int64
         file_names   list[str]
 
@@ -223,6 +227,8 @@ def collate_detection(batch: Sequence[Mapping[str, Any]], size_divisibility: int
     max_w = max(s["image"].shape[2] for s in batch)
     hp, wp = -(-max_h // div) * div, -(-max_w // div) * div
     gmax = max(len(s["labels"]) for s in batch)
+    crowds = [s.get("crowd_boxes") for s in batch]  # absent for datasets that have none
+    cmax = max((len(c) for c in crowds if c is not None), default=0)
 
     in_worker = torch.utils.data.get_worker_info() is not None
     if in_worker:  # shared memory, filled in place
@@ -233,6 +239,7 @@ def collate_detection(batch: Sequence[Mapping[str, Any]], size_divisibility: int
     images = nhwc.permute(0, 3, 1, 2)  # (N, Hp, Wp, 3) -> (N, 3, Hp, Wp) view, channels_last
     boxes = torch.zeros((n, gmax, 4), dtype=torch.float32)
     labels = torch.full((n, gmax), -1, dtype=torch.int64)
+    crowd_boxes = torch.zeros((n, cmax, 4), dtype=torch.float32)
     for i, s in enumerate(batch):
         _, h, w = s["image"].shape
         images[i, :, :h, :w] = s["image"]
@@ -241,12 +248,15 @@ def collate_detection(batch: Sequence[Mapping[str, Any]], size_divisibility: int
         g = len(s["labels"])
         boxes[i, :g] = s["boxes"]
         labels[i, :g] = s["labels"]
+        if crowds[i] is not None:
+            crowd_boxes[i, : len(crowds[i])] = crowds[i]
     return (_WorkerBatch if in_worker else dict)({
         "images": images,
         "image_sizes": torch.tensor([s["size"] for s in batch], dtype=torch.int64).reshape(n, 2),
         "orig_sizes": torch.tensor([s["orig_size"] for s in batch], dtype=torch.int64).reshape(n, 2),
         "boxes": boxes,
         "labels": labels,
+        "crowd_boxes": crowd_boxes,
         "image_ids": torch.tensor([s["image_id"] for s in batch], dtype=torch.int64),
         "file_names": [s["file_name"] for s in batch],
     })

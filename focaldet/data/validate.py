@@ -15,7 +15,8 @@ The rules:
   numbers ``[x, y, w, h]`` with ``w, h >= 0``; ``iscrowd`` is 0 or 1 and ``area`` a finite
   number when present (missing ones are filled in by the loader: the evaluator needs them);
 - warnings: boxes of at most ``MIN_BOX_SIDE`` px after clipping to the image (not trained
-  on), boxes running past the border (clipped), several image entries sharing a file, and a
+  on), boxes running past the border (clipped) -- ``iscrowd`` regions included, marked
+  "(crowd)" --, several image entries sharing a file, and a
   large share of boxes past the border, the mark of ``[x1, y1, x2, y2]`` boxes.
 """
 
@@ -125,13 +126,17 @@ class CocoValidation:
 
     ``images``: valid image entries by id; ``categories``: category id -> name;
     ``boxes``: image id -> ``[(annotation id, category id, (x1, y1, x2, y2))]``, the boxes
-    training uses (non-crowd, clipped, larger than ``MIN_BOX_SIDE``); ``num_boxes`` counts
+    training uses (non-crowd, clipped, larger than ``MIN_BOX_SIDE``); ``crowd``: the same for
+    the ``iscrowd`` regions (same rules), whose anchors training ignores; ``num_boxes`` counts
     every annotation with a valid bbox, ``num_crowd`` the crowd ones among them.
     """
 
     images: dict[int, dict] = field(default_factory=dict)
     categories: dict[int, str] = field(default_factory=dict)
     boxes: dict[int, list[tuple[int, int, tuple[float, float, float, float]]]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+    crowd: dict[int, list[tuple[int, int, tuple[float, float, float, float]]]] = field(
         default_factory=lambda: defaultdict(list)
     )
     num_boxes: int = 0
@@ -297,21 +302,23 @@ def validate_coco(data: Any) -> CocoValidation:
         if not (_is_id(cid) and cid in out.categories):
             problems.add("unknown_category", f"annotation {aid} (category id {_short(cid)})")
             continue
-        if ann.get("iscrowd", 0):
-            out.num_crowd += 1
-            continue
+        crowd = bool(ann.get("iscrowd", 0))
+        out.num_crowd += crowd
         x, y, w, h = (float(v) for v in ann["bbox"])
         width, height = float(img["width"]), float(img["height"])
         outside = max(-x, -y, x + w - width, y + h - height)
-        placed += 1
-        past_border += outside > BORDER_TOLERANCE
+        if not crowd:  # crowd regions (a few, drawn around groups) stay out of the xyxy heuristic
+            placed += 1
+            past_border += outside > BORDER_TOLERANCE
         box = clip_box(ann["bbox"], width, height)
+        if crowd:
+            where += " (crowd)"
         if box is None:
             problems.add("degenerate", where)
             continue
         if outside > 0:
             problems.add("outside", where)
-        out.boxes[image_id].append((aid, cid, box))
+        (out.crowd if crowd else out.boxes)[image_id].append((aid, cid, box))
 
     if placed >= XYXY_MIN_BOXES and past_border > XYXY_SHARE * placed:
         problems.add("xyxy", f"{past_border} of {placed} boxes ({past_border / placed:.0%}) extend more than "

@@ -85,13 +85,13 @@ class RetinaNetCriterion(nn.Module):
             average of the positive count, kept in the ``normalizer`` buffer (initial 100).
         crowd_ioa_threshold: a BACKGROUND anchor whose intersection with a crowd box, over
             the anchor's area, is >= this is ignored (weight 0); anchors matched to a real box
-            stay positive. Used only when crowd boxes are given.
+            stay positive. Used only when crowd boxes are given; ``None`` ignores them.
     """
 
     def __init__(self, cls_loss: nn.Module | None = None, box_loss: nn.Module | None = None,
                  matcher: Matcher | None = None, box_coder: BoxCoder | None = None,
                  cls_weight: float = 1.0, box_weight: float = 1.0, normalizer_momentum: float | None = None,
-                 crowd_ioa_threshold: float = CROWD_IOA_THRESHOLD):
+                 crowd_ioa_threshold: float | None = CROWD_IOA_THRESHOLD):
         super().__init__()
         self.cls_loss = cls_loss if cls_loss is not None else SigmoidFocalLoss()
         self.box_loss = box_loss if box_loss is not None else SmoothL1Loss()
@@ -119,7 +119,8 @@ class RetinaNetCriterion(nn.Module):
         else:
             cls_target = torch.full_like(matches.gt_index, num_classes)
         weight = (matches.labels >= 0).float()  # (N, R)
-        if crowd_boxes is not None and crowd_boxes.shape[1] > 0:  # no crowd: nothing computed
+        if crowd_boxes is not None and crowd_boxes.shape[1] > 0 and self.crowd_ioa_threshold is not None:
+            # (no crowd, or crowd ignoring off: nothing computed)
             on_crowd = anchor_crowd_ioa(anchors, crowd_boxes.to(anchors.dtype)).amax(-1) >= self.crowd_ioa_threshold
             weight = weight.masked_fill(on_crowd & (matches.labels == BACKGROUND), 0.0)  # (N, R)
         n_idx, r_idx = fg.nonzero(as_tuple=True)  # (P,), (P,)
