@@ -15,7 +15,6 @@ detections scored with COCOeval give ``validate``'s mAP.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from torch import Tensor
 from focaldet.data.coco import IMAGE_EXTENSIONS, ImageFolderDataset, _apply_transforms
 from focaldet.data.transforms import collate_detection
 from focaldet.errors import ConfigError, DataError, WeightsError
+from focaldet.evaluation.thresholds import ALL, load_thresholds, per_label_thresholds
 from focaldet.inference.slicing import Slicing, sliced_detections
 from focaldet.inputs import InputSettings
 from focaldet.modeling.retinanet import RetinaNet
@@ -182,36 +182,25 @@ def _expand(inputs: Any) -> list[Any]:
 
 
 def read_thresholds(score_threshold: Any, names: Sequence[str]) -> Tensor | None:
-    """Per-class thresholds ``(K,)`` from a float, a ``{name: score}`` mapping or a JSON file
-    of ``{name: {"score": s, ...}}`` (classes it omits keep every detection)."""
+    """Per-class thresholds ``(K,)`` from a number, a ``{name: score}`` mapping or a
+    ``thresholds.json`` of ``focaldet validate`` (read by `load_thresholds`; its "all" entry
+    stands in for a class without its own score, and classes it omits keep every detection)."""
     if score_threshold is None:
         return None
-    if isinstance(score_threshold, (int, float)):
-        return torch.full((len(names),), float(score_threshold))
     source = score_threshold
     if isinstance(score_threshold, (str, os.PathLike)):
-        try:
-            score_threshold = json.loads(Path(score_threshold).read_text())
-        except (OSError, ValueError) as e:
-            raise DataError(f"thresholds file {source}: cannot read it as JSON ({e})") from None
-    if not isinstance(score_threshold, Mapping):
+        score_threshold = load_thresholds(score_threshold)
+    if isinstance(score_threshold, Mapping):
+        unknown = sorted(set(score_threshold) - set(names) - {ALL})
+        if unknown:
+            where = f"{source} " if isinstance(source, (str, os.PathLike)) else ""
+            raise DataError(f"score thresholds {where}name unknown classes {unknown}; "
+                            f"the model's classes are {list(names)}")
+        score_threshold = {k: (v.get("score") if isinstance(v, Mapping) else v) for k, v in score_threshold.items()}
+        score_threshold = {k: float(v) for k, v in score_threshold.items() if v is not None}
+    elif not isinstance(score_threshold, (int, float)) or isinstance(score_threshold, bool):
         raise DataError(f"score_threshold must be a number, a {{name: score}} mapping or a JSON file, got {source!r}")
-    unknown = sorted(set(score_threshold) - set(names) - {"all"})
-    if unknown:
-        raise DataError(f"score thresholds {source if isinstance(source, (str, os.PathLike)) else ''} name "
-                        f"unknown classes {unknown}; the model's classes are {list(names)}")
-
-    def score(value: Any) -> float | None:
-        return value.get("score") if isinstance(value, Mapping) else value
-
-    # validate's thresholds.json: "all" (all classes pooled) stands in for a class without its own score
-    default = score(score_threshold.get("all"))
-    default = 0.0 if default is None else float(default)
-    out = torch.zeros(len(names))
-    for i, name in enumerate(names):
-        value = score(score_threshold.get(name))
-        out[i] = default if value is None else float(value)
-    return out
+    return torch.as_tensor(per_label_thresholds(score_threshold, names), dtype=torch.float32)
 
 
 class Detector:

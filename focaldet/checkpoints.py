@@ -24,6 +24,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from focaldet.errors import CheckpointError
+from focaldet.modeling.weights import not_torch_save_reason
 
 # what Lightning's "last" matches (ModelCheckpoint.CHECKPOINT_NAME_LAST, with its "-vN" copies)
 LAST_NAME = "last"
@@ -47,6 +48,9 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu", mma
         raise CheckpointError(f"checkpoint {path}: file not found")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path}: empty file (0 bytes), not a checkpoint")
+    reason = not_torch_save_reason(path)
+    if reason:
+        raise CheckpointError(f"checkpoint {path}: {reason}")
     try:
         ckpt = torch.load(path, map_location=map_location, mmap=mmap, weights_only=weights_only)
     except Exception as e:  # RuntimeError (zip), UnpicklingError, EOFError, ValueError, ...

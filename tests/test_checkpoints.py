@@ -66,6 +66,15 @@ def test_a_corrupt_checkpoint_is_one_error_naming_the_file(tmp_path, kind):
     check_checkpoint(tmp_path / "good.ckpt")
 
 
+def test_a_file_that_is_no_torch_save_says_so(tmp_path):
+    """Neither a zip nor a pickle: no PyTorch hint about weights_only, which would mislead."""
+    path = tmp_path / "notes.ckpt"
+    path.write_bytes(b"hello, not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"notes.ckpt: not a readable PyTorch file \(neither a zip") as err:
+        check_checkpoint(path)
+    assert "weights_only" not in str(err.value)
+
+
 def test_not_a_lightning_checkpoint(tmp_path):
     path = tmp_path / "weights.ckpt"
     torch.save({"w": torch.zeros(2)}, path)

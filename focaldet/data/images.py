@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 
 from focaldet.errors import DataError
+from focaldet.failures import unwrap_worker_message
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -49,17 +50,7 @@ class ImageError(DataError):
     """
 
     def __init__(self, message: str) -> None:
-        super().__init__(_unwrap_worker_message(message))
-
-
-def _unwrap_worker_message(message: str) -> str:
-    """``"Caught X in DataLoader worker process 0.\\nOriginal Traceback ... X: msg"`` -> one line."""
-    if not (message.startswith("Caught ") and "\nOriginal Traceback" in message):
-        return message
-    where = message.split("\n", 1)[0].rstrip(".").split(" in ", 1)[-1]
-    last = [line for line in message.strip().splitlines() if line.strip()][-1]
-    _, sep, text = last.partition(": ")  # "focaldet.data.coco.ImageError: cannot read ..."
-    return f"{text if sep else last} [{where}]"
+        super().__init__(unwrap_worker_message(message))
 
 
 # --------------------------------------------------------------------------------------

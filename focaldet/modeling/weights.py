@@ -45,11 +45,25 @@ _CLS_LOGITS = "head.cls_logits."
 _BOX_PRED = "head.bbox_pred."
 
 
+def not_torch_save_reason(path: Path) -> str | None:
+    """Why ``path`` cannot be a ``torch.save`` file (a zip archive, or a legacy pickle), from
+    its first bytes; ``None`` when it may be one. Spares users PyTorch's ``weights_only``
+    advice for a file that is something else entirely."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic.startswith(b"PK") or magic[:1] == b"\x80":
+        return None
+    return f"not a readable PyTorch file (neither a zip archive nor a pickle: it starts with {magic!r})"
+
+
 def read_weights_file(path: str | os.PathLike, what: str = "weights file") -> Any:
     """``torch.load`` of a checkpoint or state dict file on the CPU, tensors only."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise WeightsError(f"{what} {path}: file not found")
+    reason = not_torch_save_reason(path)
+    if reason:
+        raise WeightsError(f"{what} {path}: {reason}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, foreign pickle, unsafe globals, ...
