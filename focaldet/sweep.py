@@ -338,6 +338,7 @@ def write_heatmap(keys: Sequence[str], outcomes: Sequence[CellOutcome], path: Pa
     fig = Figure(figsize=(2.0 + max(1.1, 0.08 * widest) * len(cols), 1.5 + 0.6 * len(rows)), dpi=120)
     ax = fig.add_subplot()
     image = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", aspect="auto")
+    ax.grid(False)  # a style's axes grid would run through the numbers
     finite = grid[np.isfinite(grid)]
     middle = (finite.min() + finite.max()) / 2 if finite.size else 0.0
     for i in range(len(rows)):
