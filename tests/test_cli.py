@@ -126,8 +126,8 @@ def test_print_config(tmp_path, synth_coco, capsys):
 def test_non_finite_loss(tmp_path, synth_coco, monkeypatch, mode):
     real = RetinaNetCriterion.forward
 
-    def nan_at_step_one(self, outputs, boxes, labels):
-        losses = real(self, outputs, boxes, labels)
+    def nan_at_step_one(self, outputs, boxes, labels, *args, **kwargs):
+        losses = real(self, outputs, boxes, labels, *args, **kwargs)
         if self.calls == 1:
             losses["loss"] = losses["loss"] * float("nan")
         self.calls += 1
