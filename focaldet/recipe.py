@@ -14,8 +14,10 @@ The recipe has the form of the CLI's YAML, so a reader can copy it into a config
 from __future__ import annotations
 
 import importlib
+import os
 import inspect
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from focaldet.errors import ConfigError
@@ -70,3 +72,20 @@ def instantiate(spec: Any) -> Any:
         return cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{spec['class_path']}: {e}") from None
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The top-level mapping of a focaldet YAML config; `ConfigError` naming the file when it
+    is missing, not valid YAML or not a mapping (an empty file reads as ``{}``)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return cfg

@@ -47,6 +47,7 @@ from torch import Tensor
 from torchvision.ops import box_iou
 
 from focaldet.errors import ConfigError, DataError
+from focaldet.recipe import read_config_file
 from focaldet.inputs import InputSettings
 from focaldet.modeling.anchors import AnchorGenerator
 
@@ -600,17 +601,7 @@ def check_image_files(image_dir: str | Path, file_names: Sequence[str]) -> None:
 def read_anchor_config(path: str | Path) -> tuple[AnchorGenerator | None, dict[str, Any]]:
     """``(model.anchor_generator or None, data arguments)`` of a focaldet YAML config;
     `ConfigError` for a missing file, invalid YAML or an anchor generator that cannot be built."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
-    try:
-        cfg = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+    cfg = read_config_file(path)
 
     def section(name: str) -> dict:
         value = cfg.get(name) or {}

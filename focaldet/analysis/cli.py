@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from focaldet.errors import ConfigError, WeightsError
+from focaldet.recipe import read_config_file
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,15 +41,7 @@ def _gammas(text: str) -> list[float]:
 
 
 def _data_args(config: str) -> dict:
-    import yaml
-
-    path = Path(config)
-    if not path.is_file():
-        raise ConfigError(f"{config}: no such config file")
-    try:
-        cfg = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{config}: not valid YAML ({str(e).splitlines()[0]})") from None
+    cfg = read_config_file(config)
     data = cfg.get("data") or {}
     data = dict(data.get("init_args") or {}) if "class_path" in data else dict(data)
     if not data.get("val_ann") or not data.get("val_images"):
