@@ -103,7 +103,11 @@ def _subcommands(text: str, prefix: str = "") -> list[str]:
 
 
 def _normalise(text: str) -> str:
-    """Fixed-width help with the environment-dependent "known subclasses" lists cut down."""
+    """Fixed-width help with the environment-dependent parts replaced: the "known subclasses" lists
+    cut down, and paths of this checkout written as ``<repo>`` (defaults such as
+    ``<repo>/../shared/data/bccd`` are computed from where the package lies)."""
+    for path, name in ((ROOT, "<repo>"), (ROOT.parent, "<repo>/.."), (Path.home(), "~")):
+        text = text.replace(str(path), name)
     blocks: list[list[str]] = []
     for line in text.rstrip().splitlines():
         line = line.rstrip()
