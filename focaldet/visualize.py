@@ -281,47 +281,38 @@ def threshold_text(score_threshold: float | Sequence[float], class_names: Sequen
     return f"drawn: score >= per-class threshold ({span} over {len(pairs)} classes)"
 
 
-def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
-    lines, line = [], ""
-    for word in text.split(" "):
-        trial = f"{line} {word}".strip()
-        if line and draw.textlength(trial, font=font) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = trial
-    return [*lines, line]
-
-
 def _header(width: int, text: str, font_px: int, gap: int) -> np.ndarray:
     """The sheet's header strip ``(H, width, 3)``: the legend (a dashed sample = ground truth,
-    a solid one = prediction) and ``text`` (the threshold), wrapped to the width."""
+    a solid one = prediction) and ``text`` (the threshold), flowed over as many lines as the
+    width needs."""
     font = _font(font_px)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    sample = 3 * font_px
-    lw = max(2, font_px // 6)
-    legend = [("ground truth", "gt"), ("prediction: class colour, 'name score'", "pred")]
+    sample, lw, space = 3 * font_px, max(2, font_px // 6), probe.textlength(" ", font=font)
+    # (sample kind or None, text): a legend entry keeps its sample and words together
+    items = [("gt", "ground truth"), ("pred", "prediction (class colour, name score)")]
+    items += [(None, word) for word in text.split(" ")]
+    placed, x, line = [], gap, 0
+    for kind, word in items:
+        w = probe.textlength(word, font=font) + (sample + font_px // 2 if kind else 0)
+        lead = font_px if kind or (placed and placed[-1][1] in ("gt", "pred")) else space
+        if placed and x + lead + w > width - gap:
+            x, line = gap, line + 1
+        elif placed:
+            x += lead
+        placed.append((x, kind, word, line))
+        x += w
     line_h = round(font_px * 1.35)
-    items_w = sum(sample + font_px // 2 + probe.textlength(t, font=font) + font_px for t, _ in legend)
-    text_lines = _wrap(probe, text, font, width - 2 * gap) if items_w + probe.textlength(text, font=font) \
-        > width - 2 * gap else []
-    height = gap + line_h * (1 + len(text_lines)) + gap
-    img = Image.new("RGB", (width, height), SHEET_BACKGROUND)
+    img = Image.new("RGB", (width, 2 * gap + line_h * (line + 1)), SHEET_BACKGROUND)
     draw = ImageDraw.Draw(img)
-    x, y = gap, gap
-    mid = y + line_h / 2
-    for text_item, kind in legend:
+    for x, kind, word, k in placed:
+        mid = gap + line_h * k + line_h / 2
         if kind == "gt":
             _dashed_line(draw, (x, mid), (x + sample, mid), lw, max(4.0, 3.0 * lw))
-        else:
+        elif kind == "pred":
             draw.line([(x, mid), (x + sample, mid)], fill=class_color(0), width=lw)
-        x += sample + font_px // 2
-        draw.text((x, mid), text_item, fill=TEXT_COLOR, font=font, anchor="lm")
-        x += probe.textlength(text_item, font=font) + font_px
-    if not text_lines:
-        draw.text((x, mid), text, fill=TEXT_COLOR, font=font, anchor="lm")
-    for k, line in enumerate(text_lines):
-        draw.text((gap, mid + (k + 1) * line_h), line, fill=TEXT_COLOR, font=font, anchor="lm")
+        if kind:
+            x += sample + font_px // 2
+        draw.text((x, mid), word, fill=TEXT_COLOR, font=font, anchor="lm")
     return np.asarray(img)
 
 
