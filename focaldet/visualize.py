@@ -254,13 +254,15 @@ def sheet_width(sizes: Sequence[tuple[int, int]], row_height: int, max_width: in
 
 def _best_packing(sizes, width: int, max_width: int, row_height: int, gap: int, max_per_row: int | None):
     """:func:`pack_rows` at the width, among 25 from 0.7x :func:`sheet_width` to ``max_width``,
-    that leaves the least empty space (a short last row) on a sheet not far from 16:10."""
+    that best balances little empty space (a short last row), a sheet near 16:10 and rows
+    near ``row_height``."""
     best = None
-    for cand in np.linspace(0.7 * width, max(width, min(max_width, 1.4 * width)), 25):
+    for cand in np.linspace(0.7 * width, max(width, max_width), 25):
         tiles, (h, w) = pack_rows(sizes, int(round(cand)), row_height, gap, max_per_row)
         used = sum((tw + gap) * (th + gap) for _, _, tw, th in tiles)
         empty = 1 - used / (h * w)
-        score = empty + 0.05 * abs(math.log((w / h) / 1.6))
+        stretch = sum(abs(math.log(th / row_height)) for _, _, _, th in tiles) / len(tiles)
+        score = empty + 0.15 * abs(math.log((w / h) / 1.6)) + 0.3 * stretch
         if best is None or score < best[0]:
             best = (score, tiles, (h, w))
     return best[1], best[2]
