@@ -291,12 +291,14 @@ def _header(width: int, text: str, font_px: int, gap: int) -> np.ndarray:
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     sample, lw, space = 3 * font_px, max(2, font_px // 6), probe.textlength(" ", font=font)
     # (sample kind or None, text): a legend entry keeps its sample and words together
-    items = [("gt", "ground truth"), ("pred", "prediction (class colour, name score)")]
-    items += [(None, word) for word in text.split(" ")]
+    items = []
+    for kind, words in (("gt", "ground truth"), ("pred", "prediction (class colour, name score)"), (None, text)):
+        first, *rest = words.split(" ")
+        items += [(kind, first)] + [(None, word) for word in rest]  # a sample goes with its first word
     placed, x, line = [], gap, 0
     for kind, word in items:
         w = probe.textlength(word, font=font) + (sample + font_px // 2 if kind else 0)
-        lead = font_px if kind or (placed and placed[-1][1] in ("gt", "pred")) else space
+        lead = font_px if kind or word == text.split(" ")[0] else space
         if placed and x + lead + w > width - gap:
             x, line = gap, line + 1
         elif placed:
