@@ -348,8 +348,18 @@ class RetinaNetModule(L.LightningModule):
                                  self.hparams.draw_score_threshold)
         if full:
             print(f"\n{evaluator.summary(report)}\n", flush=True)
-            written = evaluator.write(report, out, preview, self.hparams.draw_score_threshold)
+            written = evaluator.write(report, out, preview, self.hparams.draw_score_threshold,
+                                      train_metrics=self._training_metrics())
             print("wrote " + ", ".join(str(p) for p in written), flush=True)
+
+    def on_fit_start(self) -> None:
+        self._fit_run_dir = str(self._run_dir().resolve())  # every rank: log_dir is a collective
+
+    def _training_metrics(self) -> Path | None:
+        """The ``metrics.csv`` of the run that trained these weights: this process's ``fit``,
+        else the one the checkpoint names (None when neither; report.html says so)."""
+        run_dir = getattr(self, "_fit_run_dir", None) or getattr(self, "_checkpoint_run_dir", None)
+        return None if run_dir is None else Path(run_dir) / "metrics.csv"
 
     # ------------------------------------------------------------------ prediction
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
@@ -395,10 +405,12 @@ class RetinaNetModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["focaldet"] = {"format": CHECKPOINT_FORMAT, "label_map": self.label_map,
                                   "inputs": self.inputs.to_dict(), "config": self.run_config,
-                                  "init_weights": self.init_weights_source}
+                                  "init_weights": self.init_weights_source,
+                                  "run_dir": getattr(self, "_fit_run_dir", None)}  # report.html's curves
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resuming or evaluating: the checkpoint's classes must be this data's."""
+        self._checkpoint_run_dir = (checkpoint.get("focaldet") or {}).get("run_dir")
         saved = (checkpoint.get("focaldet") or {}).get("label_map")
         if saved is None:
             return

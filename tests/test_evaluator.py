@@ -260,7 +260,7 @@ def test_evaluator_steps(scene, tmp_path):
                           "labels": torch.tensor([0])}], [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0)}])
     names = {p.name for p in ev.write(report, tmp_path, preview)}
     expected = {"val_pr_curves.png", "val_detections.png", "thresholds.json", "confusion_matrix.csv",
-                "confusion_matrix.png"}
+                "confusion_matrix.png", "confusion_matrix_normalized.png", "report.html"}
     if report.errors is not None:
         expected |= {"errors.json", "errors.png"}
     assert names == expected

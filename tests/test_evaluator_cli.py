@@ -37,8 +37,11 @@ def test_validate_writes_evaluation_files_and_predict_uses_thresholds(tmp_path, 
     assert "Score thresholds maximising F1 at IoU 0.5" in out and "TIDE error breakdown" in out
     version = _latest_version(run)
     for name in ("thresholds.json", "confusion_matrix.csv", "confusion_matrix.png", "errors.json", "errors.png",
-                 "val_pr_curves.png", "val_detections.png", "val_detections.json"):
+                 "val_pr_curves.png", "val_detections.png", "val_detections.json", "confusion_matrix_normalized.png",
+                 "report.html", "training_curves.png"):  # the curves: from fit's metrics.csv, named by the checkpoint
         assert (version / name).is_file(), name
+    page = (version / "report.html").read_text()
+    assert 'src="training_curves.png"' in page and f'href="../{fit_dir.name}/metrics.csv"' in page
     thresholds = json.loads((version / "thresholds.json").read_text())
     assert set(thresholds) == {"circle", "square", "triangle", "cross", "all"}
     errors = json.loads((version / "errors.json").read_text())

@@ -1,8 +1,9 @@
 """Evaluation of focaldet detections: COCO metrics (:mod:`~focaldet.evaluation.coco`), F1
 score thresholds (:mod:`~focaldet.evaluation.thresholds`), confusion matrix
 (:mod:`~focaldet.evaluation.confusion`), TIDE error breakdown
-(:mod:`~focaldet.evaluation.errors`), and the :class:`Evaluator` that runs them for
-``validate`` / ``test`` (:mod:`~focaldet.evaluation.evaluator`)."""
+(:mod:`~focaldet.evaluation.errors`), the :class:`Evaluator` that runs them for
+``validate`` / ``test`` (:mod:`~focaldet.evaluation.evaluator`), and the ``report.html`` page
+that shows a run (:mod:`~focaldet.evaluation.report`)."""
 
 from focaldet.evaluation.coco import (
     STAT_NAMES,

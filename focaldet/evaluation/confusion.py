@@ -149,35 +149,87 @@ def write_confusion_csv(cm: ConfusionMatrix, path: str | os.PathLike) -> Path:
     return path
 
 
-def confusion_figure(cm: ConfusionMatrix):
-    """A matplotlib ``Figure`` of the matrix: counts in the cells, colour = share of the row,
-    axes named, and the meaning of the background row and column written under it."""
+def row_normalised(cm: ConfusionMatrix) -> np.ndarray:
+    """``(K+1, K+1)`` float: each row divided by its sum (the share of each true class that
+    went to each prediction); rows without boxes are nan."""
+    rows = cm.matrix.sum(axis=1, keepdims=True).astype(float)
+    return np.divide(cm.matrix, rows, out=np.full(cm.matrix.shape, np.nan), where=rows > 0)
+
+
+def _cell_text_color(rgba) -> str:
+    """Black on light cells, white on dark ones (Rec. 709 luminance)."""
+    r, g, b = rgba[:3]
+    return "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.5 else "white"
+
+
+def confusion_figure(cm: ConfusionMatrix, normalize: bool = False,
+                     subtitle: str = "IoU 0.5, detections at the per-class F1 score thresholds"):
+    """A matplotlib ``Figure`` of the matrix, legible from 1 to 80+ classes.
+
+    ``normalize=False``: counts in the cells, colour by count on a square-root scale (a
+    frequent class does not wash out the rest). ``normalize=True``: each row as % of its
+    true class (:func:`row_normalised`), colour by that share. Cell text is black or white
+    by the cell's brightness; zeros are left blank past 20 classes; a dashed line sets off
+    the background row and column. The figure grows with the class count (cells of
+    0.5 in down to 0.3 in, fonts 9 down to 6 pt), the title sits inside the figure
+    (constrained layout), and the style's grid is off.
+    """
+    from matplotlib.colors import Normalize, PowerNorm
     from matplotlib.figure import Figure
 
-    n = len(cm.labels)
-    side = max(4.0, 0.6 * n + 2.5)
-    fig = Figure(figsize=(side, side + 0.6), dpi=100, layout="constrained")
+    labels = cm.labels
+    n = len(labels)
+    cell = 0.5 if n <= 12 else 0.38 if n <= 30 else 0.3  # inches
+    cell_pt = 9 if n <= 12 else 7 if n <= 30 else 6
+    tick_pt = 9 if n <= 30 else 7
+    longest = max(len(x) for x in labels)
+    margin = 0.9 + 0.075 * tick_pt / 7 * longest  # room for the rotated/left tick labels
+    side = n * cell
+    fig = Figure(figsize=(max(5.5, side + margin + 1.4), max(4.5, side + margin + 1.3)), dpi=100,
+                 layout="constrained")
     ax = fig.subplots()
-    rows = cm.matrix.sum(axis=1, keepdims=True)
-    share = np.divide(cm.matrix, rows, out=np.zeros(cm.matrix.shape, float), where=rows > 0)
-    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    if normalize:
+        values = row_normalised(cm)
+        norm, cmap, bar_label = Normalize(0, 1), "Blues", "share of the true class"
+        shown = np.where(np.isnan(values), 0.0, values)
+    else:
+        values = cm.matrix.astype(float)
+        norm, cmap, bar_label = PowerNorm(0.5, vmin=0, vmax=max(1.0, float(values.max()))), "Blues", "count (sqrt scale)"
+        shown = values
+    image = ax.imshow(shown, cmap=cmap, norm=norm, interpolation="nearest", aspect="equal")
+    ax.grid(False)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, str(cm.matrix[i, j]), ha="center", va="center", fontsize=8,
-                    color="white" if share[i, j] > 0.5 else "black")
-    ax.set_xticks(range(n), cm.labels, rotation=45, ha="right")
-    ax.set_yticks(range(n), cm.labels)
-    ax.set(xlabel="predicted", ylabel="true (ground truth)", title="Confusion matrix (IoU 0.5, F1 thresholds)")
-    fig.text(0.5, 0.0, "Background column = missed ground truth (no detection).\n"
-             "Background row = false detections (no box under them).", ha="center", va="bottom", fontsize=8,
-             wrap=True)
-    fig.get_layout_engine().set(rect=(0, 0.06, 1, 0.94))
+            count = int(cm.matrix[i, j])
+            if count == 0 and (n > 20 or normalize):
+                continue
+            text = f"{100 * values[i, j]:.0f}" if normalize else str(count)
+            if normalize and text == "0":
+                text = "<1"
+            color = _cell_text_color(image.cmap(norm(shown[i, j]))) if count else "0.6"
+            ax.text(j, i, text, ha="center", va="center", fontsize=cell_pt, color=color)
+    bg = n - 1
+    ax.axhline(bg - 0.5, color="0.45", lw=1, ls="--")
+    ax.axvline(bg - 0.5, color="0.45", lw=1, ls="--")
+    ax.set_xticks(range(n), labels, rotation=90 if n > 12 else 45, ha="center" if n > 12 else "right",
+                  fontsize=tick_pt)
+    ax.set_yticks(range(n), labels, fontsize=tick_pt)
+    ax.tick_params(length=0)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class (ground truth)")
+    fig.colorbar(image, ax=ax, shrink=min(0.8, 4 / max(side, 1) + 0.3), label=bar_label)
+    kind = "row-normalised, % of each true class" if normalize else "counts"
+    fig.suptitle(f"Confusion matrix ({kind})\n{subtitle}", fontsize=11)
+    fig.supxlabel("Background column: ground truth no detection found (missed).\n"
+                  "Background row: detections with no box under them (false detections).", fontsize=8)
     return fig
 
 
-def plot_confusion(cm: ConfusionMatrix, path: str | os.PathLike) -> Path:
+def plot_confusion(cm: ConfusionMatrix, path: str | os.PathLike, normalize: bool = False) -> Path:
     """Save :func:`confusion_figure` as a PNG."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    confusion_figure(cm).savefig(path)
+    confusion_figure(cm, normalize).savefig(path)
     return path

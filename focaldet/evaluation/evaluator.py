@@ -34,6 +34,7 @@ from focaldet.evaluation.coco import (
 )
 from focaldet.evaluation.confusion import ConfusionMatrix, confusion_matrix, plot_confusion, write_confusion_csv
 from focaldet.evaluation.errors import errors_table, plot_errors, tide_available, tide_errors, write_errors
+from focaldet.evaluation.report import draw_training_curves, write_report
 from focaldet.evaluation.thresholds import ALL, f1_thresholds, thresholds_table, write_thresholds
 
 
@@ -130,13 +131,15 @@ class Evaluator:
 
     # ------------------------------------------------------------------ 4. draw / write
     def write(self, report: EvalReport, out: str | Path, preview: tuple | None = None,
-              draw_score_threshold: float = 0.3) -> list[Path]:
+              draw_score_threshold: float = 0.3, train_metrics: str | Path | None = None) -> list[Path]:
         """Write the run folder's files (rank 0) and return their paths:
 
         ``{stage}_pr_curves.png``, ``{stage}_detections.png`` (``preview`` = images,
-        detections, targets of a batch; drawn at the F1 thresholds when known), and with the
-        extras ``thresholds.json``, ``confusion_matrix.csv/.png``, ``errors.json`` and
-        ``errors.png``.
+        detections, targets of a batch; drawn at the F1 thresholds when known), with the
+        extras ``thresholds.json``, ``confusion_matrix.csv/.png``,
+        ``confusion_matrix_normalized.png``, ``errors.json`` and ``errors.png``; then
+        ``training_curves.png`` when ``train_metrics`` (the training run's ``metrics.csv``)
+        holds a training loss, and last ``report.html``, the page that shows them all.
         """
         out = Path(out)
         stage = report.stage
@@ -153,9 +156,14 @@ class Evaluator:
         if report.confusion is not None:
             written.append(write_confusion_csv(report.confusion, out / "confusion_matrix.csv"))
             written.append(plot_confusion(report.confusion, out / "confusion_matrix.png"))
+            written.append(plot_confusion(report.confusion, out / "confusion_matrix_normalized.png", normalize=True))
         if report.errors is not None:
             written.append(write_errors(report.errors, out / "errors.json"))
             written.append(plot_errors(report.errors, out / "errors.png"))
+        curves, note = draw_training_curves(train_metrics, out)
+        if curves is not None:
+            written.append(curves)
+        written.append(write_report(report, out, written, train_metrics, note))
         return written
 
     @staticmethod
