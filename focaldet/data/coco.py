@@ -356,6 +356,9 @@ class CocoDetection(Dataset):
     @property
     def image_ids(self) -> list[int]:
         """COCO image ids, in dataset order."""
+        image_ids = getattr(self.records, "image_ids", None)  # a lean RecordTable's column
+        if image_ids is not None:
+            return image_ids.tolist()
         return [r["image_id"] for r in self.records]
 
     def __len__(self) -> int:
