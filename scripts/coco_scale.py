@@ -58,11 +58,12 @@ def write_split(path: Path, image_dir: Path, jpeg: Path, first_id: int, num_imag
         y = rng.uniform(0, h - bh)
         cats = rng.choice(COCO_CAT_IDS, n)
         crowd = rng.random(n) < 0.01
-        angles = np.linspace(0, 2 * np.pi, 26, endpoint=False)
+        angles = np.linspace(0, 2 * np.pi, 26, endpoint=False)  # (26,)
+        px = (x + bw / 2)[:, None] + (bw / 2)[:, None] * np.cos(angles)  # (n, 26)
+        py = (y + bh / 2)[:, None] + (bh / 2)[:, None] * np.sin(angles)
+        polys = np.stack([px, py], axis=2).reshape(n, 52).round(2).tolist()  # (n, 26, 2) -> (n, 52) x, y, ...
         for j in range(n):
-            cx, cy = x[j] + bw[j] / 2, y[j] + bh[j] / 2
-            poly = np.stack([cx + bw[j] / 2 * np.cos(angles), cy + bh[j] / 2 * np.sin(angles)], 1).round(2)
-            anns.append({"segmentation": [poly.reshape(-1).tolist()], "area": round(float(bw[j] * bh[j] * 0.78), 3),
+            anns.append({"segmentation": [polys[j]], "area": round(float(bw[j] * bh[j] * 0.78), 3),
                          "iscrowd": int(crowd[j]), "image_id": image_id,
                          "bbox": [round(float(v), 2) for v in (x[j], y[j], bw[j], bh[j])],
                          "category_id": int(cats[j]), "id": ann_id})
@@ -88,9 +89,11 @@ def _memory(pid: str | int = "self") -> dict[str, float]:
 
 
 def _peak_rss_mib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak RSS (``VmHWM``; ``ru_maxrss`` would start at the parent's RSS)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def _datamodule(root: Path, workers: int):

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import cv2
-import numpy as np
 import lightning as L
+import numpy as np
 import torch
 from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, get_worker_info

@@ -156,10 +156,28 @@ def _cache_tag() -> str:
     return f"{SCAN_VERSION}/{cv2.__version__}"
 
 
-def _load_cache(root: Path) -> dict[str, list]:
+# cache file -> ((size, mtime_ns) of the file, its entries): a process reads each version once
+# (the train and val splits of one image folder share a cache file)
+_LOADED: dict[Path, tuple[tuple[int, int], dict[str, list]]] = {}
+
+
+def _file_version(path: Path) -> tuple[int, int] | None:
     try:
-        saved = json.loads(_cache_file(root).read_text())
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _load_cache(root: Path) -> dict[str, list]:
+    path = _cache_file(root)
+    version = _file_version(path)
+    if version is not None and path in _LOADED and _LOADED[path][0] == version:
+        return _LOADED[path][1]
+    try:
+        saved = json.loads(path.read_text())
         if saved.get("tag") == _cache_tag() and saved.get("root") == str(root) and isinstance(saved["files"], dict):
+            _LOADED[path] = (version, saved["files"])
             return saved["files"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass  # no cache, or one we cannot use: rescan
@@ -176,6 +194,9 @@ def _save_cache(root: Path, files: dict[str, list]) -> None:
             with os.fdopen(fd, "w") as f:
                 json.dump({"tag": _cache_tag(), "root": str(root), "files": files}, f)
             os.replace(tmp, path)
+            version = _file_version(path)
+            if version is not None:
+                _LOADED[path] = (version, files)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -236,9 +257,10 @@ def _from_cache(root: Path, names: list[str], cache: bool):
     stats: dict[str, tuple[int, int]] = {}
     results: dict[str, ImageScan] = {}
     todo: list[str] = []
+    folder = str(root)
     for name in names:
         try:
-            st = os.stat(root / name)
+            st = os.stat(os.path.join(folder, name))  # not root / name: pathlib costs more than the stat
         except FileNotFoundError:
             results[name] = ImageScan("missing", error="file not found")
             continue
