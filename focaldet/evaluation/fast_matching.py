@@ -119,7 +119,8 @@ def matched_at_iou50(ev: Any, max_dets: int) -> dict[str, float]:
     Its own ``eval["matched"]`` is the union over every IoU threshold and area range (a
     box taken at 0.5 by one detection can go to another at 0.75), so the C++ matching is
     run once more on the IoU matrices the evaluation already computed (``ev.ious``), with
-    one IoU threshold, one area range and one ``maxDets``: no IoU is recomputed.
+    one IoU threshold, one area range and one ``maxDets``: no IoU is recomputed, and only the
+    detections with an IoU >= 0.5 somewhere in their (image, class) cell are passed in.
     """
     import faster_coco_eval.faster_eval_api_cpp as _C
 
@@ -129,10 +130,34 @@ def matched_at_iou50(ev: Any, max_dets: int) -> dict[str, float]:
         raise ValueError("the evaluation needs IoU 0.5, area range 'all' first and maxDets up to max_dets")
     p.iouThrs = np.array([0.5])
     p.areaRng, p.areaRngLbl, p.maxDets = [list(p.areaRng[0])], [p.areaRngLbl[0]], [int(max_dets)]
-    cat_ids = p.catIds if p.useCats else [-1]
-    ious = [[ev.ious[img, cat] for cat in cat_ids] for img in p.imgIds]  # (I, K) IoU matrices
-    out = _C.COCOevalEvaluateAccumulate(p, ious, ev.gt_dataset, ev.dt_dataset, p.imgIds, p.catIds, bool(p.useCats))
-    return out["matched"]
+    if not p.useCats:
+        ious = [[ev.ious[img, -1]] for img in p.imgIds]
+        return _C.COCOevalEvaluateAccumulate(p, ious, ev.gt_dataset, ev.dt_dataset, p.imgIds, p.catIds,
+                                             False)["matched"]
+    # Only the detections that can match (IoU >= 0.5 with some box of their cell) go in: the
+    # others match nothing and take nothing from the greedy matching of the rest, and most
+    # detections are of that kind. Kept rows stay in score order, as the C++ sorts them (stably).
+    dts = _C.Dataset()
+    ious = []  # (I, K) IoU matrices of the kept detections
+    for img in p.imgIds:
+        row = []
+        for cat in p.catIds:
+            m = ev.ious[img, cat]
+            if len(m) == 0:
+                row.append([])
+                continue
+            m = np.asarray(m)  # (D, G) detections in score order (maxDets cut), boxes
+            keep = np.flatnonzero(m.max(axis=1) >= 0.5 - 1e-9)
+            if keep.size == 0:
+                row.append([])
+                continue
+            cell = ev.dt_dataset.get_instances([img], [cat], True)[0][0]
+            order = np.argsort([-d["score"] for d in cell], kind="mergesort")[:max_dets]  # as computeIoU
+            for i in order[keep]:
+                dts.append_ref(img, cat, cell[i])
+            row.append(m[keep])
+        ious.append(row)
+    return _C.COCOevalEvaluateAccumulate(p, ious, ev.gt_dataset, dts, p.imgIds, p.catIds, True)["matched"]
 
 
 def matches_of_faster_eval(ev: Any, max_dets: int) -> list[ClassMatches]:
