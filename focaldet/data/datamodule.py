@@ -20,7 +20,7 @@ from focaldet.data.coco import CocoDetection, DataWarning, ImageFolderDataset, L
 from focaldet.data.images import ImageError
 from focaldet.data.lean import LeanAnnotations, RecordTable, load_lean
 from focaldet.data.sampling import REPEAT_THRESHOLD, RepeatFactorSampler, RepeatRule, repeat_factors
-from focaldet.data.scan import scan_images
+from focaldet.data.scan import release_cache_memory, scan_images
 from focaldet.data.transforms import build_transforms, collate_detection
 from focaldet.errors import ConfigError, DataError
 from focaldet.inputs import InputSettings
@@ -264,6 +264,7 @@ class CocoDataModule(L.LightningDataModule):
                 dataset = self._coco_dataset(split)
                 self._check_images(split, dataset)
                 self.datasets[split] = dataset
+        release_cache_memory()  # the scan cache's entries, read once for all splits
 
     def _check_images(self, split: str, dataset: CocoDetection | ImageFolderDataset) -> None:
         """Decode every image of ``dataset`` once; raise for (or drop) the bad ones."""

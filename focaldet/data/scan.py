@@ -169,6 +169,11 @@ def _file_version(path: Path) -> tuple[int, int] | None:
     return st.st_size, st.st_mtime_ns
 
 
+def release_cache_memory() -> None:
+    """Drop the cache files kept in memory (the data module calls it at the end of ``setup``)."""
+    _LOADED.clear()
+
+
 def _load_cache(root: Path) -> dict[str, list]:
     path = _cache_file(root)
     version = _file_version(path)
