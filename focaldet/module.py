@@ -19,6 +19,7 @@ from torch import nn
 
 from focaldet.errors import ConfigError, DataError, NonFiniteLossError
 from focaldet.evaluation import Evaluator, detections_to_coco
+from focaldet.evaluation.coco import DEFAULT_BACKEND
 from focaldet.evaluation.thresholds import load_thresholds, per_label_thresholds
 from focaldet.inference.slicing import Slicing, sliced_detections
 from focaldet.inputs import InputSettings
@@ -67,7 +68,7 @@ class RetinaNetModule(L.LightningModule):
         lr_steps, lr_gamma: multiply the learning rate by ``lr_gamma`` at these iterations.
         nonfinite: ``"raise"`` stops at a NaN/Inf loss naming the step; ``"skip"`` skips that step.
     Evaluation / prediction:
-        eval_backend: ``"pycocotools"`` or ``"faster_coco_eval"`` (same numbers, faster).
+        eval_backend: ``"faster_coco_eval"`` (default) or ``"pycocotools"`` (same numbers, slower).
         label_map: category ids and names, linked from the data module and saved in checkpoints.
         inputs: the data's eval settings (``InputSettings.to_dict()``), linked from the data
             module: the model's own ``predict`` resizes and pads as ``validate`` does.
@@ -122,7 +123,7 @@ class RetinaNetModule(L.LightningModule):
         lr_steps: list[int] | None = None,
         lr_gamma: float = 0.1,
         nonfinite: str = "raise",
-        eval_backend: str = "pycocotools",
+        eval_backend: str = DEFAULT_BACKEND,
         label_map: dict | None = None,
         inputs: dict | None = None,
         draw_predictions: bool = False,

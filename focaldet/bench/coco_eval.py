@@ -47,12 +47,16 @@ def synthetic_coco_eval_data(num_images: int, dets_per_image: int, seed: int, nu
 
 
 def case_eval(settings: Settings) -> dict[str, float]:
-    """``evaluate_coco`` of the same detections with faster-coco-eval (focaldet column) and
-    pycocotools (torchvision column: what torchvision's reference scripts use)."""
+    """``evaluate_coco`` plus the F1 thresholds of the same detections with faster-coco-eval
+    (focaldet column) and pycocotools (torchvision column: what torchvision's reference
+    scripts use). Both sides compute what ``validate`` takes from the matching: the 12
+    numbers, per-class AP, the per-detection IoU-0.5 matching and the thresholds from it
+    (the confusion matrix and TIDE terms do not depend on the backend); the 12 numbers and
+    the thresholds are checked equal."""
     from faster_coco_eval import COCO as FasterCOCO
     from pycocotools.coco import COCO
 
-    from focaldet.evaluation import evaluate_coco
+    from focaldet.evaluation import evaluate_coco, f1_thresholds
 
     dataset, results = synthetic_coco_eval_data(settings.eval_images, settings.eval_dets, settings.seed + 7)
     log(settings, f"eval: {settings.eval_images} images x {settings.eval_dets} detections "
@@ -67,6 +71,7 @@ def case_eval(settings: Settings) -> dict[str, float]:
 
     def run(backend):
         out[backend] = evaluate_coco(gts[backend], results, backend=backend)
+        out[backend].thresholds = f1_thresholds(out[backend].matches, out[backend].class_names)
 
     timing = compare("eval", lambda: run("faster_coco_eval"), lambda: run("pycocotools"), settings)
     a, b = out["faster_coco_eval"].stats, out["pycocotools"].stats
@@ -74,6 +79,9 @@ def case_eval(settings: Settings) -> dict[str, float]:
     settings.notes["eval"] = f"12 stats max |diff| = {diff:.2e} (mAP {b['mAP']:.4f})"
     if diff > 1e-4:
         raise AssertionError(f"faster-coco-eval and pycocotools disagree: max |diff| {diff:.2e}\n{a}\n{b}")
+    if out["faster_coco_eval"].thresholds != out["pycocotools"].thresholds:
+        raise AssertionError("faster-coco-eval and pycocotools give different F1 thresholds")
+    settings.notes["eval"] += ", F1 thresholds equal"
     return timing
 
 

@@ -162,6 +162,13 @@ def load_coco(path: str | os.PathLike) -> COCO:
     ``iscrowd`` / ``area`` / category ``name`` are filled in (0, the bbox area, the id), as the
     evaluator needs them.
     """
+    return _index(checked_coco_data(path))
+
+
+def checked_coco_data(path: str | os.PathLike, stacklevel: int = 3) -> dict:
+    """The parsed and validated JSON of `load_coco` (its errors, warning and filled-in
+    keys), before any index is built: the one home of those rules for `load_coco` and the
+    lean training annotations (`focaldet.data.lean`)."""
     path = Path(path)
     data = read_coco_json(path)
     checked = validate_coco(data)
@@ -170,14 +177,14 @@ def load_coco(path: str | os.PathLike) -> COCO:
         raise DataError(f"{path}: {' | '.join(errors)}")
     xyxy = checked.problems.message("xyxy")
     if xyxy is not None:
-        warnings.warn(f"{path}: {xyxy}", DataWarning, stacklevel=2)
+        warnings.warn(f"{path}: {xyxy}", DataWarning, stacklevel=stacklevel)
     data.setdefault("annotations", [])
     for ann in data["annotations"]:
         ann.setdefault("iscrowd", 0)
         ann.setdefault("area", float(ann["bbox"][2]) * float(ann["bbox"][3]))
     for cat in data["categories"]:
         cat.setdefault("name", str(cat["id"]))
-    return _index(data)
+    return data
 
 
 def _index(data: dict) -> COCO:
@@ -272,6 +279,9 @@ class CocoDetection(Dataset):
             (see `focaldet.data.transforms.build_transforms`); ``None`` keeps the image as is.
         filter_empty: drop images that have no trainable box (as detectron2 does in training).
         coco: an already parsed ``COCO`` of ``ann_file`` (e.g. the datamodule's cached one).
+        lean: instead of ``coco``, the `focaldet.data.lean.LeanAnnotations` of ``ann_file``
+            (what the data module trains on): the records are then a
+            `focaldet.data.lean.RecordTable` of flat arrays and ``coco`` is ``None``.
         label_map: expected label map (e.g. from a checkpoint); must have the JSON's category ids.
 
     Samples are dicts, see the module docstring.
@@ -285,12 +295,13 @@ class CocoDetection(Dataset):
         filter_empty: bool = False,
         coco: COCO | None = None,
         label_map: LabelMap | None = None,
+        lean: Any = None,
     ) -> None:
         self.ann_file = Path(ann_file)
         self.image_dir = Path(image_dir)
         self.transforms = transforms
-        self.coco = coco if coco is not None else load_coco(self.ann_file)
-        json_map = LabelMap.from_categories(self.coco.dataset["categories"])
+        self.coco = None if lean is not None else coco if coco is not None else load_coco(self.ann_file)
+        json_map = LabelMap.from_categories(lean.categories if lean is not None else self.coco.dataset["categories"])
         if label_map is not None and label_map.cat_ids != json_map.cat_ids:
             raise DataError(
                 f"{self.ann_file}: category ids {json_map.cat_ids} differ from the label map's {label_map.cat_ids}"
@@ -300,8 +311,12 @@ class CocoDetection(Dataset):
         self.num_degenerate = 0
         degenerate_ids: list = []
 
-        self.records: list[dict[str, Any]] = []
-        for image_id in sorted(self.coco.imgs):
+        self.records: Sequence[dict[str, Any]] = []
+        if lean is not None:
+            cat_ids = np.asarray(self.label_map.cat_ids, dtype=np.int64)
+            self.records, degenerate_ids, self.num_crowd = lean.records(np.arange(len(cat_ids)), cat_ids, filter_empty)
+            self.num_degenerate = len(degenerate_ids)
+        for image_id in sorted(self.coco.imgs) if self.coco is not None else ():
             img = self.coco.imgs[image_id]
             height, width = int(img["height"]), int(img["width"])
             boxes, labels, crowd = [], [], []
@@ -341,6 +356,9 @@ class CocoDetection(Dataset):
     @property
     def image_ids(self) -> list[int]:
         """COCO image ids, in dataset order."""
+        image_ids = getattr(self.records, "image_ids", None)  # a lean RecordTable's column
+        if image_ids is not None:
+            return image_ids.tolist()
         return [r["image_id"] for r in self.records]
 
     def __len__(self) -> int:

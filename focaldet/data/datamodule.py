@@ -11,14 +11,16 @@ from typing import Any, Literal
 
 import cv2
 import lightning as L
+import numpy as np
 import torch
 from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, get_worker_info
 
 from focaldet.data.coco import CocoDetection, DataWarning, ImageFolderDataset, LabelMap, load_coco, subset_coco
 from focaldet.data.images import ImageError
+from focaldet.data.lean import LeanAnnotations, RecordTable, load_lean
 from focaldet.data.sampling import REPEAT_THRESHOLD, RepeatFactorSampler, RepeatRule, repeat_factors
-from focaldet.data.scan import scan_images
+from focaldet.data.scan import release_cache_memory, scan_images
 from focaldet.data.transforms import build_transforms, collate_detection
 from focaldet.errors import ConfigError, DataError
 from focaldet.inputs import InputSettings
@@ -161,12 +163,14 @@ class CocoDataModule(L.LightningDataModule):
         self.eval_original_size = eval_original_size
 
         self._cocos: dict[Path, COCO] = {}
+        self._lean: LeanAnnotations | None = None  # the train split: flat arrays, no COCO object
         self._gt: dict[str, COCO] = {}  # a split's ground truth without its skipped images
         self.datasets: dict[str, CocoDetection | ImageFolderDataset] = {}
         self._label_map = LabelMap.from_dict(label_map) if label_map is not None else None
         first = next((split for split in ("train", "val", "test") if self.paths[split][0] is not None), None)
         if first is not None:
-            json_map = LabelMap.from_categories(self._coco(first).dataset["categories"])
+            categories = self._train_lean().categories if first == "train" else self._coco(first).dataset["categories"]
+            json_map = LabelMap.from_categories(categories)
             if self._label_map is not None and self._label_map.cat_ids != json_map.cat_ids:
                 raise DataError(
                     f"{self.paths[first][0]}: category ids {json_map.cat_ids} differ from the "
@@ -204,6 +208,13 @@ class CocoDataModule(L.LightningDataModule):
             self._cocos[key] = load_coco(key)
         return self._cocos[key]
 
+    def _train_lean(self) -> LeanAnnotations:
+        """The train split's annotations as flat arrays (`focaldet.data.lean`), loaded once
+        (from ``$FOCALDET_CACHE/annotations`` while the JSON is unchanged)."""
+        if self._lean is None:
+            self._lean = load_lean(self.paths["train"][0])
+        return self._lean
+
     def coco_gt(self, stage: str = "val") -> COCO:
         """pycocotools ground truth of ``"val"``/``"validate"`` or ``"test"`` (for the evaluator)."""
         split = _STAGE_ALIASES.get(stage)
@@ -227,13 +238,15 @@ class CocoDataModule(L.LightningDataModule):
 
     def _coco_dataset(self, split: str) -> CocoDetection:
         ann, images = self.paths[split]
+        train = split == "train"
         return CocoDetection(
             ann,
             images,
-            transforms=self._transforms(train=split == "train"),
-            filter_empty=self.filter_empty and split == "train",
-            coco=self._coco(split),
+            transforms=self._transforms(train=train),
+            filter_empty=self.filter_empty and train,
+            coco=None if train else self._coco(split),
             label_map=self._label_map,
+            lean=self._train_lean() if train else None,
         )
 
     def setup(self, stage: str | None = None) -> None:
@@ -251,12 +264,17 @@ class CocoDataModule(L.LightningDataModule):
                 dataset = self._coco_dataset(split)
                 self._check_images(split, dataset)
                 self.datasets[split] = dataset
+        release_cache_memory()  # the scan cache's entries, read once for all splits
 
     def _check_images(self, split: str, dataset: CocoDetection | ImageFolderDataset) -> None:
         """Decode every image of ``dataset`` once; raise for (or drop) the bad ones."""
         if isinstance(dataset, ImageFolderDataset):
             folder, source = dataset.image_dir, "predict_images"
             entries = [(name, f"{name}", None, None) for name in dataset.files]
+        elif isinstance(dataset.records, RecordTable):  # columns, not 118k record dicts
+            folder, source, t = dataset.image_dir, str(dataset.ann_file), dataset.records
+            entries = [(n, f"{n} (image id {i})", h, w) for n, i, h, w in
+                       zip(t.file_names.tolist(), t.image_ids.tolist(), t.heights.tolist(), t.widths.tolist())]
         else:
             folder, source = dataset.image_dir, str(dataset.ann_file)
             entries = [(r["file_name"], f"{r['file_name']} (image id {r['image_id']})", r["height"], r["width"])
@@ -282,6 +300,14 @@ class CocoDataModule(L.LightningDataModule):
         if isinstance(dataset, ImageFolderDataset):
             dataset.files = [f for f in dataset.files if f not in names]
             dropped = ""
+        elif isinstance(dataset.records, RecordTable):
+            table = dataset.records
+            kept = table.take(np.flatnonzero([n not in names for n in table.file_names.tolist()]))
+            boxes = table.num_boxes() - kept.num_boxes()
+            dataset.records = kept
+            if split != "train":
+                self._gt[split] = subset_coco(self._coco(split), kept.image_ids.tolist())
+            dropped = f" and their {boxes} box{'es' * (boxes != 1)}"
         else:
             kept = [r for r in dataset.records if r["file_name"] not in names]
             boxes = sum(len(r["boxes"]) for r in dataset.records) - sum(len(r["boxes"]) for r in kept)

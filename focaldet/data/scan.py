@@ -156,10 +156,33 @@ def _cache_tag() -> str:
     return f"{SCAN_VERSION}/{cv2.__version__}"
 
 
-def _load_cache(root: Path) -> dict[str, list]:
+# cache file -> ((size, mtime_ns) of the file, its entries): a process reads each version once
+# (the train and val splits of one image folder share a cache file)
+_LOADED: dict[Path, tuple[tuple[int, int], dict[str, list]]] = {}
+
+
+def _file_version(path: Path) -> tuple[int, int] | None:
     try:
-        saved = json.loads(_cache_file(root).read_text())
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def release_cache_memory() -> None:
+    """Drop the cache files kept in memory (the data module calls it at the end of ``setup``)."""
+    _LOADED.clear()
+
+
+def _load_cache(root: Path) -> dict[str, list]:
+    path = _cache_file(root)
+    version = _file_version(path)
+    if version is not None and path in _LOADED and _LOADED[path][0] == version:
+        return _LOADED[path][1]
+    try:
+        saved = json.loads(path.read_text())
         if saved.get("tag") == _cache_tag() and saved.get("root") == str(root) and isinstance(saved["files"], dict):
+            _LOADED[path] = (version, saved["files"])
             return saved["files"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass  # no cache, or one we cannot use: rescan
@@ -176,6 +199,9 @@ def _save_cache(root: Path, files: dict[str, list]) -> None:
             with os.fdopen(fd, "w") as f:
                 json.dump({"tag": _cache_tag(), "root": str(root), "files": files}, f)
             os.replace(tmp, path)
+            version = _file_version(path)
+            if version is not None:
+                _LOADED[path] = (version, files)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -208,16 +234,38 @@ def scan_images(
     threads (default: the usable CPUs, at most 16) the files the cache does not know.
 
     ``progress``: a tqdm bar on stderr; ``None`` shows it when stderr is a terminal.
+
+    In a ``torch.distributed`` run of 2+ processes this is a collective (every rank calls it
+    with the same names) and the job decodes each file once, not once per rank: rank 0
+    reads the cache and broadcasts what it knows and which files are left, rank ``r``
+    decodes the files ``r, r + world, ...`` of those, the results are all-gathered, and
+    rank 0 alone writes the cache. With ``$FOCALDET_CACHE`` on storage every node sees,
+    the next job (on any node) finds every file cached.
     """
     root = Path(root).resolve()
     names = list(dict.fromkeys(str(n) for n in file_names))
+    group = _process_group()
+    if group is not None:
+        return _scan_distributed(root, names, workers, progress, cache, desc, *group)
+    saved, stats, results, todo = _from_cache(root, names, cache)
+    if todo:
+        results.update(_decode(root, todo, workers, progress, desc))
+        if cache:
+            _write_cache(root, saved, stats, results, todo)
+    return {name: results[name] for name in names}
+
+
+def _from_cache(root: Path, names: list[str], cache: bool):
+    """``(saved cache, {name: (size, mtime_ns)}, {name: ImageScan known without decoding},
+    [names to decode])``: missing or unreadable files and unchanged cached ones are known."""
     saved = _load_cache(root) if cache else {}
     stats: dict[str, tuple[int, int]] = {}
     results: dict[str, ImageScan] = {}
     todo: list[str] = []
+    folder = str(root)
     for name in names:
         try:
-            st = os.stat(root / name)
+            st = os.stat(os.path.join(folder, name))  # not root / name: pathlib costs more than the stat
         except FileNotFoundError:
             results[name] = ImageScan("missing", error="file not found")
             continue
@@ -233,17 +281,62 @@ def scan_images(
             except (TypeError, ValueError, AttributeError):
                 pass
         todo.append(name)
-    if todo:
-        from tqdm.auto import tqdm
+    return saved, stats, results, todo
 
-        with ThreadPoolExecutor(max_workers=workers or _default_workers()) as pool:
-            scans = pool.map(lambda n: scan_image(root / n), todo)
-            bar = tqdm(scans, total=len(todo), desc=desc, unit="img", disable=None if progress is None else not progress,
-                       leave=False)
-            for name, scan in zip(todo, bar):
-                results[name] = scan
-        if cache:
-            files = {n: e for n, e in saved.items() if isinstance(e, list)}
-            files.update({n: [*stats[n], asdict(results[n])] for n in todo})
-            _save_cache(root, files)
+
+def _decode(root: Path, names: list[str], workers: int | None, progress: bool | None, desc: str) -> dict[str, ImageScan]:
+    """`scan_image` of each name, in a thread pool."""
+    from tqdm.auto import tqdm
+
+    results: dict[str, ImageScan] = {}
+    with ThreadPoolExecutor(max_workers=workers or _default_workers()) as pool:
+        scans = pool.map(lambda n: scan_image(root / n), names)
+        bar = tqdm(scans, total=len(names), desc=desc, unit="img", disable=None if progress is None else not progress,
+                   leave=False)
+        for name, scan in zip(names, bar):
+            results[name] = scan
+    return results
+
+
+def _write_cache(root: Path, saved: dict, stats: dict, results: dict[str, ImageScan], todo: list[str]) -> None:
+    files = {n: e for n, e in saved.items() if isinstance(e, list)}
+    files.update({n: [*stats[n], asdict(results[n])] for n in todo})
+    _save_cache(root, files)
+
+
+# --------------------------------------------------------------------------------------
+# One scan per job under torch.distributed
+# --------------------------------------------------------------------------------------
+
+
+def _process_group() -> tuple[int, int] | None:
+    """``(rank, world size)`` of an initialised ``torch.distributed`` run of 2+ processes."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _scan_distributed(root: Path, names: list[str], workers: int | None, progress: bool | None, cache: bool,
+                      desc: str, rank: int, world: int) -> dict[str, ImageScan]:
+    """`scan_images` split over the ranks (see its docstring). Rank 0's view of the cache
+    decides, so ranks with node-local caches still agree on the split."""
+    import torch.distributed as dist
+
+    plan: list = [None]
+    if rank == 0:
+        saved, stats, known, todo = _from_cache(root, names, cache)
+        plan[0] = ({n: asdict(v) for n, v in known.items()}, todo)
+    dist.broadcast_object_list(plan, src=0)
+    known_dicts, todo = plan[0]
+    mine = todo[rank::world]  # (about len(todo) / world) files decoded by this rank
+    decoded = _decode(root, mine, workers, progress if rank == 0 else False, desc) if mine else {}
+    shares: list = [None] * world
+    dist.all_gather_object(shares, {n: asdict(v) for n, v in decoded.items()})
+    results = {n: ImageScan.from_dict(v) for n, v in known_dicts.items()}
+    for share in shares:
+        results.update({n: ImageScan.from_dict(v) for n, v in share.items()})
+    if rank == 0 and cache and todo:
+        _write_cache(root, saved, stats, results, todo)
     return {name: results[name] for name in names}

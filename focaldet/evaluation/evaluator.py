@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from focaldet.evaluation.coco import (
+    DEFAULT_BACKEND,
     CocoEvalResult,
     evaluate_coco,
     gather_results,
@@ -61,13 +62,13 @@ class Evaluator:
 
     Args:
         class_names: names of the contiguous labels (category-id order).
-        backend: ``"pycocotools"`` or ``"faster_coco_eval"`` (:func:`evaluate_coco`).
+        backend: ``"faster_coco_eval"`` (default) or ``"pycocotools"`` (:func:`evaluate_coco`).
         max_dets: detections per image evaluated (COCO's 100); see :func:`evaluate_coco`.
         error_breakdown: compute TIDE's breakdown with the extras (needs ``tidecv``, the
             ``analysis`` extra; skipped with a note when it is not installed).
     """
 
-    def __init__(self, class_names: Sequence[str], backend: str = "pycocotools", max_dets: int = 100,
+    def __init__(self, class_names: Sequence[str], backend: str = DEFAULT_BACKEND, max_dets: int = 100,
                  error_breakdown: bool = True):
         self.class_names = [str(n) for n in class_names]
         self.backend = backend

@@ -50,7 +50,9 @@ def _evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="exported file (.onnx or .pt2)")
     p.add_argument("--val_ann", required=True, help="COCO instances JSON")
     p.add_argument("--val_images", required=True, help="folder the JSON's file_name entries are relative to")
-    p.add_argument("--backend", default="pycocotools", choices=("pycocotools", "faster_coco_eval"))
+    from focaldet.evaluation.coco import BACKENDS, DEFAULT_BACKEND
+
+    p.add_argument("--backend", default=DEFAULT_BACKEND, choices=BACKENDS)
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its choice)")
     return p
 

@@ -14,7 +14,7 @@ import torch
 from focaldet.data import CocoDetection
 from focaldet.errors import DataError
 from focaldet.evaluation import evaluate_coco
-from focaldet.evaluation.coco import CocoEvalResult, detections_to_coco
+from focaldet.evaluation.coco import DEFAULT_BACKEND, CocoEvalResult, detections_to_coco
 from focaldet.export.runtime import ExportedDetector
 
 
@@ -37,7 +37,7 @@ def exported_results(detector: ExportedDetector, dataset: CocoDetection, progres
 
 
 def evaluate_exported(path: str | os.PathLike, ann_file: str | os.PathLike, image_dir: str | os.PathLike,
-                      backend: str = "pycocotools", threads: int = 0, progress: bool = False) -> CocoEvalResult:
+                      backend: str = DEFAULT_BACKEND, threads: int = 0, progress: bool = False) -> CocoEvalResult:
     """COCOeval (bbox) of the exported model at ``path`` on the COCO set ``ann_file`` / ``image_dir``."""
     detector = ExportedDetector(path, threads=threads)
     dataset = CocoDetection(ann_file, image_dir)
