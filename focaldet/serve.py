@@ -54,14 +54,14 @@ def to_json(result: dict[str, Any], category_ids: list[int], names: list[str]) -
 class DetectorAPI(ls.LitAPI):
     """A ``litserve.LitAPI`` around ``focaldet.load(ckpt_path)``, one image per request."""
 
-    def __init__(self, ckpt_path: str, score_threshold: Any = None, **kwargs) -> None:
+    def __init__(self, ckpt_path: str, score_threshold: Any = None, trust_code: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.ckpt_path, self.score_threshold = ckpt_path, score_threshold
+        self.ckpt_path, self.score_threshold, self.trust_code = ckpt_path, score_threshold, trust_code
 
     def setup(self, device: str) -> None:
         from focaldet.api import load
 
-        self.detector = load(self.ckpt_path, device=device)
+        self.detector = load(self.ckpt_path, device=device, trust_code=self.trust_code)
 
     def decode_request(self, request):  # no annotation: LitServe passes the form or JSON body
         try:
@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--score_threshold", default=None,
                         help="a number, or a JSON file of {name: {score: s}} per-class thresholds")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    parser.add_argument("--trust_checkpoint_code", action="store_true",
+                        help="build classes outside focaldet's allow-list that the checkpoint names "
+                             "(a file you made: see docs/security.md)")
     args = parser.parse_args(argv)
     threshold: Any = args.score_threshold
     try:
@@ -106,10 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         pass  # a thresholds file
     try:
-        from focaldet.api import read_checkpoint
+        from focaldet.api import check_recipe, read_checkpoint
 
-        read_checkpoint(args.ckpt_path)  # a bad file fails here, in one line, not in a worker
-        server = ls.LitServer(DetectorAPI(args.ckpt_path, threshold), accelerator=args.accelerator, devices=1,
+        # a bad or hostile file fails here, in one line, not in a worker
+        check_recipe(read_checkpoint(args.ckpt_path), args.trust_checkpoint_code)
+        server = ls.LitServer(DetectorAPI(args.ckpt_path, threshold, args.trust_checkpoint_code),
+                              accelerator=args.accelerator, devices=1,
                               timeout=args.timeout)
     except FocaldetError as e:
         print(f"error: {e}", file=sys.stderr)

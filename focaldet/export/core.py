@@ -103,9 +103,13 @@ def export_torch(model: RetinaNet, category_ids: Sequence[int], names: Sequence[
     return path
 
 
-def load_torch_export(path: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, str]]:
+def load_torch_export(path: str | os.PathLike, trust_code: bool = False) -> tuple[torch.nn.Module, dict[str, str]]:
     """``(module, metadata)`` of a ``.pt2`` written by `export_torch`; ``module(images)``
-    returns ``(boxes, scores, labels, num_detections)``."""
+    returns ``(boxes, scores, labels, num_detections)``. An archive holding pickles that
+    would run code, or compiled code, is refused unless ``trust_code`` (`focaldet.safe_load.check_pt2`)."""
+    from focaldet.safe_load import check_pt2
+
+    check_pt2(path, trust_code)
     extra = {METADATA_FILE: ""}
     try:
         program = torch.export.load(path, extra_files=extra)
