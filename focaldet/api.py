@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from focaldet.data.coco import IMAGE_EXTENSIONS, ImageFolderDataset, _apply_transforms
+from focaldet.data.images import check_pixels
 from focaldet.data.transforms import collate_detection
 from focaldet.errors import ConfigError, DataError, WeightsError
 from focaldet.evaluation.thresholds import ALL, load_thresholds, per_label_thresholds
@@ -186,12 +187,26 @@ class _Images(ImageFolderDataset):
 
 
 def _to_rgb_array(item: Any, index: int) -> np.ndarray:
-    """``(H, W, 3)`` uint8 RGB from a numpy array, a PIL image or a ``(3, H, W)`` tensor."""
+    """``(H, W, 3)`` uint8 RGB from a numpy array, a PIL image or a ``(3, H, W)`` tensor; an
+    empty image or one over `focaldet.data.images.MAX_PIXELS` is refused, as a file is."""
+    image = _rgb_array(item, index)
+    check_pixels(*image.shape[:2], f"input {index}")
+    return image
+
+
+def _rgb_array(item: Any, index: int) -> np.ndarray:
     if isinstance(item, Tensor):
         if item.ndim != 3 or item.shape[0] != 3:
             raise DataError(f"input {index}: a tensor image must be (3, H, W), got {tuple(item.shape)}")
+        check_pixels(*item.shape[1:], f"input {index}")
         if item.is_floating_point():  # [0, 1] floats -> the uint8 the eval pipeline decodes to
-            item = (item.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+            lo, hi = float(item.min()), float(item.max())
+            if not (0.0 <= lo and hi <= 1.0):  # never clamp 0..255 floats to a binary image
+                raise DataError(f"input {index}: a float tensor image must be in [0, 1], got values in "
+                                f"[{lo:g}, {hi:g}] (divide by 255, or give a uint8 tensor)")
+            item = (item.detach().float() * 255).round().to(torch.uint8)
+        elif item.dtype != torch.uint8:
+            raise DataError(f"input {index}: a tensor image must be float in [0, 1] or uint8, got {item.dtype}")
         return np.ascontiguousarray(item.permute(1, 2, 0).cpu().numpy())  # (3, H, W) -> (H, W, 3)
     if hasattr(item, "convert") and hasattr(item, "size"):  # PIL.Image
         return np.asarray(item.convert("RGB"))

@@ -120,7 +120,8 @@ def test_every_command_refuses_the_crafted_files(files, synth_coco, entry, tmp_p
             "predict": ["predict", "-c", str(cfg), "--ckpt_path", str(bad)],
             "predict_no_config": ["predict", "--ckpt_path", str(bad), "--data.predict_images", str(synth_coco.images)],
             "export": ["export", "--ckpt_path", str(bad), "--output", str(tmp_path / "m.onnx")],
-            "analyze": ["analyze", "loss-distribution", "--ckpt_path", str(bad), "-c", str(cfg)],
+            "analyze": ["analyze", "loss-distribution", "--ckpt_path", str(bad), "-c", str(cfg),
+                        "--out", str(tmp_path / "ld.png")],
             "serve": ["serve", "--ckpt_path", str(bad), "--port", "0"],
         }[entry]
         proc = run_cli(*args, timeout=300)
@@ -130,6 +131,7 @@ def test_every_command_refuses_the_crafted_files(files, synth_coco, entry, tmp_p
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_a_config_naming_an_arbitrary_module_is_never_imported(files, tmp_path):
     """The config names ``subprocess.Popen`` and a module beside it that would write the marker
     when imported: refused in one line naming the file, the module never imported."""
@@ -231,6 +233,7 @@ def _with_member(src: Path, dst: Path, suffix: str, data: bytes) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_a_pt2_with_a_pickled_payload_is_refused(files, synth_coco, tmp_path):
     import pickle
 
