@@ -128,7 +128,13 @@ class FocaldetCLI(LightningCLI):
         self._resolved = self._parser(sub).dump(self.config.get(str(sub), self.config), skip_none=False)
 
     def instantiate_classes(self) -> None:
-        super().instantiate_classes()
+        try:
+            super().instantiate_classes()
+        except ValueError as e:  # jsonargparse wraps what a constructor raised: say that in one line
+            cause = _focaldet_cause(e)
+            if cause is None:
+                raise
+            raise cause from None
         self.model.run_config = self._resolved  # stored in every checkpoint
         if self.config.get(str(self.subcommand), self.config).trainer.logger in (None, True):
             self.trainer.loggers = [default_logger(self.trainer.default_root_dir)]  # see focaldet.loggers
@@ -145,6 +151,18 @@ class FocaldetCLI(LightningCLI):
             kwargs["ckpt_path"] = resolve_ckpt_path(kwargs["ckpt_path"], checkpoint_dir(self.trainer))
             if "weights_only" in kwargs:  # Lightning's own load: weights only (FocaldetCheckpointIO is, too)
                 kwargs["weights_only"] = True
+
+
+def _focaldet_cause(exc: BaseException) -> FocaldetError | None:
+    """The `FocaldetError` an exception was raised from (jsonargparse re-raises a part's
+    constructor error as a ValueError listing every Union subtype)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, FocaldetError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _check_ckpt_recipe(path: str, trust_code: bool) -> None:

@@ -193,7 +193,7 @@ def test_hostile_requests_then_sigterm(tmp_path, synth_coco):
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(send, bad + good))  # warm-up round
             rss_before = _rss_kb(proc.pid)
-            results = list(pool.map(send, (bad + good) * 2 + bad[:4]))  # 50 mixed requests
+            results = list(pool.map(send, (bad + good) * 3 + bad[:2]))  # 50 mixed requests
         rss_after = _rss_kb(proc.pid)
         assert len(results) == 50
         for (body, ctype, want), status, text in results:

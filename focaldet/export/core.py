@@ -81,13 +81,14 @@ def _sample(graph: ExportableDetector) -> torch.Tensor:
 
 
 def check_output(path: str | os.PathLike, fmt: str) -> Path:
-    """``path`` as a Path, after checking the format and that its folder exists."""
+    """``path`` as a Path, after checking the format and that a file can be written there
+    (`focaldet.output_paths.check_output_file`: not a folder, its folder exists and is
+    writable), before the minute of work."""
+    from focaldet.output_paths import check_output_file
+
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise ExportError(f"{path}: output folder {path.parent} does not exist")
-    return path
+    return check_output_file(path, "output", create_parent=False, error=ExportError)
 
 
 def export_torch(model: RetinaNet, category_ids: Sequence[int], names: Sequence[str],
