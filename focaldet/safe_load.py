@@ -33,7 +33,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from focaldet.errors import ConfigError, WeightsError
+from focaldet.errors import CheckpointError, ConfigError, WeightsError
 
 __all__ = ["ALIASES", "CLI_IMPORT_ROOTS", "SAFE_GLOBALS", "TRUSTED_ROOTS", "UnsafeFileError",
            "check_pt2", "import_policy", "load_torch_file", "public_path", "recipe_bases", "resolve_class"]
@@ -87,8 +87,9 @@ def recipe_bases() -> dict[str, type]:
             "postprocess": PostProcess, "cls_loss": nn.Module, "box_loss": nn.Module}
 
 
-class UnsafeFileError(WeightsError):
-    """A user file asks to run code (a pickled global, a class outside the allow-list)."""
+class UnsafeFileError(CheckpointError):
+    """A user file asks to run code (a pickled global, a class outside the allow-list): a
+    `CheckpointError` (a `WeightsError`) too, so callers that name a bad checkpoint name it."""
 
 
 # ------------------------------------------------------------------ pickles
@@ -99,14 +100,11 @@ _GLOBAL_RE = re.compile(r"GLOBAL (\S+)")
 def _refusal(e: Exception) -> str | None:
     """Why torch's weights-only unpickler refused a file (``None``: the file is just damaged)."""
     text = str(e)
-    if "Weights only load failed" not in text:
-        return None
+    if "Weights only load failed" not in text or "Unsupported operand" in text:
+        return None  # (an opcode it does not know: damage as often as malice; refused as corrupt)
     found = _GLOBAL_RE.search(text)
     if found:
         return f"it asks for {found.group(1)}, which a focaldet file never needs"
-    op = re.search(r"Unsupported operand (\d+)", text)
-    if op:
-        return f"its pickle uses opcode {op.group(1)}, which only a code-running pickle needs"
     detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
     return f"its pickle holds something other than tensors and plain values ({(detail or ['?'])[0][:120]})"
 
@@ -128,8 +126,18 @@ def load_torch_file(source: str | os.PathLike | bytes, what: str, map_location: 
         if refused:
             raise UnsafeFileError(f"{what}: refused to load: {refused} (focaldet loads files as weights only; "
                                   "see docs/security.md)") from None
-        reason = " ".join(str(e).split())[:200] or type(e).__name__
-        raise WeightsError(f"{what} is truncated or corrupt ({type(e).__name__}: {reason})") from None
+        raise WeightsError(f"{what} is truncated or corrupt ({type(e).__name__}: {_detail(e)})") from None
+
+
+def _detail(e: Exception) -> str:
+    """The gist of a load error, without PyTorch's advice to load with ``weights_only=False``."""
+    text = str(e)
+    if "Weights only load failed" in text:
+        parts = [p for p in re.split(r"\n\s*\n", text.split("WeightsUnpickler error:", 1)[-1])
+                 if p.strip() and not p.lstrip().startswith(("Weights only load failed", "Check the documentation",
+                                                              "Please file an issue"))]
+        text = parts[0] if parts else "not a weights-only pickle"
+    return " ".join(text.split())[:200] or type(e).__name__
 
 
 # ------------------------------------------------------------------ class paths

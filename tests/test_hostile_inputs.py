@@ -59,7 +59,7 @@ def test_data_corrupt_refuses_infinite_jitter(synth_coco, tmp_path, capsys):
     for value in ("inf", "nan", "-1"):
         assert main(["data", "corrupt", str(synth_coco.train_ann), "--out", str(out), "--seed", "0",
                      "--jitter-boxes", value]) == 1
-        assert "--jitter-boxes must be a finite number >= 0" in _error_line(capsys)
+        assert "--jitter-boxes must be >= 0 and finite" in _error_line(capsys)
     assert not out.exists()
 
 

@@ -93,7 +93,7 @@ def corrupt_coco(data: dict, flip_labels: float = 0.0, drop_boxes: float = 0.0, 
     _check_fraction("flip-labels", flip_labels)
     _check_fraction("drop-boxes", drop_boxes)
     if not 0.0 <= jitter_boxes < float("inf"):
-        raise ConfigError(f"--jitter-boxes must be a finite number >= 0 (in units of box size), got {jitter_boxes}")
+        raise ConfigError(f"--jitter-boxes must be >= 0 and finite (in units of box size), got {jitter_boxes}")
     out = json.loads(json.dumps(data))  # a deep copy of plain JSON
     anns = out["annotations"]
     cat_ids = [c["id"] for c in out["categories"]]

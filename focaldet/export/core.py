@@ -108,9 +108,16 @@ def load_torch_export(path: str | os.PathLike, trust_code: bool = False) -> tupl
     """``(module, metadata)`` of a ``.pt2`` written by `export_torch`; ``module(images)``
     returns ``(boxes, scores, labels, num_detections)``. An archive holding pickles that
     would run code, or compiled code, is refused unless ``trust_code`` (`focaldet.safe_load.check_pt2`)."""
-    from focaldet.safe_load import check_pt2
+    from focaldet.errors import WeightsError
+    from focaldet.safe_load import UnsafeFileError, check_pt2
 
-    check_pt2(path, trust_code)
+    try:
+        check_pt2(path, trust_code)
+    except UnsafeFileError:
+        raise
+    except WeightsError as e:  # no such file, not a zip archive
+        reason = str(e).split(": ", 1)[-1]
+        raise ExportError(f"{path}: {'no such file' if 'no such file' in reason else f'not a torch.export program ({reason})'}") from None
     extra = {METADATA_FILE: ""}
     try:
         program = torch.export.load(path, extra_files=extra)
