@@ -283,7 +283,7 @@ def check_pt2(path: str | os.PathLike, trust: bool = False) -> None:
         for name in names:
             inner = name.split("/", 1)[1] if "/" in name else name
             if inner.endswith(".pt"):  # sample inputs; legacy weights / constants files
-                load_torch_file(archive.read(name), f"{what} ({inner})")
+                _weights_only_payload(archive.read(name), what, inner)
             elif inner.endswith("_config.json") and inner.startswith("data/"):
                 _check_payloads(archive, name, inner, what)
 
@@ -304,4 +304,17 @@ def _check_payloads(archive: zipfile.ZipFile, name: str, inner: str, what: str) 
                 data = archive.read(f"{folder}/{file}")
             except KeyError:
                 raise WeightsError(f"{what}: {inner} names {file}, which the archive lacks") from None
-            load_torch_file(data, f"{what} ({fqn})")
+            _weights_only_payload(data, what, fqn)
+
+
+def _weights_only_payload(data: bytes, what: str, name: str) -> None:
+    """A payload torch.export.load would unpickle: it must load as weights only (torch would
+    retry a failure with ``weights_only=False``, running the pickle)."""
+    try:
+        load_torch_file(data, f"{what} ({name})")
+    except UnsafeFileError:
+        raise
+    except WeightsError as e:
+        detail = str(e).split("(", 2)[-1].rstrip(")")
+        raise UnsafeFileError(f"{what}: refused to load: its {name} does not load as weights only ({detail}), "
+                              "and torch.export.load would unpickle it in full (see docs/security.md)") from None
