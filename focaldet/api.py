@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from focaldet.data.coco import IMAGE_EXTENSIONS, ImageFolderDataset, _apply_transforms
+from focaldet.data.images import check_pixels
 from focaldet.data.transforms import collate_detection
 from focaldet.errors import ConfigError, DataError, WeightsError
 from focaldet.evaluation.thresholds import ALL, load_thresholds, per_label_thresholds
@@ -34,9 +35,10 @@ from focaldet.inputs import InputSettings
 from focaldet.modeling.retinanet import RetinaNet
 from focaldet.modeling.weights import read_weights_file
 from focaldet.recipe import instantiate
+from focaldet.safe_load import UnsafeFileError
 from focaldet.structures.boxes import rescale_boxes
 
-__all__ = ["CheckpointContents", "Detector", "checkpoint_config", "load", "read_checkpoint"]
+__all__ = ["CheckpointContents", "Detector", "check_recipe", "checkpoint_config", "load", "read_checkpoint"]
 
 _NOT_INIT_ARGS = ("_instantiator", "_class_path")
 
@@ -83,12 +85,46 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointContents:
     return CheckpointContents(Path(path), recipe, label_map, InputSettings.from_dict(inputs), ckpt["state_dict"])
 
 
-def build_module(contents: CheckpointContents):
-    """A ``RetinaNetModule`` rebuilt from a checkpoint's recipe, with its weights."""
-    from focaldet.module import RetinaNetModule
+def check_recipe(contents: CheckpointContents, trust_code: bool = False) -> None:
+    """Refuses, naming the checkpoint, a recipe part whose ``class_path`` focaldet does not build
+    from a file (`focaldet.safe_load`): checked before anything is imported or built."""
+    from focaldet.safe_load import check_path, recipe_bases
 
+    bases = recipe_bases()
+    for key, spec in contents.recipe.items():
+        for where, class_path in _class_paths(spec, key):
+            try:
+                check_path(class_path, trust_code)
+                if where not in bases and not trust_code and "." not in where:
+                    raise ConfigError(f"{class_path}: no class is expected here")
+            except ConfigError as e:
+                raise UnsafeFileError(f"checkpoint {contents.path}: refused to build its {where}: {e}") from None
+
+
+def _class_paths(spec: Any, where: str) -> list[tuple[str, str]]:
+    """``(key, class_path)`` of every class a recipe value names, nested ones included."""
+    if isinstance(spec, Mapping):
+        found = [(where, str(spec["class_path"]))] if "class_path" in spec else []
+        inner = spec.get("init_args") if "class_path" in spec else spec
+        for k, v in (inner or {}).items() if isinstance(inner, Mapping) else ():
+            found += _class_paths(v, f"{where}.{k}")
+        return found
+    if isinstance(spec, (list, tuple)):
+        return [f for i, v in enumerate(spec) for f in _class_paths(v, f"{where}[{i}]")]
+    return []
+
+
+def build_module(contents: CheckpointContents, trust_code: bool = False):
+    """A ``RetinaNetModule`` rebuilt from a checkpoint's recipe, with its weights; a part
+    whose class focaldet does not build from a file is refused (`check_recipe`) unless
+    ``trust_code``."""
+    from focaldet.module import RetinaNetModule
+    from focaldet.safe_load import recipe_bases
+
+    check_recipe(contents, trust_code)
+    bases = recipe_bases()
     try:
-        kwargs = {k: instantiate(v) for k, v in contents.recipe.items()}
+        kwargs = {k: instantiate(v, bases.get(k), trust_code) for k, v in contents.recipe.items()}
         module = RetinaNetModule(**kwargs, label_map=contents.label_map, inputs=contents.inputs.to_dict())
     except (ConfigError, TypeError) as e:
         raise WeightsError(f"checkpoint {contents.path}: cannot rebuild its model: {e}") from None
@@ -100,7 +136,7 @@ def build_module(contents: CheckpointContents):
     return module
 
 
-def checkpoint_config(path: str | os.PathLike) -> str:
+def checkpoint_config(path: str | os.PathLike, trust_code: bool = False) -> str:
     """A YAML config that rebuilds a checkpoint's model and data settings (for
     ``focaldet predict --ckpt_path X`` without ``-c``): the recipe, the label map and the
     eval input settings."""
@@ -109,15 +145,20 @@ def checkpoint_config(path: str | os.PathLike) -> str:
     from focaldet.recipe import plain
 
     contents = read_checkpoint(path)
+    check_recipe(contents, trust_code)
     model = {k: v for k, v in contents.recipe.items() if k not in ("num_classes", "batch_size")}
     data = {"label_map": contents.label_map, **contents.inputs.data_args()}
     return yaml.safe_dump(plain({"model": model, "data": data}), sort_keys=False)
 
 
-def load(path: str | os.PathLike, device: str | torch.device | None = None) -> Detector:
-    """The `Detector` stored in a focaldet checkpoint (``device``: default CUDA when available)."""
+def load(path: str | os.PathLike, device: str | torch.device | None = None, trust_code: bool = False) -> Detector:
+    """The `Detector` stored in a focaldet checkpoint (``device``: default CUDA when available).
+
+    The checkpoint is read as weights only and its recipe may name only focaldet's own parts,
+    ``torch.nn`` and torchvision classes of the type each argument expects; ``trust_code=True``
+    builds any class it names (a checkpoint you made yourself: see docs/security.md)."""
     contents = read_checkpoint(path)
-    module = build_module(contents)
+    module = build_module(contents, trust_code)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     return Detector(module.model.eval().to(device), contents.inputs, module.label_to_cat_id, module.class_names)
 
@@ -146,12 +187,26 @@ class _Images(ImageFolderDataset):
 
 
 def _to_rgb_array(item: Any, index: int) -> np.ndarray:
-    """``(H, W, 3)`` uint8 RGB from a numpy array, a PIL image or a ``(3, H, W)`` tensor."""
+    """``(H, W, 3)`` uint8 RGB from a numpy array, a PIL image or a ``(3, H, W)`` tensor; an
+    empty image or one over `focaldet.data.images.MAX_PIXELS` is refused, as a file is."""
+    image = _rgb_array(item, index)
+    check_pixels(*image.shape[:2], f"input {index}")
+    return image
+
+
+def _rgb_array(item: Any, index: int) -> np.ndarray:
     if isinstance(item, Tensor):
         if item.ndim != 3 or item.shape[0] != 3:
             raise DataError(f"input {index}: a tensor image must be (3, H, W), got {tuple(item.shape)}")
+        check_pixels(*item.shape[1:], f"input {index}")
         if item.is_floating_point():  # [0, 1] floats -> the uint8 the eval pipeline decodes to
-            item = (item.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+            lo, hi = float(item.min()), float(item.max())
+            if not (0.0 <= lo and hi <= 1.0):  # never clamp 0..255 floats to a binary image
+                raise DataError(f"input {index}: a float tensor image must be in [0, 1], got values in "
+                                f"[{lo:g}, {hi:g}] (divide by 255, or give a uint8 tensor)")
+            item = (item.detach().float() * 255).round().to(torch.uint8)
+        elif item.dtype != torch.uint8:
+            raise DataError(f"input {index}: a tensor image must be float in [0, 1] or uint8, got {item.dtype}")
         return np.ascontiguousarray(item.permute(1, 2, 0).cpu().numpy())  # (3, H, W) -> (H, W, 3)
     if hasattr(item, "convert") and hasattr(item, "size"):  # PIL.Image
         return np.asarray(item.convert("RGB"))

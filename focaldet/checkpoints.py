@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from focaldet.errors import CheckpointError
+from focaldet.errors import CheckpointError, WeightsError
 from focaldet.modeling.weights import not_torch_save_reason
+from focaldet.safe_load import UnsafeFileError, load_torch_file
 
 # what Lightning's "last" matches (ModelCheckpoint.CHECKPOINT_NAME_LAST, with its "-vN" copies)
 LAST_NAME = "last"
@@ -40,9 +41,12 @@ def _is_remote(path: str | os.PathLike) -> bool:
 
 
 def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False,
-                    weights_only: bool | None = False) -> dict:
-    """``torch.load`` of a Lightning checkpoint; any unreadable file raises one ``CheckpointError``
-    naming it (zero bytes, truncated, random bytes, a damaged pickle, not a checkpoint dict)."""
+                         weights_only: bool | None = True) -> dict:
+    """A Lightning checkpoint, read by `focaldet.safe_load.load_torch_file`: always weights
+    only (``weights_only`` is accepted for Lightning's signature and ignored), so a pickle that
+    would run code is refused (``UnsafeFileError``); any unreadable file raises one
+    ``CheckpointError`` naming it (zero bytes, truncated, random bytes, a damaged pickle, not
+    a checkpoint dict)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: file not found")
@@ -52,10 +56,11 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu", mma
     if reason:
         raise CheckpointError(f"checkpoint {path}: {reason}")
     try:
-        ckpt = torch.load(path, map_location=map_location, mmap=mmap, weights_only=weights_only)
-    except Exception as e:  # RuntimeError (zip), UnpicklingError, EOFError, ValueError, ...
-        reason = " ".join(str(e).split())[:200] or type(e).__name__
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {reason})") from None
+        ckpt = load_torch_file(path, f"checkpoint {path}", map_location=map_location, mmap=mmap)
+    except UnsafeFileError:
+        raise
+    except WeightsError as e:
+        raise CheckpointError(str(e)) from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"checkpoint {path}: not a Lightning checkpoint (no 'state_dict')")
     return ckpt
@@ -141,9 +146,9 @@ class FocaldetCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location: Any = lambda storage, loc: storage,
                         weights_only: bool | None = None) -> dict[str, Any]:
-        if _is_remote(path):
-            return super().load_checkpoint(path, map_location, weights_only)
-        return load_checkpoint_file(path, map_location=map_location, weights_only=weights_only)
+        if _is_remote(path):  # weights only there too, whatever the caller asked
+            return super().load_checkpoint(path, map_location, weights_only=True)
+        return load_checkpoint_file(path, map_location=map_location)
 
 
 def checkpoint_dir(trainer) -> Path:

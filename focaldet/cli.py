@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from focaldet.checkpoints import check_checkpoint, checkpoint_dir, install_checkpoint_io, resolve_ckpt_path
 from focaldet.data.datamodule import CocoDataModule
+from focaldet.errors import FocaldetError
 from focaldet.failures import StopAllRanks, report_errors
 from focaldet.loggers import default_logger
 from focaldet.module import RetinaNetModule
@@ -96,7 +97,12 @@ class TrainingSpeed(Callback):
 
 
 class FocaldetCLI(LightningCLI):
-    """LightningCLI whose data module tells the model its classes (never typed twice)."""
+    """LightningCLI whose data module tells the model its classes (never typed twice).
+
+    ``trust_code``: build classes a ``--ckpt_path`` recipe names outside focaldet's allow-list
+    (`focaldet.safe_load`); set by ``focaldet --trust_checkpoint_code``."""
+
+    trust_code = False
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
@@ -113,6 +119,7 @@ class FocaldetCLI(LightningCLI):
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
         if ckpt_path and Path(ckpt_path).is_file():
             check_checkpoint(ckpt_path)
+            _check_ckpt_recipe(ckpt_path, self.trust_code)  # Lightning parses its class paths next
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
@@ -121,7 +128,13 @@ class FocaldetCLI(LightningCLI):
         self._resolved = self._parser(sub).dump(self.config.get(str(sub), self.config), skip_none=False)
 
     def instantiate_classes(self) -> None:
-        super().instantiate_classes()
+        try:
+            super().instantiate_classes()
+        except ValueError as e:  # jsonargparse wraps what a constructor raised: say that in one line
+            cause = _focaldet_cause(e)
+            if cause is None:
+                raise
+            raise cause from None
         self.model.run_config = self._resolved  # stored in every checkpoint
         if self.config.get(str(self.subcommand), self.config).trainer.logger in (None, True):
             self.trainer.loggers = [default_logger(self.trainer.default_root_dir)]  # see focaldet.loggers
@@ -136,6 +149,32 @@ class FocaldetCLI(LightningCLI):
         if sub is not None and "ckpt_path" in self.config_init[sub]:  # checked before the trainer runs
             kwargs = self.config_init[sub]
             kwargs["ckpt_path"] = resolve_ckpt_path(kwargs["ckpt_path"], checkpoint_dir(self.trainer))
+            if "weights_only" in kwargs:  # Lightning's own load: weights only (FocaldetCheckpointIO is, too)
+                kwargs["weights_only"] = True
+
+
+def _focaldet_cause(exc: BaseException) -> FocaldetError | None:
+    """The `FocaldetError` an exception was raised from (jsonargparse re-raises a part's
+    constructor error as a ValueError listing every Union subtype)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, FocaldetError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _check_ckpt_recipe(path: str, trust_code: bool) -> None:
+    """A checkpoint whose recipe names a class focaldet does not build from a file is refused
+    before LightningCLI parses (and imports) it."""
+    from focaldet.api import check_recipe, read_checkpoint
+
+    try:
+        contents = read_checkpoint(path)
+    except FocaldetError:
+        return  # not a focaldet checkpoint: Lightning reads no recipe from it
+    check_recipe(contents, trust_code)
 
 
 def trainer_defaults() -> dict:
@@ -187,18 +226,36 @@ def run(argv: list[str] | None = None) -> int:
         from focaldet.sweep import main as sweep_main
 
         return sweep_main(args[1:])
+    from focaldet.safe_load import check_config_file, import_policy
+
+    trust = TRUST_FLAG in args
+    args = [a for a in args if a != TRUST_FLAG]
+    for config in _config_files(args):  # one line naming the file, before the parser imports anything
+        check_config_file(config, trust)
     if args and args[0] == "predict" and not {"-c", "--config"} & set(args):
-        args = _config_from_checkpoint(args)
-    FocaldetCLI(
-        RetinaNetModule, CocoDataModule,
-        trainer_defaults=trainer_defaults(),
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+        args = _config_from_checkpoint(args, trust)
+    cli = type("FocaldetCLI", (FocaldetCLI,), {"trust_code": trust}) if trust else FocaldetCLI
+    with import_policy(trust):  # a class_path outside focaldet's allow-list is never imported
+        cli(
+            RetinaNetModule, CocoDataModule,
+            trainer_defaults=trainer_defaults(),
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
     return 0
 
 
-def _config_from_checkpoint(args: list[str]) -> list[str]:
+TRUST_FLAG = "--trust_checkpoint_code"  # see docs/security.md
+
+
+def _config_files(args: list[str]) -> list[str]:
+    """The files of ``-c X`` / ``--config X`` / ``--config=X``."""
+    found = [a.split("=", 1)[1] for a in args if a.startswith(("--config=", "-c="))]
+    found += [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("-c", "--config")]
+    return [f for f in found if Path(f).is_file()]
+
+
+def _config_from_checkpoint(args: list[str], trust_code: bool = False) -> list[str]:
     """``predict --ckpt_path X`` with no ``-c``: the checkpoint supplies the model, the label
     map and the input settings (`focaldet.api.checkpoint_config`)."""
     ckpt = next((a.split("=", 1)[1] for a in args if a.startswith("--ckpt_path=")), None)
@@ -208,7 +265,7 @@ def _config_from_checkpoint(args: list[str]) -> list[str]:
         return args
     from focaldet.api import checkpoint_config
 
-    return [args[0], "--config", checkpoint_config(ckpt), *args[1:]]
+    return [args[0], "--config", checkpoint_config(ckpt, trust_code), *args[1:]]
 
 
 if __name__ == "__main__":

@@ -429,7 +429,9 @@ def _describe(obj: Any) -> dict | None:
         return describe(obj)
     except ConfigError as e:
         rank_zero_info(f"note: {e}")
-        return {"class_path": f"{type(obj).__module__}.{type(obj).__qualname__}", "init_args": None}
+        from focaldet.safe_load import public_path
+
+        return {"class_path": public_path(type(obj)), "init_args": None}
 
 
 def _preview(batch: dict, detections: list[dict], max_images: int = 8) -> tuple[list, list, list]:

@@ -2,10 +2,13 @@
 
 The recipe has the form of the CLI's YAML, so a reader can copy it into a config::
 
-    {"class_path": "focaldet.modeling.backbone.ResNetBackbone",
+    {"class_path": "focaldet.models.ResNetBackbone",
      "init_args": {"depth": 18, "norm": "frozen_bn", "freeze_at": 0, "weights": None}}
 
-`describe` writes it from a live object, `instantiate` builds the object back. The rule
+`describe` writes it from a live object, recording a class by its public path (where
+``focaldet.models`` / ``focaldet.losses`` re-export it); `instantiate` builds the object
+back, only from classes `focaldet.safe_load` allows (a subclass of what the argument
+expects, from focaldet, ``torch.nn`` or torchvision, unless the file is trusted). The rule
 `describe` relies on: every constructor argument is kept on the object under its own name
 (``self.depth = depth``), as focaldet's parts do. Arguments named ``weights`` or
 ``init_weights`` are recorded as ``None``: the checkpoint's state dict holds the weights.
@@ -13,14 +16,15 @@ The recipe has the form of the CLI's YAML, so a reader can copy it into a config
 
 from __future__ import annotations
 
-import importlib
-import os
 import inspect
+import os
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from focaldet.errors import ConfigError
+from focaldet.safe_load import public_path, resolve_class
 
 __all__ = ["describe", "instantiate", "plain"]
 
@@ -55,23 +59,37 @@ def describe(obj: Any) -> dict[str, Any] | None:
     if missing:
         raise ConfigError(f"{cls.__qualname__} does not keep its constructor argument(s) {missing} "
                           f"as attributes: a checkpoint cannot record how to rebuild it")
-    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
+    return {"class_path": public_path(cls), "init_args": init_args}
 
 
-def instantiate(spec: Any) -> Any:
-    """Build the object a `describe` output (or a CLI ``class_path`` dict) names."""
+def instantiate(spec: Any, expected_base: type | None = None, trust: bool = False) -> Any:
+    """Build the object a `describe` output (or a CLI ``class_path`` dict) names.
+
+    The class must be a subclass of ``expected_base`` and live in focaldet, ``torch.nn`` or
+    torchvision, checked before anything is imported (`focaldet.safe_load.resolve_class`);
+    ``expected_base=None`` accepts no class (plain values pass through). A ``class_path``
+    nested in ``init_args`` must fit the annotation of that constructor argument.
+    ``trust=True`` builds any class (a file the user made). ``ConfigError`` otherwise."""
     if not (isinstance(spec, Mapping) and "class_path" in spec):
         return spec
-    module_name, _, attr = str(spec["class_path"]).rpartition(".")
+    cls = resolve_class(str(spec["class_path"]), expected_base, trust)
     try:
-        cls = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise ConfigError(f"cannot import {spec['class_path']!r}: {e}") from None
-    kwargs = {k: instantiate(v) for k, v in (spec.get("init_args") or {}).items()}
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # unresolvable annotations: nested classes need trust
+        hints = {}
+    kwargs = {k: instantiate(v, _class_of(hints.get(k)), trust) for k, v in (spec.get("init_args") or {}).items()}
     try:
         return cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{spec['class_path']}: {e}") from None
+
+
+def _class_of(hint: Any) -> type | None:
+    """The class an annotation admits (``X | None`` -> ``X``), or ``None``."""
+    if isinstance(hint, type):
+        return hint
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if len(args) == 1 and isinstance(args[0], type) else None
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:

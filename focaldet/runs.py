@@ -68,10 +68,15 @@ def build_run(configs: Sequence[str], args: Sequence[str] = (), root_dir: str | 
         argv += ["--trainer.default_root_dir", str(root_dir)]
     # configured through LightningCLI(args=...), not through sys.argv
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    from focaldet.safe_load import check_config_file, import_policy
+
+    for config in configs:  # a class_path outside focaldet's allow-list: refused, never imported
+        check_config_file(config)
     try:
-        return FocaldetCLI(module_class or RetinaNetModule, CocoDataModule, trainer_defaults=trainer_defaults(),
-                           run=False, save_config_kwargs={"overwrite": True},
-                           parser_kwargs={"exit_on_error": False}, args=argv)
+        with import_policy():
+            return FocaldetCLI(module_class or RetinaNetModule, CocoDataModule, trainer_defaults=trainer_defaults(),
+                               run=False, save_config_kwargs={"overwrite": True},
+                               parser_kwargs={"exit_on_error": False}, args=argv)
     except ArgumentError as e:
         raise ConfigError(f"bad run arguments: {' '.join(str(e).split())}") from None
 

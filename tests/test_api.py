@@ -44,7 +44,7 @@ def trained(tmp_path_factory, synth_coco):
 def test_checkpoint_stores_recipe_label_map_and_inputs_once(trained):
     ckpt = torch.load(trained["ckpt"], map_location="cpu", weights_only=True)
     hp, meta = ckpt["hyper_parameters"], ckpt["focaldet"]
-    assert hp["backbone"] == {"class_path": "focaldet.modeling.backbone.ResNetBackbone",
+    assert hp["backbone"] == {"class_path": "focaldet.models.ResNetBackbone",
                               "init_args": {"depth": 18, "norm": "frozen_bn", "freeze_at": 0, "weights": None}}
     assert hp["postprocess"]["init_args"]["score_thresh"] == 0.0
     assert hp["cls_loss"] is None  # the default (SigmoidFocalLoss)

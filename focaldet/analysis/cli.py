@@ -26,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     ld.add_argument("--max-negatives", type=int, default=1_000_000,
                     help="negatives kept (a uniform sample, seed --seed; default 1e6)")
     ld.add_argument("--seed", type=int, default=0)
+    ld.add_argument("--trust_checkpoint_code", action="store_true", help="build classes outside focaldet's allow-list that the file names (a file you made: see docs/security.md)")
     ld.add_argument("--batch-size", type=int, default=None, help="default: the config's data.batch_size")
     return p
 
@@ -64,7 +65,7 @@ def loss_distribution(args: argparse.Namespace) -> int:
     if not Path(args.ckpt_path).is_file():
         raise WeightsError(f"{args.ckpt_path}: no such checkpoint")
     contents = read_checkpoint(args.ckpt_path)
-    module = build_module(contents)
+    module = build_module(contents, args.trust_checkpoint_code)
     if getattr(module.criterion.cls_loss, "background_logit", False):
         raise ConfigError(f"checkpoint {args.ckpt_path}: its class loss has a background logit (softmax); "
                           "the loss distribution is defined for sigmoid (binary) logits")

@@ -116,6 +116,9 @@ def _anchors(args: argparse.Namespace) -> int:
     from focaldet.analysis.anchors import analyse_anchors, check_image_files, read_anchor_config, read_boxes
     from focaldet.errors import ConfigError
 
+    for flag, value in (("--min-size", args.min_size), ("--max-size", args.max_size)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be >= 1 pixel, got {value}")
     current, data_args = read_anchor_config(args.config) if args.config is not None else (None, {})
     if args.min_size is not None:
         data_args.update(min_size=args.min_size, eval_transforms=None)

@@ -92,8 +92,8 @@ def corrupt_coco(data: dict, flip_labels: float = 0.0, drop_boxes: float = 0.0, 
     """A noisy copy of the COCO dict ``data`` (not modified) and what changed (module docstring)."""
     _check_fraction("flip-labels", flip_labels)
     _check_fraction("drop-boxes", drop_boxes)
-    if not jitter_boxes >= 0.0:
-        raise ConfigError(f"--jitter-boxes must be >= 0 (in units of box size), got {jitter_boxes}")
+    if not 0.0 <= jitter_boxes < float("inf"):
+        raise ConfigError(f"--jitter-boxes must be >= 0 and finite (in units of box size), got {jitter_boxes}")
     out = json.loads(json.dumps(data))  # a deep copy of plain JSON
     anns = out["annotations"]
     cat_ids = [c["id"] for c in out["categories"]]
@@ -146,17 +146,24 @@ def corrupt_file(ann: str | Path, out: str | Path, flip_labels: float = 0.0, dro
                  jitter_boxes: float = 0.0, seed: int = 0) -> tuple[CorruptionSummary, Path]:
     """Write the noisy copy of ``ann`` to ``out`` and its summary to ``OUT.summary.json``;
     returns the summary and the summary's path."""
+    from focaldet.output_paths import check_output_file
+
     ann, out = Path(ann), Path(out)
     if out.resolve() == ann.resolve():
         raise ConfigError(f"{out}: --out must not be the input annotation file")
+    summary_path = out.with_name(out.stem + ".summary.json")
+    check_output_file(out, "--out")  # before the work, not a traceback after it
+    check_output_file(summary_path, "--out summary")
+    corrupt_coco({"annotations": [], "categories": [], "images": []}, flip_labels, drop_boxes, jitter_boxes, seed)
     data = read_coco_json(ann)
     for i, a in enumerate(data["annotations"]):
         if not isinstance(a, dict) or "category_id" not in a or not isinstance(a.get("bbox"), list) \
                 or len(a["bbox"]) != 4:
             raise DataError(f"{ann}: annotations[{i}] needs 'category_id' and a 4-number 'bbox': {a!r}")
     noisy, summary = corrupt_coco(data, flip_labels, drop_boxes, jitter_boxes, seed, source=str(ann))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(noisy))
-    summary_path = out.with_name(out.stem + ".summary.json")
+    try:
+        out.write_text(json.dumps(noisy))
+    except OSError as e:  # e.g. the disk filled up
+        raise ConfigError(f"--out {out}: cannot write ({e.strerror or e})") from None
     summary_path.write_text(json.dumps({"source": str(ann), **summary.to_dict()}, indent=1))
     return summary, summary_path

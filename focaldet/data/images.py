@@ -8,12 +8,18 @@ there (the lost rows come out gray, as with PIL's ``LOAD_TRUNCATED_IMAGES``); th
 disk is never modified. A reduced decode that fails falls back to the full decode.
 
 `read_header` reads format, mode, size and EXIF orientation from the header alone.
+
+An image whose header says it has more than `MAX_PIXELS` pixels is refused before it is
+decoded (a "decompression bomb": a small file that decodes to gigabytes), by `read_image`
+and `image_from_bytes` alike: datasets, ``Detector.predict`` and ``focaldet serve``.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
+import warnings
 from dataclasses import dataclass
 
 import cv2
@@ -26,7 +32,10 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageError",
     "ImageHeader",
+    "MAX_PIXELS",
+    "check_pixels",
     "decode_image",
+    "image_from_bytes",
     "is_truncated_jpeg",
     "read_header",
     "read_image",
@@ -38,6 +47,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 
 _JPEG_SOI, _JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
+
+# The most pixels (h x w) an image may have: well below OpenCV's own 2^30, above any photo
+# a detector is given (a 100 Mpx image is 300 MB decoded). The one home of this limit.
+MAX_PIXELS = 100_000_000
 
 
 class ImageError(DataError):
@@ -104,6 +117,50 @@ def decode_image(buffer: np.ndarray, reduce: int = 1) -> np.ndarray | None:
     return image if _IMREAD_RGB else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
+def _header_pixels(buffer: np.ndarray) -> int | None:
+    """``h * w`` from the header of an encoded image (``None``: PIL cannot read the header)."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(buffer)) as image:
+                w, h = image.size
+        return int(w) * int(h)
+    except Image.DecompressionBombError as e:  # PIL's own limit (2 x 89 Mpx): the size is in the text
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        return int(found.group(1)) if found else MAX_PIXELS + 1
+    except Exception:  # not an image PIL knows: the decoder says what it is
+        return None
+
+
+def check_pixels(h: int, w: int, what: str, max_pixels: int = MAX_PIXELS) -> None:
+    """`ImageError` naming ``what`` when an ``h x w`` image is empty or has over ``max_pixels`` pixels."""
+    if h <= 0 or w <= 0:
+        raise ImageError(f"{what} is empty ({w}x{h} pixels)")
+    if h * w > max_pixels:
+        raise ImageError(f"{what} is too large: {h * w / 1e6:.0f} Mpx ({w}x{h}), over the limit of "
+                         f"{max_pixels / 1e6:.0f} Mpx")
+
+
+def image_from_bytes(buffer: np.ndarray | bytes, what: str, reduce: int = 1, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """`decode_image` of an encoded file's bytes, refusing (`ImageError` naming ``what``) an
+    empty buffer, an image over ``max_pixels`` (from its header, before decoding) and bytes
+    that are not a decodable image."""
+    if isinstance(buffer, (bytes, bytearray, memoryview)):
+        buffer = np.frombuffer(buffer, np.uint8)
+    if buffer.size == 0:
+        raise ImageError(f"cannot read {what}: not a decodable image (empty file)")
+    pixels = _header_pixels(buffer)
+    if pixels is not None and pixels > max_pixels:
+        raise ImageError(f"cannot read {what}: {pixels / 1e6:.0f} Mpx, over the limit of {max_pixels / 1e6:.0f} Mpx "
+                         "(a decompression bomb?)")
+    image = decode_image(buffer, reduce)
+    if image is None:
+        raise ImageError(f"cannot read {what}: not a decodable image (corrupt or unsupported format)")
+    return image
+
+
 def read_bytes(path: str | os.PathLike, what: str) -> np.ndarray:
     """The bytes of an image file; `ImageError` naming ``what`` when it cannot be read."""
     try:
@@ -124,12 +181,7 @@ def read_image(path: str | os.PathLike, image_id: int | None = None, reduce: int
     missing or cannot be decoded.
     """
     what = f"image {path}" + (f" (image id {image_id})" if image_id is not None else "")
-    buffer = read_bytes(path, what)
-    image = decode_image(buffer, reduce)
-    if image is None:
-        detail = "empty file" if buffer.size == 0 else "corrupt or unsupported format"
-        raise ImageError(f"cannot read {what}: not a decodable image ({detail})")
-    return image
+    return image_from_bytes(read_bytes(path, what), what, reduce)
 
 
 # --------------------------------------------------------------------------------------
@@ -165,8 +217,8 @@ def read_header(source: str | os.PathLike | bytes | np.ndarray) -> ImageHeader |
             w, h = image.size
             orientation = image.getexif().get(0x0112, 1)
             fmt, mode = str(image.format), str(image.mode)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, TypeError):
-        return None
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, TypeError, Image.DecompressionBombError):
+        return None  # (a decompression bomb: `read_image` names it)
     orientation = orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1
     size = (w, h) if orientation in TRANSPOSING_ORIENTATIONS else (h, w)
     return ImageHeader(fmt, mode, size, (h, w), orientation)

@@ -17,7 +17,7 @@ from focaldet.errors import FocaldetError
 from focaldet.export.core import FORMATS, ExportError, check_output, export
 
 
-def load_checkpoint(path: str):
+def load_checkpoint(path: str, trust_code: bool = False):
     """``focaldet.load(path)`` with the checkpoint named in any failure."""
     import focaldet
 
@@ -27,7 +27,7 @@ def load_checkpoint(path: str):
     if load is None:
         raise ExportError("focaldet.load is not available in this build: cannot read checkpoints yet")
     try:
-        return load(path, device="cpu")
+        return load(path, device="cpu", trust_code=trust_code)
     except FocaldetError:
         raise
     except Exception as e:  # truncated, not a checkpoint, ...
@@ -41,6 +41,7 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt_path", required=True, help="focaldet checkpoint (.ckpt)")
     p.add_argument("--format", default="onnx", help=f"{' | '.join(FORMATS)} (default onnx)")
     p.add_argument("--output", required=True, help="file to write (.onnx / .pt2)")
+    p.add_argument("--trust_checkpoint_code", action="store_true", help="build classes outside focaldet's allow-list that the file names (a file you made: see docs/security.md)")
     return p
 
 
@@ -54,6 +55,8 @@ def _evaluate_parser() -> argparse.ArgumentParser:
 
     p.add_argument("--backend", default=DEFAULT_BACKEND, choices=BACKENDS)
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its choice)")
+    p.add_argument("--trust_checkpoint_code", action="store_true",
+                   help="read a .pt2 holding pickled payloads (a file you made: see docs/security.md)")
     return p
 
 
@@ -63,12 +66,12 @@ def _run(argv: list[str]) -> int:
 
         args = _evaluate_parser().parse_args(argv[1:])
         result = evaluate_exported(args.model, args.val_ann, args.val_images, args.backend, args.threads,
-                                   progress=True)
+                                   progress=True, trust_code=args.trust_checkpoint_code)
         print(result.table())
         return 0
     args = _export_parser().parse_args(argv)
     check_output(args.output, args.format)  # before the (slow) checkpoint read
-    det = load_checkpoint(args.ckpt_path)
+    det = load_checkpoint(args.ckpt_path, args.trust_checkpoint_code)
     start = time.perf_counter()
     path = export(det.model, det.category_ids, det.names, args.output, args.format)
     print(f"wrote {path} ({args.format}, {path.stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - start:.0f} s)")

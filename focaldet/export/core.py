@@ -81,13 +81,14 @@ def _sample(graph: ExportableDetector) -> torch.Tensor:
 
 
 def check_output(path: str | os.PathLike, fmt: str) -> Path:
-    """``path`` as a Path, after checking the format and that its folder exists."""
+    """``path`` as a Path, after checking the format and that a file can be written there
+    (`focaldet.output_paths.check_output_file`: not a folder, its folder exists and is
+    writable), before the minute of work."""
+    from focaldet.output_paths import check_output_file
+
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise ExportError(f"{path}: output folder {path.parent} does not exist")
-    return path
+    return check_output_file(path, "output", create_parent=False, error=ExportError)
 
 
 def export_torch(model: RetinaNet, category_ids: Sequence[int], names: Sequence[str],
@@ -103,9 +104,20 @@ def export_torch(model: RetinaNet, category_ids: Sequence[int], names: Sequence[
     return path
 
 
-def load_torch_export(path: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, str]]:
+def load_torch_export(path: str | os.PathLike, trust_code: bool = False) -> tuple[torch.nn.Module, dict[str, str]]:
     """``(module, metadata)`` of a ``.pt2`` written by `export_torch`; ``module(images)``
-    returns ``(boxes, scores, labels, num_detections)``."""
+    returns ``(boxes, scores, labels, num_detections)``. An archive holding pickles that
+    would run code, or compiled code, is refused unless ``trust_code`` (`focaldet.safe_load.check_pt2`)."""
+    from focaldet.errors import WeightsError
+    from focaldet.safe_load import UnsafeFileError, check_pt2
+
+    try:
+        check_pt2(path, trust_code)
+    except UnsafeFileError:
+        raise
+    except WeightsError as e:  # no such file, not a zip archive
+        reason = str(e).split(": ", 1)[-1]
+        raise ExportError(f"{path}: {'no such file' if 'no such file' in reason else f'not a torch.export program ({reason})'}") from None
     extra = {METADATA_FILE: ""}
     try:
         program = torch.export.load(path, extra_files=extra)

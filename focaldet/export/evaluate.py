@@ -37,9 +37,10 @@ def exported_results(detector: ExportedDetector, dataset: CocoDetection, progres
 
 
 def evaluate_exported(path: str | os.PathLike, ann_file: str | os.PathLike, image_dir: str | os.PathLike,
-                      backend: str = DEFAULT_BACKEND, threads: int = 0, progress: bool = False) -> CocoEvalResult:
+                      backend: str = DEFAULT_BACKEND, threads: int = 0, progress: bool = False,
+                      trust_code: bool = False) -> CocoEvalResult:
     """COCOeval (bbox) of the exported model at ``path`` on the COCO set ``ann_file`` / ``image_dir``."""
-    detector = ExportedDetector(path, threads=threads)
+    detector = ExportedDetector(path, threads=threads, trust_code=trust_code)
     dataset = CocoDetection(ann_file, image_dir)
     results = exported_results(detector, dataset, progress)
     return evaluate_coco(dataset.coco, results, backend=backend, class_names=detector.names,

@@ -41,10 +41,10 @@ class ExportedDetector:
     """An exported focaldet model (``.onnx`` or ``.pt2``) with its metadata (``names``,
     ``category_ids``, ``min_size``, ...) and a call on image batches."""
 
-    def __init__(self, path: str | os.PathLike, threads: int = 0, spinning: bool = True):
+    def __init__(self, path: str | os.PathLike, threads: int = 0, spinning: bool = True, trust_code: bool = False):
         self.path = Path(path)
         if self.path.suffix == ".pt2":
-            self._module, meta = load_torch_export(self.path)
+            self._module, meta = load_torch_export(self.path, trust_code)
             self._session = None
         else:
             self._session = onnx_session(self.path, threads, spinning)

@@ -60,6 +60,25 @@ class Targets:
     num_pos: Tensor  # () positives, averaged over processes
 
 
+def _check_call(loss: nn.Module, name: str, args: tuple[str, ...]) -> None:
+    """`ConfigError` (one line) when ``loss`` cannot be called as the criterion calls it, e.g.
+    ``torch.nn.Identity`` as a class loss: said at construction, not as a traceback mid-step."""
+    import inspect
+
+    from focaldet.errors import ConfigError
+
+    if not callable(loss):
+        raise ConfigError(f"model.{name}: {type(loss).__qualname__} is not a loss module")
+    try:
+        inspect.signature(loss.forward).bind(*args)
+    except TypeError:
+        kind = "class loss(logits, labels, weight)" if name == "cls_loss" else "box loss(pred, target, weight=None)"
+        raise ConfigError(f"model.{name}: {type(loss).__module__}.{type(loss).__qualname__} is not a {kind} "
+                          "(see focaldet.losses)") from None
+    except ValueError:  # no signature to inspect (a C function): let the call say
+        pass
+
+
 class RetinaNetCriterion(nn.Module):
     """Assigns anchors to ground truth (``assign``) and computes ``loss_cls`` and
     ``loss_box`` (``forward``). The box loss is divided by the number of positive anchors,
@@ -95,6 +114,9 @@ class RetinaNetCriterion(nn.Module):
         super().__init__()
         self.cls_loss = cls_loss if cls_loss is not None else SigmoidFocalLoss()
         self.box_loss = box_loss if box_loss is not None else SmoothL1Loss()
+        quality = ("quality",) if getattr(self.cls_loss, "quality_targets", False) else ()
+        _check_call(self.cls_loss, "cls_loss", ("logits", "labels", "weight", *quality))
+        _check_call(self.box_loss, "box_loss", ("pred", "target"))
         self.matcher = matcher if matcher is not None else Matcher()
         self.box_coder = box_coder if box_coder is not None else BoxCoder()
         self.cls_weight, self.box_weight = cls_weight, box_weight

@@ -64,11 +64,14 @@ def read_weights_file(path: str | os.PathLike, what: str = "weights file") -> An
     reason = not_torch_save_reason(path)
     if reason:
         raise WeightsError(f"{what} {path}: {reason}")
+    from focaldet.safe_load import UnsafeFileError, load_torch_file
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, foreign pickle, unsafe globals, ...
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise WeightsError(f"{what} {path}: not a readable PyTorch file ({reason[:200]})") from None
+        return load_torch_file(path, f"{what} {path}")
+    except UnsafeFileError:
+        raise
+    except WeightsError as e:  # truncated zip, damaged pickle, ...
+        raise WeightsError(f"{what} {path}: not a readable PyTorch file ({str(e).split(' (', 1)[-1]}") from None
 
 
 @dataclass

@@ -1,0 +1,269 @@
+"""Files from a stranger never run code: a pickle-payload checkpoint, a recipe naming
+``subprocess.run``, a ``.pt2`` with a pickled payload and a config naming an arbitrary module
+are refused, in one line naming the file, through every entry point; a marker file the
+payload would write never appears. Recipes record public class paths; old ones still load."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import zipfile
+from pathlib import Path
+
+import lightning
+import pytest
+import torch
+import yaml
+
+import focaldet
+from focaldet.api import read_checkpoint
+from focaldet.checkpoints import FocaldetCheckpointIO, check_checkpoint, resolve_ckpt_path
+from focaldet.cli import main
+from focaldet.errors import ConfigError, FocaldetError, WeightsError
+from focaldet.models import ResNetBackbone
+from focaldet.module import RetinaNetModule
+from focaldet.recipe import describe, instantiate
+from focaldet.safe_load import UnsafeFileError, check_pt2, load_torch_file
+
+from helpers import run_cli
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+DATA = Path(__file__).parent / "data"
+LABEL_MAP = {"cat_ids": [1, 3], "names": ["a", "b"]}
+INPUTS = {"min_size": 64, "max_size": 64, "size_divisibility": 32, "eval_transforms": None}
+
+
+def tiny_checkpoint(path: Path, **recipe) -> Path:
+    """A focaldet checkpoint of a ~0.5 M-parameter model, no training; ``recipe`` overrides
+    entries of its ``hyper_parameters``."""
+    torch.manual_seed(0)
+    module = RetinaNetModule(num_classes=2, backbone=ResNetBackbone(depth=18, freeze_at=0), fpn_channels=16,
+                             num_convs=1, label_map=LABEL_MAP, inputs=INPUTS)
+    ckpt = {"state_dict": module.state_dict(), "hyper_parameters": {**dict(module.hparams), **recipe},
+            "pytorch-lightning_version": lightning.__version__, "epoch": 0, "global_step": 0}
+    module.on_save_checkpoint(ckpt)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, path)
+    return path
+
+
+class _Payload:
+    """Unpickling this writes ``marker`` (what a hostile checkpoint would do)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("hostile")
+    marker = tmp / "MARKER"
+    good = tiny_checkpoint(tmp / "good.ckpt")
+    evil_pickle = tmp / "evil_pickle.ckpt"
+    ckpt = torch.load(good, weights_only=True)
+    ckpt["callbacks"] = {"x": _Payload(marker)}
+    torch.save(ckpt, evil_pickle)
+    evil_recipe = tiny_checkpoint(tmp / "evil_recipe.ckpt", cls_loss={
+        "class_path": "subprocess.run", "init_args": {"args": ["touch", str(marker)]}})
+    evil_config = tmp / "evil.yaml"
+    evil_config.write_text(yaml.safe_dump({"model": {"cls_loss": {
+        "class_path": "subprocess.Popen", "init_args": {"args": ["touch", str(marker)]}}}}))
+    return {"tmp": tmp, "marker": marker, "good": good, "evil_pickle": evil_pickle, "evil_recipe": evil_recipe,
+            "evil_config": evil_config}
+
+
+def _one_line_naming(message: str, path: Path) -> None:
+    assert str(path) in message and "\n" not in message.strip(), message
+    assert "weights_only=False" not in message and "weights_only` set to `False" not in message
+
+
+def test_a_pickle_payload_is_refused_by_every_loader(files):
+    bad, marker = files["evil_pickle"], files["marker"]
+    for load in (check_checkpoint, FocaldetCheckpointIO().load_checkpoint, read_checkpoint, focaldet.load,
+                 lambda p: resolve_ckpt_path(str(p), p.parent),
+                 lambda p: load_torch_file(p, f"weights {p}")):
+        with pytest.raises(UnsafeFileError) as err:
+            load(bad)
+        _one_line_naming(str(err.value), bad)
+        assert "asks for io.open" in str(err.value)  # what the pickle asked for
+    assert not marker.exists()
+
+
+def test_a_recipe_naming_subprocess_is_refused_before_import(files):
+    bad, marker = files["evil_recipe"], files["marker"]
+    for trust_code in (False,):
+        with pytest.raises(UnsafeFileError, match=r"refused to build its cls_loss: subprocess.run is not") as err:
+            focaldet.load(bad, device="cpu", trust_code=trust_code)
+        _one_line_naming(str(err.value), bad)
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("entry", ["validate", "predict", "predict_no_config", "export", "analyze", "serve"])
+def test_every_command_refuses_the_crafted_files(files, synth_coco, entry, tmp_path):
+    """Each command, in a fresh process, on the pickle payload and the hostile recipe."""
+    marker = files["marker"]
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"trainer": {"accelerator": "cpu", "logger": False,
+                                               "default_root_dir": str(tmp_path / "run")},
+                                   "data": {"val_ann": str(synth_coco.val_ann), "val_images": str(synth_coco.images),
+                                            "train_ann": str(synth_coco.train_ann),
+                                            "train_images": str(synth_coco.images), "num_workers": 0}}))
+    for bad in (files["evil_pickle"], files["evil_recipe"]):
+        args = {
+            "validate": ["validate", "-c", str(cfg), "--ckpt_path", str(bad), "--weights_only", "true"],
+            "predict": ["predict", "-c", str(cfg), "--ckpt_path", str(bad)],
+            "predict_no_config": ["predict", "--ckpt_path", str(bad), "--data.predict_images", str(synth_coco.images)],
+            "export": ["export", "--ckpt_path", str(bad), "--output", str(tmp_path / "m.onnx")],
+            "analyze": ["analyze", "loss-distribution", "--ckpt_path", str(bad), "-c", str(cfg),
+                        "--out", str(tmp_path / "ld.png")],
+            "serve": ["serve", "--ckpt_path", str(bad), "--port", "0"],
+        }[entry]
+        proc = run_cli(*args, timeout=300)
+        lines = [line for line in proc.stderr.splitlines() if "refused" in line]
+        assert proc.returncode != 0 and lines, proc.stderr[-2000:]
+        assert str(bad) in lines[0] and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_a_config_naming_an_arbitrary_module_is_never_imported(files, tmp_path):
+    """The config names ``subprocess.Popen`` and a module beside it that would write the marker
+    when imported: refused in one line naming the file, the module never imported."""
+    marker = files["marker"]
+    (tmp_path / "evil_module.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    cfg = tmp_path / "evil2.yaml"
+    cfg.write_text("model:\n  backbone:\n    class_path: evil_module.Backbone\n")
+    for config in (files["evil_config"], cfg):
+        proc = run_cli("validate", "-c", str(config), cwd=tmp_path, timeout=120)
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        error = proc.stderr.strip().splitlines()[-1]
+        assert error.startswith("focaldet: error: config ") and str(config) in error and "is not a class" in error
+    assert not marker.exists()
+
+
+def test_the_parser_itself_refuses_unknown_modules(files, tmp_path, monkeypatch):
+    """A class path typed on the command line is refused by jsonargparse before import."""
+    from focaldet.safe_load import import_policy
+    from jsonargparse import ArgumentParser
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "evil_module2.py").write_text(f"open({str(files['marker'])!r}, 'w').close()\nclass M: pass\n")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--loss", type=torch.nn.Module)
+    with import_policy():
+        with pytest.raises(Exception, match="evil_module2"):
+            parser.parse_args(["--loss", '{"class_path": "evil_module2.M"}'])
+        parser.parse_args(["--loss", '{"class_path": "torch.nn.Identity"}'])  # allowed
+    assert "evil_module2" not in sys.modules and not files["marker"].exists()
+
+
+def test_trust_code_builds_a_user_class(files, tmp_path, monkeypatch):
+    """A recipe naming the user's own loss loads with ``trust_code=True`` only."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "my_losses.py").write_text(
+        "from focaldet.losses import SigmoidFocalLoss\nclass MyLoss(SigmoidFocalLoss):\n    pass\n")
+    ckpt = tiny_checkpoint(tmp_path / "mine.ckpt", cls_loss={"class_path": "my_losses.MyLoss", "init_args": {}})
+    with pytest.raises(UnsafeFileError, match="my_losses.MyLoss is not a class focaldet builds"):
+        focaldet.load(ckpt, device="cpu")
+    assert "my_losses" not in sys.modules
+    det = focaldet.load(ckpt, device="cpu", trust_code=True)
+    assert type(det.model).__name__ == "RetinaNet"
+
+
+def test_instantiate_checks_the_expected_base():
+    spec = {"class_path": "torch.nn.Identity", "init_args": {}}
+    assert isinstance(instantiate(spec, torch.nn.Module), torch.nn.Identity)
+    from focaldet.models import Matcher
+
+    with pytest.raises(ConfigError, match="torch.nn.Identity is not a focaldet.modeling.matcher.Matcher"):
+        instantiate(spec, Matcher)
+    with pytest.raises(ConfigError, match="no class is expected here"):
+        instantiate(spec, None)
+    for path in ("os.system", "subprocess.run", "focaldet.bench.__main__.main", "builtins.eval"):
+        with pytest.raises(ConfigError, match="is not a class focaldet builds"):
+            instantiate({"class_path": path, "init_args": {}}, torch.nn.Module)
+    with pytest.raises(ConfigError, match="is not a class"):
+        instantiate({"class_path": "torchvision.models.resnet18", "init_args": {}}, torch.nn.Module)
+
+
+def test_describe_records_public_paths():
+    assert describe(ResNetBackbone(depth=18))["class_path"] == "focaldet.models.ResNetBackbone"
+    from focaldet.losses import GIoULoss, SigmoidFocalLoss
+
+    assert describe(SigmoidFocalLoss())["class_path"] == "focaldet.losses.SigmoidFocalLoss"
+    assert describe(GIoULoss())["class_path"] == "focaldet.losses.GIoULoss"
+
+
+def test_an_old_format_recipe_still_loads(tmp_path):
+    """tests/data/old_recipe.yaml: a recipe as focaldet recorded it before public paths
+    (``focaldet.modeling.backbone.ResNetBackbone``, ``focaldet.losses.focal...``)."""
+    old = yaml.safe_load((DATA / "old_recipe.yaml").read_text())
+    assert old["backbone"]["class_path"] == "focaldet.modeling.backbone.ResNetBackbone"
+    ckpt = tiny_checkpoint(tmp_path / "old.ckpt", **old)
+    det = focaldet.load(ckpt, device="cpu")
+    assert type(det.model.postprocess).__name__ == "PostProcess" and det.model.postprocess.score_thresh == 0.2
+    out = det.predict(torch.rand(3, 64, 64))
+    assert len(out) == 1
+
+
+def _pt2(path: Path) -> Path:
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return x + 1
+
+    torch.export.save(torch.export.export(M(), (torch.rand(1, 3),)), path)
+    return path
+
+
+def _with_member(src: Path, dst: Path, suffix: str, data: bytes) -> Path:
+    """A copy of the archive ``src`` with the member ending in ``suffix`` replaced (or added)."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        names = zin.namelist()
+        top = names[0].split("/", 1)[0]
+        for name in names:
+            if not name.endswith(suffix):
+                zout.writestr(name, zin.read(name))
+        zout.writestr(next((n for n in names if n.endswith(suffix)), f"{top}/{suffix}"), data)
+    return dst
+
+
+@pytest.mark.slow
+def test_a_pt2_with_a_pickled_payload_is_refused(files, synth_coco, tmp_path):
+    import pickle
+
+    marker = files["marker"]
+    good = _pt2(tmp_path / "good.pt2")
+    check_pt2(good)
+    evil = _with_member(good, tmp_path / "evil.pt2", "data/sample_inputs/model.pt", pickle.dumps(_Payload(marker)))
+    so = _with_member(good, tmp_path / "aoti.pt2", "data/aotinductor/model/model.so", b"\x7fELF")
+    for bad in (evil, so):
+        with pytest.raises(UnsafeFileError) as err:
+            check_pt2(bad)
+        _one_line_naming(str(err.value), bad)
+        from focaldet.export.core import load_torch_export
+
+        with pytest.raises(UnsafeFileError):
+            load_torch_export(bad)
+    proc = run_cli("export", "evaluate", str(evil), "--val_ann", str(synth_coco.val_ann),
+                   "--val_images", str(synth_coco.images), timeout=120)
+    assert proc.returncode != 0 and str(evil) in proc.stderr and "refused" in proc.stderr, proc.stderr[-2000:]
+    assert not marker.exists()
+    # a .pt2 the user trusts is read as torch reads it (the payload then runs: that is what trust means)
+    from focaldet.export.core import load_torch_export
+
+    load_torch_export(good, trust_code=True)
+
+
+def test_a_weights_file_with_a_payload_is_refused(files, tmp_path):
+    from focaldet.modeling.weights import read_weights_file
+
+    with pytest.raises(UnsafeFileError) as err:
+        read_weights_file(files["evil_pickle"])
+    _one_line_naming(str(err.value), files["evil_pickle"])
+    assert not files["marker"].exists()
