@@ -1,4 +1,5 @@
-"""``focaldet data ...`` subcommands: ``synth``, ``check``, ``anchors``, ``voc2coco`` and ``corrupt``."""
+"""``focaldet data ...`` subcommands: ``synth``, ``check``, ``anchors``, ``convert``, ``voc2coco``
+(``convert --from voc`` for one folder of XML files) and ``corrupt``."""
 
 from __future__ import annotations
 
@@ -60,6 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
                          help="fit on a random sample of N boxes (default 5000); the BPR is then reported on all")
     anchors.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
     anchors.add_argument("--json", type=Path, metavar="OUT", help="also write the numbers as JSON")
+
+    convert = sub.add_parser("convert", help="convert a YOLO or VOC dataset to COCO JSON (or a COCO split to YOLO)")
+    convert.add_argument("data", type=Path, help="YOLO: its data.yaml; VOC: the folder with Annotations/ "
+                                                 "(and ImageSets/Main/<split>.txt); COCO: an instances JSON")
+    convert.add_argument("--from", dest="source", required=True, choices=("yolo", "voc", "coco"))
+    convert.add_argument("--to", dest="target", default="coco", choices=("coco", "yolo"), help="default coco")
+    convert.add_argument("--out", required=True, type=Path,
+                         help="output folder: OUT/annotations/instances_<split>.json (YOLO: OUT/data.yaml, labels/)")
+    convert.add_argument("--images", type=Path, help="--from coco: the image folder of the JSON's file_names")
+    convert.add_argument("--split", default="train", help="--from coco --to yolo: the split's name (default train)")
+    convert.add_argument("--labels", help="VOC: comma-separated class names, fixing the order (ids 1..K)")
+    convert.add_argument("--skip-difficult", action="store_true", help="VOC: leave out objects marked difficult")
 
     voc = sub.add_parser("voc2coco", help="convert Pascal VOC XML annotations to a COCO JSON")
     voc.add_argument("--ann-dir", required=True, type=Path, help="folder of VOC *.xml files")
@@ -151,10 +164,47 @@ def _voc2coco(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from focaldet.data import convert
+    from focaldet.errors import ConfigError
+
+    if (args.source == "coco") == (args.target == "coco"):
+        raise ConfigError(f"--from {args.source} --to {args.target}: one side must be COCO, the other not")
+    if args.target == "yolo":
+        if args.images is None:
+            raise ConfigError("--from coco --to yolo needs --images (the folder of the JSON's file_names)")
+        yaml_path = convert.coco_to_yolo(args.data, args.images, args.out, args.split)
+        print(f"wrote {yaml_path} and {args.out / 'labels' / args.split} (images linked, not copied)")
+        return 0
+    if args.source == "yolo":
+        from focaldet.recipe import read_config_file
+
+        config = read_config_file(args.data)
+        splits = {s: convert.yolo_to_coco(args.data, s) for s in convert.SPLITS if config.get(s)}
+        if not splits:
+            raise ConfigError(f"{args.data}: none of the splits {list(convert.SPLITS)} is set")
+        root = Path(str(config.get("path") or args.data.parent)).expanduser()
+        root = root if root.is_absolute() else args.data.parent / root
+    else:
+        labels = [name.strip() for name in args.labels.split(",") if name.strip()] if args.labels else None
+        splits = convert.voc_dataset_to_coco(args.data, labels, include_difficult=not args.skip_difficult)
+        root = None
+    for split, data in splits.items():
+        path = convert.write_coco(data, args.out / "annotations" / f"instances_{split}.json")
+        with_boxes = len({a["image_id"] for a in data["annotations"]})
+        print(f"wrote {path}: {len(data['images'])} images ({len(data['images']) - with_boxes} background), "
+              f"{len(data['annotations'])} boxes, {len(data['categories'])} categories "
+              f"({', '.join(c['name'] for c in data['categories'])})")
+    if root is not None:
+        print(f"images: --data.train_images {root} (file_name is relative to it)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``focaldet data <command> ...``; returns the exit code (1 on bad data)."""
     args = build_parser().parse_args(argv)
     handler = {"synth": _synth, "check": _check, "anchors": _anchors, "voc2coco": _voc2coco,
+               "convert": _convert,
                "corrupt": _corrupt}[args.command]
     try:
         return handler(args)

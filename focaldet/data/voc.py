@@ -74,11 +74,12 @@ def _parse_xml(path: Path) -> dict[str, Any]:
 
 
 def voc_to_coco(
-    ann_dir: str | os.PathLike, labels: Sequence[str] | None = None, include_difficult: bool = True
+    ann_dir: str | os.PathLike, labels: Sequence[str] | None = None, include_difficult: bool = True,
+    files: Sequence[Path] | None = None,
 ) -> dict[str, Any]:
-    """Convert every ``*.xml`` of ``ann_dir`` (sorted) to a COCO instances dict."""
+    """Convert every ``*.xml`` of ``ann_dir`` (sorted), or just ``files``, to a COCO instances dict."""
     ann_dir = Path(ann_dir)
-    xml_files = sorted(ann_dir.glob("*.xml"))
+    xml_files = sorted(ann_dir.glob("*.xml")) if files is None else list(files)
     if not xml_files:
         raise DataError(f"no *.xml annotation files in {ann_dir}")
     parsed = [(path, _parse_xml(path)) for path in xml_files]
