@@ -1,4 +1,4 @@
-"""``focaldet data ...`` subcommands: ``synth``, ``check``, ``anchors``, ``voc2coco`` and ``corrupt``."""
+"""``focaldet data ...`` subcommands: ``synth``, ``check``, ``split``, ``anchors``, ``voc2coco`` and ``corrupt``."""
 
 from __future__ import annotations
 
@@ -60,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="fit on a random sample of N boxes (default 5000); the BPR is then reported on all")
     anchors.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
     anchors.add_argument("--json", type=Path, metavar="OUT", help="also write the numbers as JSON")
+
+    split = sub.add_parser("split", help="split one COCO JSON into train/val(/test) JSONs, stratified by class "
+                                         "(an image and its boxes go to one split)")
+    split.add_argument("annotations", type=Path, help="COCO instances JSON (all your images)")
+    split.add_argument("--val", type=float, required=True, help="share of the images in val, e.g. 0.2")
+    split.add_argument("--test", type=float, default=0.0, help="share of the images in test (default 0: no test split)")
+    split.add_argument("--seed", type=int, default=0, help="seed of the random order (default 0)")
+    split.add_argument("--out", type=Path, required=True, help="folder for train.json, val.json (and test.json)")
 
     voc = sub.add_parser("voc2coco", help="convert Pascal VOC XML annotations to a COCO JSON")
     voc.add_argument("--ann-dir", required=True, type=Path, help="folder of VOC *.xml files")
@@ -136,6 +144,16 @@ def _anchors(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split(args: argparse.Namespace) -> int:
+    from focaldet.data.split import format_split, split_file
+
+    paths = split_file(args.annotations, args.out, args.val, args.test, args.seed)
+    parts = {split: json.loads(path.read_text()) for split, path in paths.items()}
+    print(format_split(parts))
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
 def _voc2coco(args: argparse.Namespace) -> int:
     from focaldet.data.voc import convert_voc_to_coco
 
@@ -151,7 +169,7 @@ def _voc2coco(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run ``focaldet data <command> ...``; returns the exit code (1 on bad data)."""
     args = build_parser().parse_args(argv)
-    handler = {"synth": _synth, "check": _check, "anchors": _anchors, "voc2coco": _voc2coco,
+    handler = {"synth": _synth, "check": _check, "split": _split, "anchors": _anchors, "voc2coco": _voc2coco,
                "corrupt": _corrupt}[args.command]
     try:
         return handler(args)
