@@ -15,10 +15,10 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="focaldet data", description="Dataset tools.")
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="focaldet data", description="Dataset tools.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    synth = sub.add_parser("synth", help="write the synthetic shapes dataset (COCO format)")
+    synth = sub.add_parser("synth", allow_abbrev=False, help="write the synthetic shapes dataset (COCO format)")
     synth.add_argument("--out", required=True, type=Path, help="output folder")
     synth.add_argument("--num-images", type=int, default=700, help="train + val images (default 700)")
     synth.add_argument("--val-fraction", type=float, default=0.15, help="share of images in val (default 0.15)")
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
     synth.add_argument("--crowded", action="store_true", help="300-1000 small objects per 512 px image (scaled with the area)")
 
-    check = sub.add_parser("check", help="validate a COCO dataset and report statistics and problems")
+    check = sub.add_parser("check", allow_abbrev=False, help="validate a COCO dataset and report statistics and problems")
     check.add_argument("annotations", type=Path, help="COCO instances JSON")
     check.add_argument("--images", type=Path, help="image folder (files are not checked without it)")
     check.add_argument("--min-size", type=int, default=InputSettings.min_size,
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--no-cache", dest="cache", action="store_false",
                        help="decode every image again instead of reusing the cached scan")
 
-    anchors = sub.add_parser("anchors", help="best possible recall of the anchors on a dataset, and anchors "
+    anchors = sub.add_parser("anchors", allow_abbrev=False, help="best possible recall of the anchors on a dataset, and anchors "
                                              "fitted to it (YAML to paste under model.anchor_generator)")
     anchors.add_argument("annotations", type=Path, help="COCO instances JSON (the training split)")
     anchors.add_argument("--images", type=Path, help="image folder: checks that every image file exists (not "
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     anchors.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
     anchors.add_argument("--json", type=Path, metavar="OUT", help="also write the numbers as JSON")
 
-    split = sub.add_parser("split", help="split one COCO JSON into train/val(/test) JSONs, stratified by class "
+    split = sub.add_parser("split", allow_abbrev=False, help="split one COCO JSON into train/val(/test) JSONs, stratified by class "
                                          "(an image and its boxes go to one split)")
     split.add_argument("annotations", type=Path, help="COCO instances JSON (all your images)")
     split.add_argument("--val", type=float, required=True, help="share of the images in val, e.g. 0.2")
@@ -69,13 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--seed", type=int, default=0, help="seed of the random order (default 0)")
     split.add_argument("--out", type=Path, required=True, help="folder for train.json, val.json (and test.json)")
 
-    voc = sub.add_parser("voc2coco", help="convert Pascal VOC XML annotations to a COCO JSON")
+    voc = sub.add_parser("voc2coco", allow_abbrev=False, help="convert Pascal VOC XML annotations to a COCO JSON")
     voc.add_argument("--ann-dir", required=True, type=Path, help="folder of VOC *.xml files")
     voc.add_argument("--out", required=True, type=Path, help="output COCO JSON")
     voc.add_argument("--labels", help="comma-separated class names, fixing the order (ids 1..K)")
     voc.add_argument("--skip-difficult", action="store_true", help="leave out objects marked difficult")
 
-    corrupt = sub.add_parser("corrupt", help="write a noisy copy of a COCO dataset (flipped labels, "
+    corrupt = sub.add_parser("corrupt", allow_abbrev=False, help="write a noisy copy of a COCO dataset (flipped labels, "
                                              "dropped or jittered boxes) for robustness studies")
     corrupt.add_argument("annotations", type=Path, help="COCO instances JSON")
     corrupt.add_argument("--out", required=True, type=Path, help="noisy COCO JSON to write (+ OUT.summary.json)")
