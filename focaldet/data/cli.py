@@ -30,10 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", allow_abbrev=False, help="validate a COCO dataset and report statistics and problems")
     check.add_argument("annotations", type=Path, help="COCO instances JSON")
     check.add_argument("--images", type=Path, help="image folder (files are not checked without it)")
-    check.add_argument("--min-size", type=int, default=InputSettings.min_size,
-                       help=f"shorter side after resizing (default {InputSettings.min_size})")
-    check.add_argument("--max-size", type=int, default=InputSettings.max_size,
-                       help=f"longer-side cap after resizing (default {InputSettings.max_size})")
+    check.add_argument("-c", "--config", type=Path, metavar="CONFIG",
+                       help="report the anchor coverage with this training config's anchors "
+                            "(model.anchor_generator) at its eval size (data.min_size, max_size or eval_transforms)")
+    check.add_argument("--min-size", type=int, help=f"shorter side after resizing (default: the config's, "
+                                                    f"else {InputSettings.min_size})")
+    check.add_argument("--max-size", type=int, help=f"longer-side cap after resizing (default: the config's, "
+                                                    f"else {InputSettings.max_size})")
     check.add_argument("--json", type=Path, metavar="OUT", help="also write the report as JSON")
     check.add_argument("--workers", type=int, help="threads decoding images (default: the CPUs, at most 16)")
     check.add_argument("--repeat-threshold", type=float, metavar="T",
@@ -107,10 +110,31 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sizes_and_anchors(args: argparse.Namespace):
+    """The eval ``InputSettings`` and the anchor generator (None: the model's default) of
+    ``-c CONFIG`` (none: the defaults), with ``--min-size`` / ``--max-size`` overriding them."""
+    from focaldet.analysis.anchors import read_anchor_config
+    from focaldet.errors import ConfigError
+
+    generator, data_args = read_anchor_config(args.config) if args.config is not None else (None, {})
+    if args.min_size is not None:
+        data_args.update(min_size=args.min_size, eval_transforms=None)
+    if args.max_size is not None:
+        data_args.update(max_size=args.max_size, eval_transforms=None)
+    data_args = {k: v for k, v in data_args.items() if v is not None}  # null: the default
+    settings = InputSettings.from_data(**data_args)
+    if settings.min_size is None:
+        raise ConfigError(f"{args.config}: data.eval_transforms does not start with a ResizeShortestEdge, so the "
+                          f"eval size is unknown; give --min-size and --max-size")
+    return settings, generator
+
+
 def _check(args: argparse.Namespace) -> int:
     from focaldet.data.doctor import check_dataset
 
-    report = check_dataset(args.annotations, args.images, min_size=args.min_size, max_size=args.max_size,
+    settings, generator = _sizes_and_anchors(args)
+    report = check_dataset(args.annotations, args.images, min_size=settings.min_size, max_size=settings.max_size,
+                           size_divisibility=settings.size_divisibility, anchor_generator=generator,
                            workers=args.workers, progress=None, cache=args.cache,
                            repeat_threshold=args.repeat_threshold, repeat_rule=args.repeat_rule)
     print(report.format())
@@ -129,7 +153,7 @@ def _anchors(args: argparse.Namespace) -> int:
         data_args.update(min_size=args.min_size, eval_transforms=None)
     if args.max_size is not None:
         data_args.update(max_size=args.max_size, eval_transforms=None)
-    settings = InputSettings.from_data(**data_args)
+    settings = InputSettings.from_data(**{k: v for k, v in data_args.items() if v is not None})  # null: default
     if args.sample < 1:
         raise ConfigError(f"--sample must be >= 1, got {args.sample}")
     data = read_boxes(args.annotations)
