@@ -82,6 +82,7 @@ def test_every_config_tunes_the_default_loss_without_naming_it(config, synth_coc
     assert default.box_loss.beta == 0.1  # the paper's defaults, as without the config's lines
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
 def test_a_sweep_over_gamma_parses_on_every_config(config, synth_coco, tmp_path, monkeypatch):
     """``focaldet sweep -c CONFIG --param model.cls_loss.init_args.gamma=0,2``: both cells build
