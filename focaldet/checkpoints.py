@@ -7,6 +7,10 @@
   (Lightning's ``_atomic_save`` stages the file under the system temp dir and then
   ``shutil.move``s it: across file systems that is a copy that truncates the old file first.)
   Reading a file that is not a checkpoint raises :class:`~focaldet.errors.CheckpointError`.
+- Each run writes its checkpoints into its own folder, ``<default_root_dir>/lightning_logs/
+  version_N/checkpoints`` (Lightning's place, beside the run's logs); ``--ckpt_path last``
+  resumes the newest run's (:func:`resolve_last`), and says which folders it searched when
+  there is none.
 - :func:`resolve_ckpt_path` checks ``--ckpt_path`` before the trainer runs. For ``last``
   with an unreadable ``last.ckpt`` it falls back to the newest readable checkpoint in the
   folder, warning with both names, or refuses naming them all.
@@ -151,13 +155,51 @@ class FocaldetCheckpointIO(TorchCheckpointIO):
         return load_checkpoint_file(path, map_location=map_location)
 
 
+RUN_CHECKPOINTS = "lightning_logs/version_*/checkpoints"  # each run's own folder, under default_root_dir
+
+
+def run_checkpoint_dirs(root: str | os.PathLike) -> list[Path]:
+    """The checkpoint folders of the runs under ``root`` that hold a checkpoint, the one with the
+    most recently written checkpoint first: ``<root>/lightning_logs/version_N/checkpoints``
+    (where each ``focaldet`` run writes its own), and ``<root>/checkpoints`` (runs without a
+    logger, and runs of older focaldet versions)."""
+    root = Path(root)
+    newest: dict[Path, float] = {}
+    for folder in [*root.glob(RUN_CHECKPOINTS), root / "checkpoints"]:
+        times = [p.stat().st_mtime for p in folder.glob(f"*{SUFFIX}")] if folder.is_dir() else []
+        if times:
+            newest[folder] = max(times)
+    return sorted(newest, key=newest.get, reverse=True)
+
+
 def checkpoint_dir(trainer) -> Path:
-    """Where ``--ckpt_path last`` looks: the checkpoint callback's folder, else
-    ``<default_root_dir>/checkpoints`` (where ``focaldet`` puts it)."""
+    """Where ``--ckpt_path last`` looks: the checkpoint callback's folder when the config names
+    one, else the checkpoint folder of the newest run under ``default_root_dir`` (see
+    `run_checkpoint_dirs`; a new run writes to its own version folder, so resuming reads the
+    previous run's), else ``<default_root_dir>/lightning_logs`` (where nothing is)."""
     callback = trainer.checkpoint_callback
     if callback is not None and callback.dirpath:
         return Path(callback.dirpath)
-    return Path(trainer.default_root_dir) / "checkpoints"
+    found = run_checkpoint_dirs(trainer.default_root_dir)
+    return found[0] if found else Path(trainer.default_root_dir) / "lightning_logs"
+
+
+def resolve_last(ckpt_path: str | None, trainer, subcommand: str) -> str | None:
+    """`resolve_ckpt_path` for a subcommand: ``last`` is the newest run's last checkpoint
+    (`checkpoint_dir`). When there is none, ``fit`` warns naming the folder it searched and
+    starts afresh; ``validate``, ``test`` and ``predict`` raise `CheckpointError` naming it."""
+    folder = checkpoint_dir(trainer)
+    if ckpt_path == LAST_NAME and not (folder.is_dir() and any(folder.glob(f"*{SUFFIX}"))):
+        callback = trainer.checkpoint_callback
+        searched = folder if callback is not None and callback.dirpath else \
+            f"{Path(trainer.default_root_dir) / RUN_CHECKPOINTS} and {Path(trainer.default_root_dir) / 'checkpoints'}"
+        if subcommand != "fit":
+            raise CheckpointError(f"--ckpt_path last: no checkpoint found in {searched} "
+                                  f"(trainer.default_root_dir {trainer.default_root_dir})")
+        warnings.warn(f"--ckpt_path last: no checkpoint found in {searched}; training starts afresh",
+                      CheckpointWarning, stacklevel=2)
+        return None
+    return resolve_ckpt_path(ckpt_path, folder)
 
 
 def install_checkpoint_io(trainer) -> None:

@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from focaldet.checkpoints import check_checkpoint, checkpoint_dir, install_checkpoint_io, resolve_ckpt_path
+from focaldet.checkpoints import check_checkpoint, install_checkpoint_io, resolve_last
 from focaldet.data.datamodule import CocoDataModule
 from focaldet.errors import FocaldetError
 from focaldet.failures import StopAllRanks, report_errors
@@ -113,6 +113,11 @@ class FocaldetCLI(LightningCLI):
         # sliced inference cuts the original image: the data module must not resize it first
         parser.link_arguments("model.slicing", "data.eval_original_size", compute_fn=lambda s: s is not None)
 
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        # focaldet always hands over its argv explicitly (`run`): Lightning's warning about "args"
+        # given beside sys.argv does not apply
+        self.config = parser.parse_args(args)
+
     def _parse_ckpt_path(self) -> None:
         # LightningCLI torch.loads --ckpt_path here (for its hyperparameters): name a bad file first
         sub = self.config.get("subcommand")
@@ -138,17 +143,14 @@ class FocaldetCLI(LightningCLI):
         self.model.run_config = self._resolved  # stored in every checkpoint
         if self.config.get(str(self.subcommand), self.config).trainer.logger in (None, True):
             self.trainer.loggers = [default_logger(self.trainer.default_root_dir)]  # see focaldet.loggers
-        # Checkpoints live at a stable place, <default_root_dir>/checkpoints, not inside the
-        # logger's versioned folder: re-running a command with `--ckpt_path last` resumes it.
-        for cb in self.trainer.checkpoint_callbacks:
-            if cb.dirpath is None:
-                cb.dirpath = str(Path(self.trainer.default_root_dir) / "checkpoints")
+        # Checkpoints go where Lightning puts them, into the run's own version folder
+        # (<default_root_dir>/lightning_logs/version_N/checkpoints); `--ckpt_path last` finds the newest run's.
         install_checkpoint_io(self.trainer)  # atomic saves, one-line errors on unreadable files
         self.trainer.callbacks.append(StopAllRanks())  # one failing DDP rank ends them all
         sub = self.subcommand
         if sub is not None and "ckpt_path" in self.config_init[sub]:  # checked before the trainer runs
             kwargs = self.config_init[sub]
-            kwargs["ckpt_path"] = resolve_ckpt_path(kwargs["ckpt_path"], checkpoint_dir(self.trainer))
+            kwargs["ckpt_path"] = resolve_last(kwargs["ckpt_path"], self.trainer, sub)
             if "weights_only" in kwargs:  # Lightning's own load: weights only (FocaldetCheckpointIO is, too)
                 kwargs["weights_only"] = True
 
@@ -190,6 +192,34 @@ def trainer_defaults() -> dict:
     }
 
 
+PARSER_KWARGS = {"allow_abbrev": False, "prog": "focaldet"}  # `--trainer.max_step 10` is an error, not max_steps
+
+# every command of `focaldet`, with the one line `focaldet --help` shows
+COMMANDS = {
+    "fit": "train a model (-c CONFIG.yaml; see configs/)",
+    "validate": "COCO mAP of a checkpoint on data.val_ann (--ckpt_path)",
+    "test": "COCO mAP of a checkpoint on data.test_ann (--ckpt_path)",
+    "predict": "detections of a checkpoint on a folder of images (--ckpt_path, --data.predict_images)",
+    "data": "dataset tools: synth, check, split, anchors, voc2coco, corrupt",
+    "export": "a checkpoint as an ONNX or torch.export (.pt2) file; `export evaluate`: its COCO mAP",
+    "serve": "a checkpoint behind an HTTP server: POST an image, get its detections",
+    "bench": "speed and memory of focaldet against torchvision's RetinaNet, side by side",
+    "sweep": "one training run per cell of a parameter grid (--param KEY=V1,V2)",
+    "analyze": "studies of a trained model (loss-distribution)",
+    "equal-budget": "focaldet and torchvision RetinaNet trained side by side on the same budget",
+}
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def usage() -> str:
+    """What ``focaldet --help`` prints: every command with its line."""
+    width = max(len(c) for c in COMMANDS)
+    lines = ["usage: focaldet COMMAND [options]   (focaldet COMMAND --help: the command's options)", "",
+             "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """The ``focaldet`` command: :func:`run`, with focaldet errors printed as one line (exit 1)."""
     return report_errors(run, argv)
@@ -198,6 +228,13 @@ def main(argv: list[str] | None = None) -> int:
 def run(argv: list[str] | None = None) -> int:
     """``focaldet ARGS`` raising focaldet errors (for callers that handle them)."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if args else 2
+    if args[0] not in COMMANDS and not args[0].startswith("-"):  # (Lightning parses e.g. `-c C fit`)
+        from focaldet.errors import ConfigError
+
+        raise ConfigError(f"unknown command {args[0]!r}; the commands: {', '.join(COMMANDS)} (focaldet --help)")
     if args and args[0] == "data":
         from focaldet.data.cli import main as data_main
 
@@ -240,6 +277,7 @@ def run(argv: list[str] | None = None) -> int:
             RetinaNetModule, CocoDataModule,
             trainer_defaults=trainer_defaults(),
             save_config_kwargs={"overwrite": True},
+            parser_kwargs=PARSER_KWARGS,
             args=args,
         )
     return 0

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     from focaldet.runs import build_run, fit_and_evaluate
 
     parser = argparse.ArgumentParser(
-        prog="focaldet equal-budget", description=__doc__.split("\n\n")[0],
+        allow_abbrev=False, prog="focaldet equal-budget", description=__doc__.split("\n\n")[0],
         epilog="Other arguments (--trainer.*, --model.*, --data.*) are passed to both runs, as to `focaldet fit`.")
     parser.add_argument("-c", "--config", default="configs/bccd.yaml", help="training config (default %(default)s)")
     parser.add_argument("--out", default="runs/equal_budget", help="output folder (default %(default)s)")

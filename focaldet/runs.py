@@ -59,7 +59,7 @@ def build_run(configs: Sequence[str], args: Sequence[str] = (), root_dir: str | 
     A bad argument raises ``ConfigError`` (one line) instead of exiting."""
     from jsonargparse import ArgumentError
 
-    from focaldet.cli import FocaldetCLI, trainer_defaults
+    from focaldet.cli import PARSER_KWARGS, FocaldetCLI, trainer_defaults
     from focaldet.data.datamodule import CocoDataModule
     from focaldet.module import RetinaNetModule
 
@@ -76,7 +76,7 @@ def build_run(configs: Sequence[str], args: Sequence[str] = (), root_dir: str | 
         with import_policy():
             return FocaldetCLI(module_class or RetinaNetModule, CocoDataModule, trainer_defaults=trainer_defaults(),
                                run=False, save_config_kwargs={"overwrite": True},
-                               parser_kwargs={"exit_on_error": False}, args=argv)
+                               parser_kwargs={"exit_on_error": False, **PARSER_KWARGS}, args=argv)
     except ArgumentError as e:
         raise ConfigError(f"bad run arguments: {' '.join(str(e).split())}") from None
 

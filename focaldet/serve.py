@@ -186,7 +186,7 @@ def _image_of(request: Any, max_pixels: int = MAX_PIXELS) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="focaldet serve", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="focaldet serve", description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt_path", required=True, help="a focaldet checkpoint")
     parser.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     parser.add_argument("--port", type=int, default=8000)

@@ -376,7 +376,7 @@ def write_outputs(out: Path, keys: Sequence[str], outcomes: Sequence[CellOutcome
 # ---------------------------------------------------------------------------------- command
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="focaldet sweep", description="Train and evaluate one run per cell of a parameter grid.",
+        allow_abbrev=False, prog="focaldet sweep", description="Train and evaluate one run per cell of a parameter grid.",
         epilog="Other arguments (--trainer.*, --model.*, --data.*) go to every run, as to `focaldet fit`.")
     parser.add_argument("-c", "--config", action="append", required=True,
                         help="training config; repeat to layer configs as `fit -c A -c B` does")

@@ -7,7 +7,6 @@ Everything is local, nothing is downloaded. About 8-10 minutes on a 2-core CPU.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,13 +26,14 @@ def main() -> int:
         print("== 1/3 writing the synthetic dataset to data/synth", flush=True)
         focaldet(["data", "synth", "--out", str(DATA)])
     focaldet(["data", "check", str(DATA / "annotations/instances_train.json"), "--images", str(DATA / "images"),
-              "--min-size", "256", "--max-size", "256"])
+              "-c", CONFIG])
 
     print("\n== 2/3 training configs/synth.yaml: ResNet-18 FPN RetinaNet from scratch on the CPU", flush=True)
-    shutil.rmtree(RUN / "checkpoints", ignore_errors=True)  # the demo starts fresh
-    focaldet(["fit", "-c", CONFIG])
+    focaldet(["fit", "-c", CONFIG])  # a run of its own: runs/synth/lightning_logs/version_N/
 
-    best = max((RUN / "checkpoints").glob("best-*.ckpt"), key=lambda p: float(p.stem.rsplit("-", 1)[1]))
+    from focaldet.checkpoints import run_checkpoint_dirs
+
+    best = max(run_checkpoint_dirs(RUN)[0].glob("best-*.ckpt"), key=lambda p: float(p.stem.rsplit("-", 1)[1]))
     print(f"\n== 3/3 evaluating {best} on the val split", flush=True)
     focaldet(["validate", "-c", CONFIG, "--ckpt_path", str(best)])
     print(f"demo finished in {time.time() - start:.0f} s; pictures are in the run folder printed above", flush=True)

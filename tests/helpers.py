@@ -47,3 +47,13 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run([sys.executable, "-m", "focaldet.cli", *args], cwd=cwd or REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def ckpt_dir(run_dir: Path) -> Path:
+    """The checkpoint folder of the newest run under ``run_dir`` (``trainer.default_root_dir``):
+    each run writes its own, ``lightning_logs/version_N/checkpoints``."""
+    from focaldet.checkpoints import run_checkpoint_dirs
+
+    found = run_checkpoint_dirs(run_dir)
+    assert found, f"no checkpoint under {run_dir}"
+    return found[0]

@@ -19,7 +19,7 @@ from focaldet.evaluation import detections_to_coco, evaluate_coco
 from focaldet.inputs import InputSettings
 from focaldet.module import RetinaNetModule
 
-from helpers import tiny_config
+from helpers import ckpt_dir, tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -38,7 +38,7 @@ def trained(tmp_path_factory, synth_coco):
     low = tmp / "low.yaml"
     low.write_text(LOW_THRESH)
     main(["fit", "-c", str(cfg), "-c", str(low)])
-    return {"cfg": cfg, "low": low, "ckpt": tmp / "run" / "checkpoints" / "last.ckpt", "tmp": tmp}
+    return {"cfg": cfg, "low": low, "ckpt": ckpt_dir(tmp / "run") / "last.ckpt", "tmp": tmp}
 
 
 def test_checkpoint_stores_recipe_label_map_and_inputs_once(trained):

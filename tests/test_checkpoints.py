@@ -17,7 +17,7 @@ from focaldet.checkpoints import (CheckpointWarning, FocaldetCheckpointIO, check
 from focaldet.cli import main
 from focaldet.errors import CheckpointError
 
-from helpers import tiny_config
+from helpers import ckpt_dir, tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -159,7 +159,7 @@ def _copy_run(trained, tmp_path):
     shutil.copytree(root / "run", tmp_path / "run")
     text = cfg.read_text().replace(str(root / "run"), str(tmp_path / "run"))
     (tmp_path / "tiny.yaml").write_text(text)
-    return tmp_path / "tiny.yaml", every, tmp_path / "run" / "checkpoints"
+    return tmp_path / "tiny.yaml", every, ckpt_dir(tmp_path / "run")
 
 
 @pytest.mark.slow
@@ -186,7 +186,9 @@ def test_resume_last_with_a_corrupt_last_ckpt(trained, tmp_path):
         last.write_bytes(os.urandom(4096))
     with pytest.warns(CheckpointWarning, match="last.ckpt is truncated or corrupt; resuming from"):
         assert main(["fit", "-c", str(cfg), "-c", str(every), "--trainer.max_steps", "6", "--ckpt_path", "last"]) == 0
-    newest = max(folder.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
+    resumed = ckpt_dir(tmp_path / "run")  # the resumed run's own folder (version_1)
+    assert resumed != folder and resumed.parent.name == "version_1"
+    newest = max(resumed.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
     assert load_checkpoint_file(newest)["global_step"] == 6  # resumed at 4, trained to 6
     assert load_checkpoint_file(good)["global_step"] == 4
 
@@ -202,9 +204,9 @@ def test_disk_full_during_fit_stops_with_one_line_and_keeps_last(trained, tmp_pa
     assert status == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("focaldet: error: could not save checkpoint ") and "No space left on device" in err[-1]
-    assert str(folder) in err[-1]
+    assert str(tmp_path / "run" / "lightning_logs" / "version_1" / "checkpoints") in err[-1]  # the resumed run's
     assert {p: load_checkpoint_file(p)["global_step"] for p in folder.glob("last*.ckpt")} == lasts  # intact
-    assert not list(folder.glob(".*.tmp"))
+    assert not list((tmp_path / "run").rglob(".*.tmp"))
 
 
 def test_last_before_any_last_ckpt_uses_the_newest_checkpoint(tmp_path):

@@ -12,7 +12,7 @@ from focaldet.errors import DataError, NonFiniteLossError
 from focaldet.failures import one_line
 from focaldet.losses import RetinaNetCriterion
 
-from helpers import REPO, run_cli, tiny_config
+from helpers import REPO, ckpt_dir, run_cli, tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -21,10 +21,10 @@ def test_fit_validate_test_predict(tmp_path, synth_coco, capsys):
     cfg = tiny_config(tmp_path, synth_coco)
     run = tmp_path / "run"
     main(["fit", "-c", str(cfg)])
-    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    ckpts = sorted(p.name for p in ckpt_dir(run).iterdir())
     assert "last.ckpt" in ckpts and any(n.startswith("best-") for n in ckpts)
 
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(ckpt_dir(run) / "last.ckpt", map_location="cpu", weights_only=False)
     meta = ckpt["focaldet"]
     assert meta["label_map"]["cat_ids"] == [1, 3, 7, 8]  # non-contiguous ids travel with the model
     assert "SigmoidFocalLoss" not in meta["config"] and "train_ann" in meta["config"]
@@ -88,7 +88,7 @@ def test_training_speed_leaves_validation_out(capsys):
 def test_every_loss_trains_from_the_cli(tmp_path, synth_coco, loss_cfg):
     cfg = tiny_config(tmp_path, synth_coco, **{"trainer.max_steps": 2, "trainer.limit_val_batches": 0})
     main(["fit", "-c", str(cfg), "-c", str(loss_cfg)])
-    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(ckpt_dir(tmp_path / "run") / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
 
@@ -98,7 +98,7 @@ def test_fit_in_mixed_precision(tmp_path, synth_coco):
     validates and checkpoints finite fp32 weights."""
     cfg = tiny_config(tmp_path, synth_coco, **{"trainer.max_steps": 4, "trainer.precision": "bf16-mixed"})
     main(["fit", "-c", str(cfg)])
-    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(ckpt_dir(tmp_path / "run") / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 4
     weights = [v for v in ckpt["state_dict"].values() if v.is_floating_point()]
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights)
@@ -109,7 +109,7 @@ def test_fit_in_mixed_precision(tmp_path, synth_coco):
 def test_loss_swapped_on_the_command_line(tmp_path, synth_coco):
     cfg = tiny_config(tmp_path, synth_coco, **{"trainer.max_steps": 1, "trainer.limit_val_batches": 0})
     main(["fit", "-c", str(cfg), "--model.cls_loss", "focaldet.losses.SoftmaxFocalLoss"])
-    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(ckpt_dir(tmp_path / "run") / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     assert state["model.head.cls_logits.weight"].shape[0] == 9 * 5  # K + 1 logits per anchor
 
 
@@ -141,7 +141,7 @@ def test_non_finite_loss(tmp_path, synth_coco, monkeypatch, mode):
             run(["fit", "-c", str(cfg)])
     else:
         main(["fit", "-c", str(cfg), "--model.nonfinite", "skip"])
-        ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        ckpt = torch.load(ckpt_dir(tmp_path / "run") / "last.ckpt", map_location="cpu", weights_only=False)
         assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
 
 

@@ -18,7 +18,7 @@ from focaldet.data.cli import main as data_main
 from focaldet.data.images import decode_image
 from focaldet.errors import DataError
 
-from helpers import tiny_config
+from helpers import ckpt_dir, tiny_config
 
 
 def _photo(h=96, w=128, seed=0):
@@ -283,7 +283,7 @@ def test_fit_reads_a_truncated_jpeg_and_skips_undecodable_ones(tmp_path, synth_c
     monkeypatch.setenv("FOCALDET_DEBUG", "1")  # the exception itself
     with pytest.raises(ImageError, match=expected):
         _fit(tmp_path / "a", data)
-    assert not (tmp_path / "a" / "run" / "checkpoints").exists()  # failed at setup, before training
+    assert not list((tmp_path / "a" / "run").rglob("*.ckpt"))  # failed at setup, before training
     monkeypatch.delenv("FOCALDET_DEBUG")
     capsys.readouterr()
     assert _fit(tmp_path / "a", data) == 1  # what a user sees: one line
@@ -296,7 +296,7 @@ def test_fit_reads_a_truncated_jpeg_and_skips_undecodable_ones(tmp_path, synth_c
     messages = [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
     assert any(m.startswith("skipping 1 bad image") and names_of(synth_coco)[1] in m for m in messages)
     assert any("is a truncated JPEG" in m and names_of(synth_coco)[0] in m for m in messages)
-    assert (tmp_path / "b" / "run" / "checkpoints" / "last.ckpt").is_file()
+    assert (ckpt_dir(tmp_path / "b" / "run") / "last.ckpt").is_file()
 
 
 def names_of(synth_coco):

@@ -12,7 +12,7 @@ import torch
 
 from focaldet.data.synth import write_synthetic_coco
 
-from helpers import REPO, run_cli, tiny_config
+from helpers import REPO, ckpt_dir, run_cli, tiny_config
 
 pytestmark = pytest.mark.slow
 DDP = ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"]
@@ -97,7 +97,7 @@ def test_one_step_two_processes_equals_one_process_two_images(tmp_path):
         proc = run_cli("fit", "-c", str(cfg), "--data.hflip_prob", "0", "--model.warmup_iters", "0",
                        "--model.base_lr", "0.5", *extra)  # a large lr makes the update dominate
         assert proc.returncode == 0, proc.stderr[-3000:]
-        ckpt = torch.load(tmp_path / name / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        ckpt = torch.load(ckpt_dir(tmp_path / name / "run") / "last.ckpt", map_location="cpu", weights_only=False)
         assert ckpt["global_step"] == 1
         weights[name] = ckpt["state_dict"]
     moved = 0.0

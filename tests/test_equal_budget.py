@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from helpers import run_cli, tiny_config
+from helpers import ckpt_dir, run_cli, tiny_config
 
 
 @pytest.mark.slow
@@ -20,5 +20,5 @@ def test_equal_budget_trains_both_and_reports_both_tables(tmp_path, synth_coco):
     table = (out / "report.md").read_text()
     assert "| mAP |" in table and "| circle |" in table
     for side in ("focaldet", "torchvision"):  # each run keeps its own checkpoints and pictures
-        assert list((out / side / "checkpoints").glob("last*.ckpt"))
+        assert list(ckpt_dir(out / side).glob("last*.ckpt"))
         assert list((out / side).rglob("val_pr_curves.png"))

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from focaldet.cli import main
-from tests.helpers import tiny_config
+from tests.helpers import ckpt_dir, tiny_config
 
 
 def _latest_version(run):
@@ -61,7 +61,7 @@ def test_validate_writes_evaluation_files_and_predict_uses_thresholds(tmp_path, 
     assert all(p["score"] >= floor[p["category_name"]] - 1e-5 for p in preds)
     import focaldet
 
-    detector = focaldet.load(run / "checkpoints" / "last.ckpt")  # Detector.predict reads the same file
+    detector = focaldet.load(ckpt_dir(run) / "last.ckpt")  # Detector.predict reads the same file
     for r in detector.predict(str(synth_coco.images), score_threshold=str(version / "thresholds.json")):
         assert all(s >= floor[detector.names[k]] - 1e-5 for s, k in zip(r["scores"].tolist(), r["labels"].tolist()))
     main(["predict", "-c", str(cfg), "--ckpt_path", "last", "--data.predict_images", str(synth_coco.images),

@@ -277,11 +277,11 @@ def test_export_command_writes_a_program_with_the_graphs_outputs(tmp_path, synth
     writer; the ``.onnx`` writer is tested through ``export_onnx`` above, and the command's
     format handling by the one-line-error test below."""
     import focaldet
-    from tests.helpers import run_cli, tiny_config
+    from tests.helpers import ckpt_dir, run_cli, tiny_config
 
     cfg = tiny_config(tmp_path, synth_coco)
     assert run_cli("fit", "-c", str(cfg)).returncode == 0
-    ckpt = next((tmp_path / "run" / "checkpoints").glob("last*.ckpt"))
+    ckpt = next(ckpt_dir(tmp_path / "run").glob("last*.ckpt"))
     out = tmp_path / "model.pt2"
     assert export_main(["--ckpt_path", str(ckpt), "--format", "torch_export", "--output", str(out)]) == 0
     assert f"wrote {out}" in capsys.readouterr().out

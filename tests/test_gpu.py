@@ -26,7 +26,7 @@ from focaldet.modeling.matcher import Matcher
 from focaldet.modeling.postprocess import grouped_nms
 from focaldet.models import ResNetBackbone, RetinaNet
 
-from helpers import tiny_config
+from helpers import ckpt_dir, tiny_config
 
 gpu = pytest.mark.gpu
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -261,7 +261,7 @@ def test_fit_on_the_device(tmp_path, synth_coco, device, precision):
     cfg = tiny_config(tmp_path, synth_coco, **{"trainer.accelerator": _accelerator(device),
                                                "trainer.precision": precision})
     assert run(["fit", "-c", str(cfg)]) == 0
-    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(ckpt_dir(tmp_path / "run") / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 4
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
 

@@ -11,7 +11,7 @@ import torch
 
 from focaldet.checkpoints import resolve_ckpt_path
 
-from helpers import REPO, tiny_config
+from helpers import REPO, ckpt_dir, tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -22,27 +22,28 @@ def test_kill_and_resume(tmp_path, synth_coco):
     every = tmp_path / "every2.yaml"
     every.write_text("trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
                      "      init_args: {every_n_train_steps: 2, save_last: true, filename: 'step-{step}'}\n")
-    ckpt_dir = tmp_path / "run" / "checkpoints"
+    killed_dir = tmp_path / "run" / "lightning_logs" / "version_0" / "checkpoints"  # the first run's own folder
     cmd = [sys.executable, "-m", "focaldet.cli", "fit", "-c", str(cfg), "-c", str(every)]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not any(ckpt_dir.glob("step-*.ckpt")) and time.time() < deadline and proc.poll() is None:
+    while not any(killed_dir.glob("step-*.ckpt")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     time.sleep(0.5)  # let it get somewhere between two checkpoints
     assert proc.poll() is None, "training finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
-    for path in ckpt_dir.glob("*.ckpt"):  # every checkpoint on disk is complete (saves are atomic)
+    for path in killed_dir.glob("*.ckpt"):  # every checkpoint on disk is complete (saves are atomic)
         torch.load(path, map_location="cpu", weights_only=False)
     # the kill may land while the first last.ckpt is written: "last" is then the newest step-*.ckpt
-    resumable = resolve_ckpt_path("last", ckpt_dir)
+    resumable = resolve_ckpt_path("last", killed_dir)
     killed_at = torch.load(resumable, map_location="cpu", weights_only=False)["global_step"]
     assert 0 < killed_at < steps
 
     done = subprocess.run(cmd + ["--ckpt_path", "last"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    final = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt_dir(tmp_path / "run") != killed_dir  # the resumed run writes its own folder
+    final = torch.load(ckpt_dir(tmp_path / "run") / "last.ckpt", map_location="cpu", weights_only=False)
     assert final["global_step"] == steps
     assert "Restoring states from the checkpoint" in done.stderr + done.stdout

@@ -14,7 +14,7 @@ from focaldet.modeling import ResNetBackbone, RetinaNet, prior_bias
 from focaldet.modeling.weights import init_weights, load_matching, read_source
 from focaldet.module import RetinaNetModule
 
-from helpers import tiny_config
+from helpers import ckpt_dir, tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -138,7 +138,7 @@ def test_finetune_from_torchvision_file_keeps_frozen_backbone_exact(tmp_path, sy
     out = capsys.readouterr().out
     assert out.count(f"init_weights: loaded ") == 1 and "skipped head.cls_logits.weight: source [819, 256, 3, 3]" in out
     state = torch.load(tv_retinanet_file, weights_only=True)
-    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt = torch.load(ckpt_dir(tmp_path / "run") / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 2 and ckpt["focaldet"]["init_weights"] == str(tv_retinanet_file)
     assert ckpt["hyper_parameters"]["init_weights"] is None  # rebuilding needs the checkpoint only
     backbone = {k[len("model.backbone."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.backbone.")}

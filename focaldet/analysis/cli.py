@@ -14,9 +14,9 @@ from focaldet.recipe import read_config_file
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="focaldet analyze", description="studies of a trained model")
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="focaldet analyze", description="studies of a trained model")
     sub = p.add_subparsers(dest="study", required=True)
-    ld = sub.add_parser("loss-distribution", help="the paper's Figure 4: cumulative focal loss of "
+    ld = sub.add_parser("loss-distribution", allow_abbrev=False, help="the paper's Figure 4: cumulative focal loss of "
                         "positives and negatives on the val split, one curve per gamma")
     ld.add_argument("-c", "--config", required=True, help="YAML config whose data section names the val split")
     ld.add_argument("--ckpt_path", required=True, help="focaldet checkpoint (.ckpt)")

@@ -79,7 +79,7 @@ def plot_ratios(results: dict[str, dict[str, float]], path: str | os.PathLike, t
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="focaldet bench", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="focaldet bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
     p.add_argument("--quick", action="store_true", help="tiny sizes and 2 repeats (a smoke run)")

@@ -1,4 +1,4 @@
-"""``focaldet data ...`` subcommands: ``synth``, ``check``, ``anchors``, ``convert``, ``voc2coco``
+"""``focaldet data ...`` subcommands: ``synth``, ``check``, ``split``, ``anchors``, ``convert``, ``voc2coco``
 (``convert --from voc`` for one folder of XML files) and ``corrupt``."""
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="focaldet data", description="Dataset tools.")
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="focaldet data", description="Dataset tools.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    synth = sub.add_parser("synth", help="write the synthetic shapes dataset (COCO format)")
+    synth = sub.add_parser("synth", allow_abbrev=False, help="write the synthetic shapes dataset (COCO format)")
     synth.add_argument("--out", required=True, type=Path, help="output folder")
     synth.add_argument("--num-images", type=int, default=700, help="train + val images (default 700)")
     synth.add_argument("--val-fraction", type=float, default=0.15, help="share of images in val (default 0.15)")
@@ -28,13 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
     synth.add_argument("--crowded", action="store_true", help="300-1000 small objects per 512 px image (scaled with the area)")
 
-    check = sub.add_parser("check", help="validate a COCO dataset and report statistics and problems")
+    check = sub.add_parser("check", allow_abbrev=False, help="validate a COCO dataset and report statistics and problems")
     check.add_argument("annotations", type=Path, help="COCO instances JSON")
     check.add_argument("--images", type=Path, help="image folder (files are not checked without it)")
-    check.add_argument("--min-size", type=int, default=InputSettings.min_size,
-                       help=f"shorter side after resizing (default {InputSettings.min_size})")
-    check.add_argument("--max-size", type=int, default=InputSettings.max_size,
-                       help=f"longer-side cap after resizing (default {InputSettings.max_size})")
+    check.add_argument("-c", "--config", type=Path, metavar="CONFIG",
+                       help="report the anchor coverage with this training config's anchors "
+                            "(model.anchor_generator) at its eval size (data.min_size, max_size or eval_transforms)")
+    check.add_argument("--min-size", type=int, help=f"shorter side after resizing (default: the config's, "
+                                                    f"else {InputSettings.min_size})")
+    check.add_argument("--max-size", type=int, help=f"longer-side cap after resizing (default: the config's, "
+                                                    f"else {InputSettings.max_size})")
     check.add_argument("--json", type=Path, metavar="OUT", help="also write the report as JSON")
     check.add_argument("--workers", type=int, help="threads decoding images (default: the CPUs, at most 16)")
     check.add_argument("--repeat-threshold", type=float, metavar="T",
@@ -45,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--no-cache", dest="cache", action="store_false",
                        help="decode every image again instead of reusing the cached scan")
 
-    anchors = sub.add_parser("anchors", help="best possible recall of the anchors on a dataset, and anchors "
+    anchors = sub.add_parser("anchors", allow_abbrev=False, help="best possible recall of the anchors on a dataset, and anchors "
                                              "fitted to it (YAML to paste under model.anchor_generator)")
     anchors.add_argument("annotations", type=Path, help="COCO instances JSON (the training split)")
     anchors.add_argument("--images", type=Path, help="image folder: checks that every image file exists (not "
@@ -62,7 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     anchors.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
     anchors.add_argument("--json", type=Path, metavar="OUT", help="also write the numbers as JSON")
 
-    convert = sub.add_parser("convert", help="convert a YOLO or VOC dataset to COCO JSON (or a COCO split to YOLO)")
+    split = sub.add_parser("split", allow_abbrev=False, help="split one COCO JSON into train/val(/test) JSONs, stratified by class "
+                                         "(an image and its boxes go to one split)")
+    split.add_argument("annotations", type=Path, help="COCO instances JSON (all your images)")
+    split.add_argument("--val", type=float, required=True, help="share of the images in val, e.g. 0.2")
+    split.add_argument("--test", type=float, default=0.0, help="share of the images in test (default 0: no test split)")
+    split.add_argument("--seed", type=int, default=0, help="seed of the random order (default 0)")
+    split.add_argument("--out", type=Path, required=True, help="folder for train.json, val.json (and test.json)")
+
+    convert = sub.add_parser("convert", allow_abbrev=False, help="convert a YOLO or VOC dataset to COCO JSON (or a COCO split to YOLO)")
     convert.add_argument("data", type=Path, help="YOLO: its data.yaml; VOC: the folder with Annotations/ "
                                                  "(and ImageSets/Main/<split>.txt); COCO: an instances JSON")
     convert.add_argument("--from", dest="source", required=True, choices=("yolo", "voc", "coco"))
@@ -74,13 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--labels", help="VOC: comma-separated class names, fixing the order (ids 1..K)")
     convert.add_argument("--skip-difficult", action="store_true", help="VOC: leave out objects marked difficult")
 
-    voc = sub.add_parser("voc2coco", help="convert Pascal VOC XML annotations to a COCO JSON")
+    voc = sub.add_parser("voc2coco", allow_abbrev=False, help="convert Pascal VOC XML annotations to a COCO JSON")
     voc.add_argument("--ann-dir", required=True, type=Path, help="folder of VOC *.xml files")
     voc.add_argument("--out", required=True, type=Path, help="output COCO JSON")
     voc.add_argument("--labels", help="comma-separated class names, fixing the order (ids 1..K)")
     voc.add_argument("--skip-difficult", action="store_true", help="leave out objects marked difficult")
 
-    corrupt = sub.add_parser("corrupt", help="write a noisy copy of a COCO dataset (flipped labels, "
+    corrupt = sub.add_parser("corrupt", allow_abbrev=False, help="write a noisy copy of a COCO dataset (flipped labels, "
                                              "dropped or jittered boxes) for robustness studies")
     corrupt.add_argument("annotations", type=Path, help="COCO instances JSON")
     corrupt.add_argument("--out", required=True, type=Path, help="noisy COCO JSON to write (+ OUT.summary.json)")
@@ -112,10 +123,31 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sizes_and_anchors(args: argparse.Namespace):
+    """The eval ``InputSettings`` and the anchor generator (None: the model's default) of
+    ``-c CONFIG`` (none: the defaults), with ``--min-size`` / ``--max-size`` overriding them."""
+    from focaldet.analysis.anchors import read_anchor_config
+    from focaldet.errors import ConfigError
+
+    generator, data_args = read_anchor_config(args.config) if args.config is not None else (None, {})
+    if args.min_size is not None:
+        data_args.update(min_size=args.min_size, eval_transforms=None)
+    if args.max_size is not None:
+        data_args.update(max_size=args.max_size, eval_transforms=None)
+    data_args = {k: v for k, v in data_args.items() if v is not None}  # null: the default
+    settings = InputSettings.from_data(**data_args)
+    if settings.min_size is None:
+        raise ConfigError(f"{args.config}: data.eval_transforms does not start with a ResizeShortestEdge, so the "
+                          f"eval size is unknown; give --min-size and --max-size")
+    return settings, generator
+
+
 def _check(args: argparse.Namespace) -> int:
     from focaldet.data.doctor import check_dataset
 
-    report = check_dataset(args.annotations, args.images, min_size=args.min_size, max_size=args.max_size,
+    settings, generator = _sizes_and_anchors(args)
+    report = check_dataset(args.annotations, args.images, min_size=settings.min_size, max_size=settings.max_size,
+                           size_divisibility=settings.size_divisibility, anchor_generator=generator,
                            workers=args.workers, progress=None, cache=args.cache,
                            repeat_threshold=args.repeat_threshold, repeat_rule=args.repeat_rule)
     print(report.format())
@@ -137,7 +169,7 @@ def _anchors(args: argparse.Namespace) -> int:
         data_args.update(min_size=args.min_size, eval_transforms=None)
     if args.max_size is not None:
         data_args.update(max_size=args.max_size, eval_transforms=None)
-    settings = InputSettings.from_data(**data_args)
+    settings = InputSettings.from_data(**{k: v for k, v in data_args.items() if v is not None})  # null: default
     if args.sample < 1:
         raise ConfigError(f"--sample must be >= 1, got {args.sample}")
     data = read_boxes(args.annotations)
@@ -149,6 +181,16 @@ def _anchors(args: argparse.Namespace) -> int:
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(analysis.to_dict(), indent=2))
+    return 0
+
+
+def _split(args: argparse.Namespace) -> int:
+    from focaldet.data.split import format_split, split_file
+
+    paths = split_file(args.annotations, args.out, args.val, args.test, args.seed)
+    parts = {split: json.loads(path.read_text()) for split, path in paths.items()}
+    print(format_split(parts))
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0
 
 
@@ -203,7 +245,7 @@ def _convert(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run ``focaldet data <command> ...``; returns the exit code (1 on bad data)."""
     args = build_parser().parse_args(argv)
-    handler = {"synth": _synth, "check": _check, "anchors": _anchors, "voc2coco": _voc2coco,
+    handler = {"synth": _synth, "check": _check, "split": _split, "anchors": _anchors, "voc2coco": _voc2coco,
                "convert": _convert,
                "corrupt": _corrupt}[args.command]
     try:

@@ -77,8 +77,10 @@ class CocoDataModule(L.LightningDataModule):
         pin_memory: pin batches (only when CUDA is available).
         persistent_workers: keep workers between epochs (only when ``num_workers > 0``).
         min_size: shorter side after resizing; a list is sampled per image in training
-            (multi-scale), evaluation uses its largest value.
-        max_size: cap on the longer side after resizing.
+            (multi-scale), evaluation uses its largest value. ``None``: 800 (the paper's), or
+            with ``train_transforms``/``eval_transforms`` the sizes of their resize, so that a
+            config that sets its size in the transforms shows no second, unused one.
+        max_size: cap on the longer side after resizing (``None``: 1333, as ``min_size``).
         hflip_prob: horizontal flip probability in training.
         train_transforms, eval_transforms: albumentations config lists replacing the default
             pipelines (see `focaldet.data.transforms`).
@@ -116,8 +118,8 @@ class CocoDataModule(L.LightningDataModule):
         num_workers: int = 2,
         pin_memory: bool = True,
         persistent_workers: bool = True,
-        min_size: int | list[int] = InputSettings.min_size,
-        max_size: int = InputSettings.max_size,
+        min_size: int | list[int] | None = None,
+        max_size: int | None = None,
         hflip_prob: float = 0.5,
         train_transforms: list[dict[str, Any]] | None = None,
         eval_transforms: list[dict[str, Any]] | None = None,
@@ -153,8 +155,9 @@ class CocoDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
-        self.min_size = min_size
-        self.max_size = max_size
+        # the one home of the defaults is InputSettings
+        self.min_size = InputSettings.min_size if min_size is None else min_size
+        self.max_size = InputSettings.max_size if max_size is None else max_size
         self.hflip_prob = hflip_prob
         self.train_transforms = train_transforms
         self.eval_transforms = eval_transforms

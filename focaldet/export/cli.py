@@ -35,7 +35,7 @@ def load_checkpoint(path: str, trust_code: bool = False):
 
 
 def _export_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="focaldet export", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="focaldet export", description=__doc__.split("\n\n")[0],
                                 epilog="focaldet export evaluate MODEL --val_ann A --val_images DIR: "
                                        "the COCO mAP of an exported file (see focaldet export evaluate -h)")
     p.add_argument("--ckpt_path", required=True, help="focaldet checkpoint (.ckpt)")
@@ -46,7 +46,7 @@ def _export_parser() -> argparse.ArgumentParser:
 
 
 def _evaluate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="focaldet export evaluate",
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="focaldet export evaluate",
                                 description="COCO mAP of an exported model (onnxruntime for .onnx) on a COCO set")
     p.add_argument("model", help="exported file (.onnx or .pt2)")
     p.add_argument("--val_ann", required=True, help="COCO instances JSON")

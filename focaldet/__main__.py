@@ -1,0 +1,5 @@
+import sys
+
+from focaldet.cli import main
+
+sys.exit(main())
