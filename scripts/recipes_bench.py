@@ -160,7 +160,9 @@ def main() -> None:
                "infer_img_s": round(infer_ips, 1), "fit_s": round(fit_s, 1), "load_avg_1min": round(load, 1),
                "steps": args.steps}
         if name == "r18":
-            ckpt = next((run_dir / "checkpoints").glob("best-*.ckpt"))
+            from focaldet.checkpoints import run_checkpoint_dirs
+
+            ckpt = next(p for d in run_checkpoint_dirs(run_dir) for p in d.glob("best-*.ckpt"))
             try:
                 row["tta_mAP"] = tta_maps(ckpt, data)
             except Exception as e:  # the training numbers still count

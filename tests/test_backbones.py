@@ -15,7 +15,7 @@ from focaldet.errors import ConfigError, WeightsError
 from focaldet.models import ResNetBackbone, TimmBackbone, TorchvisionBackbone
 from focaldet.modeling.backbone import FrozenBatchNorm2d
 
-from helpers import REPO, tiny_config
+from helpers import REPO, ckpt_dir, tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 BACKBONE_CONFIGS = sorted((REPO / "configs" / "backbones").glob("*.yaml"))
@@ -115,7 +115,7 @@ def test_backbone_config_trains_saves_loads_predicts(config, synth_coco, tmp_pat
     cfg = tiny_config(tmp_path, synth_coco, **{"trainer.max_steps": 2, "trainer.val_check_interval": 2,
                                                "data.min_size": 64, "data.max_size": 64})
     assert main(["fit", "-c", str(cfg), "-c", str(config)]) == 0
-    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ckpt = ckpt_dir(tmp_path / "run") / "last.ckpt"
     det = focaldet.load(ckpt, device="cpu")
     backbone = det.model.backbone
     assert type(backbone).__name__ in config.read_text() and backbone.name in config.read_text()

@@ -13,7 +13,7 @@ from focaldet.ema import EMA, ema_decay
 from focaldet.errors import ConfigError
 from focaldet.module import RetinaNetModule
 
-from helpers import REPO, tiny_config
+from helpers import REPO, ckpt_dir, tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 EMA_CONFIG = REPO / "configs" / "ema.yaml"
@@ -49,7 +49,7 @@ def test_best_checkpoint_holds_the_average_that_validate_evaluates(synth_coco, t
     fit = _cli("fit", "-c", str(cfg), "-c", str(EMA_CONFIG))
     logged = float(fit.trainer.callback_metrics["val/mAP"])
     logged_loss = float(fit.trainer.callback_metrics["val/loss"])
-    best = next((tmp_path / "run" / "checkpoints").glob("best-*.ckpt"))
+    best = next(ckpt_dir(tmp_path / "run").glob("best-*.ckpt"))
     ckpt = torch.load(best, map_location="cpu", weights_only=True)
     averaged, raw = ckpt["state_dict"], ckpt["current_model_state"]
     assert int(ckpt["averaging_state"]["n_averaged"]) == 20
@@ -76,9 +76,9 @@ def test_resuming_keeps_the_average(synth_coco, tmp_path, caplog):
     cfg = tiny_config(tmp_path / "a", synth_coco, **{"trainer.max_steps": 4, "trainer.val_check_interval": 4,
                                                      "data.min_size": 64, "data.max_size": 64})
     _cli("fit", "-c", str(cfg), "-c", str(EMA_CONFIG))
-    first = torch.load(tmp_path / "a" / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    first = torch.load(ckpt_dir(tmp_path / "a" / "run") / "last.ckpt", map_location="cpu", weights_only=True)
     assert int(first["averaging_state"]["n_averaged"]) == 4
     _cli("fit", "-c", str(cfg), "-c", str(EMA_CONFIG), "--trainer.max_steps", "8", "--ckpt_path", "last")
     assert "Found current_model_state in the checkpoint" in caplog.text  # raw weights resumed, average restored
-    resumed = torch.load(tmp_path / "a" / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    resumed = torch.load(ckpt_dir(tmp_path / "a" / "run") / "last.ckpt", map_location="cpu", weights_only=True)
     assert int(resumed["averaging_state"]["n_averaged"]) == 8
