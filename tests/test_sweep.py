@@ -24,13 +24,24 @@ def fake_result(ap: float) -> dict:
             "per_class_ap50": {"circle": 2 * ap, "square": ap}, "steps": 3, "train_s": 1.0, "wall_s": 1.5}
 
 
+def fake_key(configs, args) -> str:
+    """Stands in for resolving fit's config: the arguments themselves (no files to read)."""
+    return json.dumps([list(configs), list(args)])
+
+
+def sweep(*args, **kwargs):
+    """``run_sweep`` with the stand-in resolver, quiet, a 1 s heartbeat."""
+    kwargs.setdefault("log", lambda s: None)
+    return run_sweep(*args, resolve=fake_key, heartbeat=1, **kwargs)
+
+
 class FakeRun:
     """Stands in for training: AP from the cell's arguments; records the calls; fails on demand."""
 
     def __init__(self, fail_when: str | None = None):
         self.calls, self.fail_when = [], fail_when
 
-    def __call__(self, configs, args, root_dir):
+    def __call__(self, configs, args, root_dir, callbacks=()):
         self.calls.append((list(configs), list(args), root_dir))
         if self.fail_when is not None and self.fail_when in args:
             raise NonFiniteLossError("non-finite loss at step 2")
@@ -64,25 +75,25 @@ def test_grid_expands_first_parameter_slowest_with_short_names_and_cli_arguments
 def test_resume_skips_finished_cells_and_reruns_failed_or_changed_ones(tmp_path):
     params = [(GAMMA, [0, 2]), (ALPHA, [0.25, 0.75])]
     run = FakeRun(fail_when="2")
-    first = run_sweep(["base.yaml"], params, tmp_path, ["--trainer.max_steps", "3"], run=run, log=lambda s: None)
+    first = sweep(["base.yaml"], params, tmp_path, ["--trainer.max_steps", "3"], run=run)
     assert [o.status for o in first] == ["ok", "ok", "failed", "failed"] and len(run.calls) == 4
     assert run.calls[0] == (["base.yaml"], ["--trainer.max_steps", "3", f"--{GAMMA}", "0", f"--{ALPHA}", "0.25"],
                             tmp_path / "cells" / "gamma=0,alpha=0.25" / "run")
     assert sorted(p.parent.name for p in tmp_path.glob("cells/*/result.json")) == ["gamma=0,alpha=0.25",
                                                                                    "gamma=0,alpha=0.75"]
     rerun = FakeRun()  # a killed or partly failed sweep, run again: only the unfinished cells train
-    second = run_sweep(["base.yaml"], params, tmp_path, ["--trainer.max_steps", "3"], run=rerun, log=lambda s: None)
+    second = sweep(["base.yaml"], params, tmp_path, ["--trainer.max_steps", "3"], run=rerun)
     assert [c[1][-3] for c in rerun.calls] == ["2", "2"] and all(o.status == "ok" for o in second)
     assert [o.skipped for o in second] == [True, True, False, False]
     assert not list(tmp_path.glob("cells/*/failed.json"))
     changed = FakeRun()  # other fit arguments: the stored results are stale
-    run_sweep(["base.yaml"], params, tmp_path, ["--trainer.max_steps", "4"], run=changed, log=lambda s: None)
+    sweep(["base.yaml"], params, tmp_path, ["--trainer.max_steps", "4"], run=changed)
     assert len(changed.calls) == 4
 
 
 def test_failing_cell_is_reported_on_one_line_and_the_sweep_goes_on(tmp_path):
     lines = []
-    outcomes = run_sweep(["base.yaml"], [(GAMMA, [0, 2, 5])], tmp_path, run=FakeRun(fail_when="2"), log=lines.append)
+    outcomes = sweep(["base.yaml"], [(GAMMA, [0, 2, 5])], tmp_path, run=FakeRun(fail_when="2"), log=lines.append)
     assert [o.status for o in outcomes] == ["ok", "failed", "ok"]
     assert "sweep: cell 1/3 gamma=0: running" in lines
     assert "sweep: cell 2/3 gamma=2: FAILED: NonFiniteLossError: non-finite loss at step 2" in lines
@@ -97,8 +108,7 @@ def test_failing_cell_is_reported_on_one_line_and_the_sweep_goes_on(tmp_path):
 
 
 def test_table_has_paper_columns_best_alpha_per_gamma_and_grid_and_heatmap(tmp_path):
-    outcomes = run_sweep(["base.yaml"], [(GAMMA, [0, 2]), (ALPHA, [0.25, 0.75])], tmp_path, run=FakeRun(),
-                         log=lambda s: None)
+    outcomes = sweep(["base.yaml"], [(GAMMA, [0, 2]), (ALPHA, [0.25, 0.75])], tmp_path, run=FakeRun())
     table = table_markdown([GAMMA, ALPHA], outcomes)
     # AP = 0.1 + gamma / 10 + alpha / 100; AP50 = AP / 2, AP75 = AP / 3 (fake_result), in %
     assert "| gamma | alpha | AP | AP50 | AP75 |" in table
@@ -108,8 +118,7 @@ def test_table_has_paper_columns_best_alpha_per_gamma_and_grid_and_heatmap(tmp_p
     assert "| gamma \\ alpha | 0.25 | 0.75 |" in table and "| 2 | 30.3 | 30.8 |" in table
     assert (tmp_path / "table.md").read_text() == table
     assert (tmp_path / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    one = table_markdown([GAMMA], run_sweep(["b.yaml"], [(GAMMA, [1])], tmp_path / "one", run=FakeRun(),
-                                            log=lambda s: None))
+    one = table_markdown([GAMMA], sweep(["b.yaml"], [(GAMMA, [1])], tmp_path / "one", run=FakeRun()))
     assert "Table 1b" not in one and "| 1 | 20.0 | 10.0 | 6.7 |" in one
     assert not (tmp_path / "one" / "heatmap.png").exists()
 
