@@ -83,14 +83,19 @@ def open_storage(url: str, heartbeat: int = 60):
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat, retry
     engine_kwargs = {"connect_args": {"timeout": 300}} if url.startswith("sqlite") else {}
-    try:
-        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
-    except (optuna.exceptions.OptunaError, ImportError, ValueError) as e:
-        raise ConfigError(f"--storage {url}: cannot open it ({type(e).__name__}: {' '.join(str(e).split())})") from None
-    except Exception as e:  # sqlalchemy's OperationalError and friends
-        raise ConfigError(f"--storage {url}: cannot open it ({type(e).__name__}: {' '.join(str(e).split())[:300]})") \
-            from None
+    for attempt in range(5):
+        try:
+            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
+                              grace_period=2 * heartbeat,
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
+        except (optuna.exceptions.OptunaError, ImportError, ValueError) as e:
+            error = e
+            break
+        except Exception as e:  # noqa: BLE001 -- two workers creating the tables at once: the second retries
+            error = e
+            time.sleep(1 + attempt)
+    raise ConfigError(f"--storage {url}: cannot open it ({type(error).__name__}: "
+                      f"{' '.join(str(error).split())[:300]})") from None
 
 
 @contextmanager
