@@ -260,7 +260,11 @@ def run_sweep(configs: Sequence[str], params: Sequence[tuple[str, Any]], out: st
     evaluates one cell (default: ``focaldet fit`` + validate); ``resolve(configs, args)`` names a
     cell's configuration (default: the hash of ``fit``'s resolved config). Tests pass stand-ins.
     """
-    import optuna
+    try:
+        import optuna
+    except ImportError:
+        raise ConfigError("focaldet sweep runs on Optuna, which is not installed: pip install 'focaldet[sweep]'") \
+            from None
     from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
     from optuna.trial import TrialState
 

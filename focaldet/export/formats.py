@@ -115,8 +115,11 @@ def export_openvino(onnx_in: str | os.PathLike, xml_out: str | os.PathLike) -> P
     """Convert the fp32 ONNX ``onnx_in`` to OpenVINO IR ``xml_out`` (and its ``.bin``), fp32
     weights, the focaldet metadata in ``rt_info["focaldet"]``."""
     import onnx
-    import openvino as ov
 
+    try:
+        import openvino as ov
+    except ImportError:
+        raise ExportError("--format openvino needs the openvino package: pip install 'focaldet[export]'") from None
     xml_out = Path(xml_out)
     model = ov.convert_model(str(onnx_in))
     for p in onnx.load(str(onnx_in), load_external_data=False).metadata_props:
