@@ -421,6 +421,11 @@ def run_sweep(configs: Sequence[str], params: Sequence[tuple[str, Any]], out: st
         retry = RetryHeartbeatStaleTrialCallback(max_retry=None)
         for cell_name in names:
             ts = trials_of(cell_name)
+            done = [t for t in ts if t.state == TrialState.COMPLETE and "result" in t.user_attrs]
+            if done:
+                log(f"sweep: cell {by_name[cell_name].index + 1}/{n} {cell_name}: finished earlier, skipped "
+                    f"(AP {100 * done[0].user_attrs['result']['stats']['mAP']:.1f})")
+                continue
             if ts and all(t.state in (TrialState.FAIL, TrialState.PRUNED) for t in ts):
                 retry(study, ts[-1])
                 log(f"sweep: cell {cell_name}: failed earlier, queued again")
