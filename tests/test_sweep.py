@@ -144,6 +144,7 @@ def test_real_two_cell_sweep_trains_evaluates_and_resumes(tmp_path, synth_coco):
 
 
 # ----------------------------------------------------------------------------- the Optuna study
+@pytest.mark.slow
 def test_one_and_one_point_zero_are_one_cell_and_an_edited_config_is_a_new_one(tmp_path, synth_coco):
     """Cells are keyed on fit's resolved configuration (the real resolver; stand-in training)."""
     config = tiny_config(tmp_path / "cfg", synth_coco)
@@ -164,6 +165,8 @@ def test_one_and_one_point_zero_are_one_cell_and_an_edited_config_is_a_new_one(t
     assert len(edited.calls) == 2
 
 
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
 def test_a_killed_workers_cell_is_retried_by_the_next_worker(tmp_path):
     """A trial left RUNNING by a worker that stopped beating is failed after the grace period
     (2 heartbeats) and retried; every cell runs once in the live worker."""
