@@ -48,7 +48,8 @@ def openvino_model(path: Path, threads: int = 0):
     core = ov.Core()
     try:
         model = core.read_model(str(path))
-        config = {"INFERENCE_NUM_THREADS": threads} if threads else {}
+        # fp32 as exported: the CPU plugin would otherwise run bf16 on CPUs that have it (AMX, AVX512-BF16)
+        config = {"INFERENCE_PRECISION_HINT": "f32", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
         compiled = core.compile_model(model, "CPU", config)
     except Exception as e:  # not IR, missing .bin, ...
         raise ExportError(f"{path}: not a loadable OpenVINO model ({str(e).splitlines()[0]})") from None
