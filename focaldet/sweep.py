@@ -366,7 +366,8 @@ def run_sweep(configs: Sequence[str], params: Sequence[tuple[str, Any]], out: st
         cell_name = trial.suggest_categorical("cell", names)
         for t in study.get_trials(deepcopy=False):  # another worker has (or had) this cell: leave it
             if (t.number != trial.number and mine(t) and _cell_of_trial(t, names) == cell_name
-                    and (t.state == TrialState.COMPLETE or (t.state == TrialState.RUNNING and t.number < trial.number))):
+                    and (t.state == TrialState.COMPLETE
+                         or (t.state == TrialState.RUNNING and t.number < trial.number))):
                 trial.set_user_attr("duplicate_of", t.number)
                 raise optuna.TrialPruned(f"cell {cell_name} is trial {t.number}")
         cell = by_name[cell_name]
@@ -397,8 +398,8 @@ def run_sweep(configs: Sequence[str], params: Sequence[tuple[str, Any]], out: st
             for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
                 if not mine(t) or not all(k in t.params for k in keys):
                     continue
-                values = {k: (t.params[k] if isinstance(v, SearchRange) else v[[cli_value(x) for x in v].index(t.params[k])])
-                          for k, v in params}
+                values = {k: (t.params[k] if isinstance(v, SearchRange)
+                              else v[[cli_value(x) for x in v].index(t.params[k])]) for k, v in params}
                 got.append(_outcome_of(_search_cell(t.number, values), [t], started_before, heartbeat))
             return got
         got = []

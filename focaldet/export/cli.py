@@ -80,7 +80,8 @@ def _run(argv: list[str]) -> int:
     start = time.perf_counter()
     path = export(det.model, det.category_ids, det.names, args.output, args.format, args.quantize,
                   args.calibration_images, args.calibration_count)
-    print(f"wrote {path} ({args.format}{' ' + args.quantize if args.quantize else ''}, {path.stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - start:.0f} s)")
+    kind = f"{args.format}{' ' + args.quantize if args.quantize else ''}"
+    print(f"wrote {path} ({kind}, {path.stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - start:.0f} s)")
     return 0
 
 

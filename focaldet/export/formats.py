@@ -101,8 +101,8 @@ def quantize_int8(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, calib
         logging.getLogger().removeFilter(_no_preprocess_advice)
     model = onnx.load(str(onnx_out))
     meta = {p.key: p.value for p in onnx.load(str(onnx_in), load_external_data=False).metadata_props}
-    meta["quantization"] = json.dumps({"format": "QDQ int8 (onnxruntime static, MinMax)", "calibration_images": len(files),
-                                       "int8_convs": len(convs) - len(excluded),
+    meta["quantization"] = json.dumps({"format": "QDQ int8 (onnxruntime static, MinMax)",
+                                       "calibration_images": len(files), "int8_convs": len(convs) - len(excluded),
                                        "fp32_convs": sorted({convs[n] for n in excluded})})
     del model.metadata_props[:]
     for key, value in meta.items():
