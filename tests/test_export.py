@@ -344,11 +344,11 @@ def test_openvino_matches_predict_like_onnx(trained, onnx_file, bccd_or_none):
 
 @pytest.mark.slow
 def test_int8_keeps_the_head_in_fp32_and_its_detections_near_predict(trained, int8_file, bccd_or_none):
-    """int8 (QDQ convolutions, head outputs fp32): of the top 20 reference detections, on average
-    over the images at least half have an int8 detection of the same category with IoU >= 0.5 and
-    a score within 0.05. Loose on purpose: this 4-step model's scores are nearly tied (raised class
-    bias), so int8 noise changes which of two overlapping boxes NMS keeps; the accuracy that counts
-    is the mAP of a trained model (docs/export-formats.md)."""
+    """int8 (QDQ convolutions, head outputs fp32): on every image at least 80% of the top 20
+    reference detections have an int8 detection of the same category with IoU >= 0.5 and a score
+    within 0.05 (measured: all of them, on 3 synthetic and 3 BCCD images). IoU 0.5, not a pixel
+    bound: int8 moves boxes by several px (one by 8 px at 128 px); the accuracy that counts is
+    the mAP of a trained model (docs/export-formats.md)."""
     import onnx
 
     module, dm, root = trained
@@ -362,7 +362,7 @@ def test_int8_keeps_the_head_in_fp32_and_its_detections_near_predict(trained, in
         ref = module.model.predict([torch.from_numpy(image).permute(2, 0, 1).float() / 255])[0]
         fractions.append(_matched_fraction(det.predict_image(image), ref, dm.label_map.cat_ids, min_iou=0.5))
     print("int8 matched fractions", fractions)
-    assert sum(fractions) / len(fractions) >= 0.5, fractions
+    assert min(fractions) >= 0.8, fractions
 
 
 def test_quantize_needs_calibration_images_and_onnx(tmp_path, capsys):
