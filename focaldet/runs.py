@@ -22,7 +22,7 @@ import lightning as L
 
 from focaldet.errors import ConfigError, NonFiniteLossError
 
-__all__ = ["RunResult", "build_run", "fit_and_evaluate", "train_and_evaluate"]
+__all__ = ["RunResult", "build_run", "fit_and_evaluate", "resolve_run_config", "train_and_evaluate"]
 
 
 @dataclass
@@ -79,6 +79,35 @@ def build_run(configs: Sequence[str], args: Sequence[str] = (), root_dir: str | 
                                parser_kwargs={"exit_on_error": False, **PARSER_KWARGS}, args=argv)
     except ArgumentError as e:
         raise ConfigError(f"bad run arguments: {' '.join(str(e).split())}") from None
+
+
+def resolve_run_config(configs: Sequence[str], args: Sequence[str] = ()) -> str:
+    """The YAML of the configuration ``focaldet fit -c C1 ... ARGS`` would run (defaults filled,
+    values typed: ``--model.base_lr 1`` and ``1.0`` give the same text), parsed only: no model,
+    data or trainer is built. A bad argument raises ``ConfigError`` as in :func:`build_run`."""
+    from jsonargparse import ArgumentError
+
+    from focaldet.cli import FocaldetCLI, trainer_defaults
+    from focaldet.data.datamodule import CocoDataModule
+    from focaldet.module import RetinaNetModule
+
+    class _Resolved(Exception):
+        pass
+
+    class _ParseOnly(FocaldetCLI):
+        def instantiate_classes(self) -> None:
+            raise _Resolved(self._resolved)  # set by FocaldetCLI.before_instantiate_classes
+
+    argv = [a for c in configs for a in ("-c", str(c))] + [str(a) for a in args]
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    try:
+        _ParseOnly(RetinaNetModule, CocoDataModule, trainer_defaults=trainer_defaults(), run=False,
+                   parser_kwargs={"exit_on_error": False}, args=argv)
+    except _Resolved as resolved:
+        return resolved.args[0]
+    except ArgumentError as e:
+        raise ConfigError(f"bad run arguments: {' '.join(str(e).split())}") from None
+    raise AssertionError("FocaldetCLI did not reach instantiate_classes")
 
 
 def fit_and_evaluate(cli, module=None) -> RunResult:

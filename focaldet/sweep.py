@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import math
 import os
 import re
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,14 +87,22 @@ def parse_value(text: str) -> Any:
     return value
 
 
-def parse_param(text: str) -> tuple[str, list[Any]]:
-    """``"KEY=V1,V2"`` -> ``(KEY, [v1, v2])``; raises ``ConfigError`` naming the bad part."""
+def parse_param(text: str) -> tuple[str, Any]:
+    """``"KEY=V1,V2"`` -> ``(KEY, [v1, v2])``, ``"KEY=log:1e-4:1e-2"`` -> ``(KEY, SearchRange(...))``
+    (also ``float:LOW:HIGH``, ``int:LOW:HIGH``); raises ``ConfigError`` naming the bad part."""
+    from focaldet.sweep_study import parse_search_range
+
     key, sep, values = text.partition("=")
     key = key.strip().removeprefix("--")
     if not sep or not key or not values.strip():
         raise ConfigError(f"--param {text!r}: expected KEY=V1,V2,... (e.g. model.cls_loss.init_args.gamma=0,2)")
     if not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
         raise ConfigError(f"--param {text!r}: {key!r} is not a dotted key like model.cls_loss.init_args.gamma")
+    search_range = parse_search_range(values, text)
+    if search_range is not None:
+        if key == CONFIG_KEY:
+            raise ConfigError(f"--param {text!r}: config files are a list, not a range")
+        return key, search_range
     parsed = [parse_value(v) for v in split_values(values)]
     if any(v == "" for v in split_values(values)):
         raise ConfigError(f"--param {text!r}: an empty value (two commas in a row, or a trailing comma)")
@@ -171,10 +181,10 @@ class CellOutcome:
     """What became of one cell: ``result`` (``RunResult.to_dict()``) or ``error`` (one line)."""
 
     cell: Cell
-    status: str  # "ok" | "failed" | "pending"
+    status: str  # "ok" | "failed" | "pruned" | "pending"
     result: dict | None = None
     error: str | None = None
-    skipped: bool = field(default=False)  # finished by an earlier invocation
+    skipped: bool = field(default=False)  # finished earlier, by another worker, or the same config as another cell
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -184,63 +194,280 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)  # a reader sees the old file or the complete new one, never half of one
 
 
-def _finished(path: Path, record: dict) -> dict | None:
-    """The stored result of a cell if it was made with the same configs and arguments."""
-    try:
-        stored = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    same = stored.get("configs") == record["configs"] and stored.get("args") == record["args"]
-    return stored.get("result") if same else None
+def config_key(configs: Sequence[str], args: Sequence[str]) -> str:
+    """A cell's identity: the hash of the configuration ``fit`` resolves from its configs and
+    arguments (``focaldet.runs.resolve_run_config``), so ``1`` and ``1.0`` of a float are one cell
+    and an edited config file is a new one. A bad argument raises ``ConfigError``."""
+    from focaldet.runs import resolve_run_config
+
+    return hashlib.sha256(resolve_run_config(configs, args).encode()).hexdigest()[:16]
 
 
-def _default_run(configs: Sequence[str], args: Sequence[str], root_dir: Path) -> dict:
-    from focaldet.runs import train_and_evaluate
+def _default_run(configs: Sequence[str], args: Sequence[str], root_dir: Path, callbacks: Sequence = ()) -> dict:
+    from focaldet.runs import build_run, fit_and_evaluate
 
-    return train_and_evaluate(configs, args, root_dir).to_dict()
+    cli = build_run(configs, args, root_dir)
+    cli.trainer.callbacks.extend(callbacks)
+    return fit_and_evaluate(cli).to_dict()
 
 
-def run_sweep(configs: Sequence[str], params: Sequence[tuple[str, Sequence[Any]]], out: str | Path,
-              fit_args: Sequence[str] = (), run: Callable[[Sequence[str], Sequence[str], Path], dict] | None = None,
-              log: Callable[[str], None] = print) -> list[CellOutcome]:
-    """Run (or skip, when finished) every cell, writing the outputs after each; returns the outcomes.
+def _cell_of_trial(t, names: Sequence[str]) -> str | None:
+    """The grid cell a trial runs: its ``cell`` param, its fixed (retried) one, or its grid id."""
+    if "cell" in t.params:
+        return t.params["cell"]
+    fixed = t.system_attrs.get("fixed_params") or {}
+    if "cell" in fixed:
+        return fixed["cell"]
+    grid_id = t.system_attrs.get("grid_id")
+    return names[grid_id] if isinstance(grid_id, int) and 0 <= grid_id < len(names) else None
 
-    ``run(configs, args, root_dir) -> RunResult.to_dict()`` trains and evaluates one cell
-    (default: ``focaldet.runs.train_and_evaluate``); tests pass a stand-in.
+
+def _outcome_of(cell: Cell, trials: Sequence, started_before: int, grace: int) -> CellOutcome:
+    """A cell's outcome from its (non-duplicate) trials, oldest first."""
+    from optuna.trial import TrialState
+
+    done = [t for t in trials if t.state == TrialState.COMPLETE and "result" in t.user_attrs]
+    if done:
+        t = done[0]
+        return CellOutcome(cell, "ok", t.user_attrs["result"],
+                           skipped=t.number < started_before or t.user_attrs.get("worker") != _worker()
+                           or "reused_from" in t.user_attrs)
+    if not trials or any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
+        return CellOutcome(cell, "pending")
+    last = trials[-1]
+    if last.state == TrialState.PRUNED:
+        return CellOutcome(cell, "pruned", error=last.user_attrs.get("pruned", "pruned"))
+    return CellOutcome(cell, "failed", error=last.user_attrs.get(
+        "error", f"its worker {last.user_attrs.get('worker', '?')} stopped (no heartbeat for {2 * grace} s)"))
+
+
+def _worker() -> str:
+    from focaldet.sweep_study import worker_name
+
+    return worker_name()
+
+
+def run_sweep(configs: Sequence[str], params: Sequence[tuple[str, Any]], out: str | Path,
+              fit_args: Sequence[str] = (), run: Callable[..., dict] | None = None,
+              log: Callable[[str], None] = print, *, storage: str | None = None, study_name: str | None = None,
+              trials: int | None = None, prune: bool = False, heartbeat: int = 60, sampler_seed: int | None = None,
+              resolve: Callable[[Sequence[str], Sequence[str]], str] | None = None) -> list[CellOutcome]:
+    """Take cells from the sweep's Optuna study until every one has finished (here or in another
+    worker sharing ``storage``), writing the outputs after each; returns the outcomes.
+
+    ``params``: ``(key, [values])`` (a grid) or ``(key, SearchRange)`` (search mode, with
+    ``trials``). ``run(configs, args, root_dir[, callbacks=]) -> RunResult.to_dict()`` trains and
+    evaluates one cell (default: ``focaldet fit`` + validate); ``resolve(configs, args)`` names a
+    cell's configuration (default: the hash of ``fit``'s resolved config). Tests pass stand-ins.
     """
+    try:
+        import optuna
+    except ImportError:
+        raise ConfigError("focaldet sweep runs on Optuna, which is not installed: pip install 'focaldet[sweep]'") \
+            from None
+    from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
+    from optuna.trial import TrialState
+
+    from focaldet.sweep_study import (
+        PruneOnValMAP, SearchRange, default_storage, open_storage, quiet_optuna, short_hash, stored_result,
+        wait_poll, worker_name,
+    )
+
     run = run or _default_run
+    resolve = resolve or config_key
     out = Path(out)
-    cells = expand_grid(params)
-    outcomes = [CellOutcome(c, "pending") for c in cells]
+    out.mkdir(parents=True, exist_ok=True)
     keys = [k for k, _ in params]
+    search = any(isinstance(v, SearchRange) for _, v in params)
+    store = open_storage(storage or default_storage(out), heartbeat)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=2) if prune else optuna.pruners.NopPruner()
+    me = worker_name()
+
+    if search:
+        if not trials or trials < 1:
+            raise ConfigError("sweep: a search (--param KEY=log:LOW:HIGH) needs --trials N")
+        base = resolve(configs, fit_args)
+        spec = {k: (v.__dict__ if isinstance(v, SearchRange) else [cli_value(x) for x in v]) for k, v in params}
+        name = study_name or f"search-{short_hash([base, spec])}"
+        sampler = optuna.samplers.TPESampler(seed=sampler_seed)
+        cells: list[Cell] = []
+        bad: dict[str, str] = {}
+        cell_key: dict[str, str] = {}
+        first_of: dict[str, str] = {}
+        names: list[str] = []
+    else:
+        cells = expand_grid(params)
+        bad, cell_key = {}, {}
+        for cell in cells:
+            try:
+                cell_key[cell.name] = resolve([*configs, *cell.configs], [*fit_args, *cell.args])
+            except ConfigError as e:  # a bad value: the cell fails without a trial
+                bad[cell.name] = f"ConfigError: {one_line(e)}"
+        first_of: dict[str, str] = {}
+        for cell in cells:
+            if cell.name in cell_key:
+                first_of.setdefault(cell_key[cell.name], cell.name)
+        names = list(first_of.values())  # one grid point per distinct configuration
+        name = study_name or f"grid-{short_hash([[n, cell_key[n]] for n in names])}"
+        sampler = optuna.samplers.GridSampler({"cell": names or ["-"]}, seed=sampler_seed)
+        if sampler_seed is None:  # cells in the order given (GridSampler shuffles; trial i takes grid point i)
+            sampler._all_grids.sort(key=lambda grid: names.index(grid[0]) if grid[0] in names else -1)
+    by_name = {c.name: c for c in cells}
     n = len(cells)
-    for outcome in outcomes:
-        cell = outcome.cell
+
+    with quiet_optuna():
+        study = optuna.create_study(storage=store, study_name=name, sampler=sampler, pruner=pruner,
+                                    direction="maximize", load_if_exists=True)
+    started_before = len(study.get_trials(deepcopy=False))
+    log(f"sweep: study {name} in {storage or default_storage(out)} ({started_before} trials so far), worker {me}")
+
+    def mine(t) -> bool:
+        return "duplicate_of" not in t.user_attrs
+
+    def trials_of(cell_name: str) -> list:
+        return [t for t in study.get_trials(deepcopy=False) if mine(t) and _cell_of_trial(t, names) == cell_name]
+
+    def run_cell(trial, cell: Cell, key: str, label: str) -> float:
+        trial.set_user_attr("config_key", key)
+        trial.set_user_attr("worker", me)
         cell_dir = out / "cells" / cell.name
         record = {"cell": cell.name, "values": cell.values, "configs": [*configs, *cell.configs],
-                  "args": [*fit_args, *cell.args]}
-        done = _finished(cell_dir / RESULT_FILE, record)
-        if done is not None:
-            outcome.status, outcome.result, outcome.skipped = "ok", done, True
-            log(f"sweep: cell {cell.index + 1}/{n} {cell.name}: finished earlier, skipped "
-                f"(AP {100 * done['stats']['mAP']:.1f})")
-            continue
-        log(f"sweep: cell {cell.index + 1}/{n} {cell.name}: running")
+                  "args": [*fit_args, *cell.args], "config_key": key, "study": name, "trial": trial.number}
+        reused = stored_result(store, key, exclude=trial._trial_id)
+        if reused is not None:
+            result, source = reused
+            trial.set_user_attr("result", result)
+            trial.set_user_attr("reused_from", source)
+            log(f"sweep: {label} {cell.name}: the same configuration ran in {source}, reused "
+                f"(AP {100 * result['stats']['mAP']:.1f})")
+            return result["stats"]["mAP"]
+        log(f"sweep: {label} {cell.name}: running")
+        extra = {"callbacks": [PruneOnValMAP(trial)]} if prune else {}
         try:
-            result = run(record["configs"], record["args"], cell_dir / "run")
+            result = run(record["configs"], record["args"], cell_dir / "run", **extra)
+        except optuna.TrialPruned as e:
+            trial.set_user_attr("pruned", f"pruned: {e}")
+            log(f"sweep: {label} {cell.name}: pruned ({e})")
+            raise
         except Exception as exc:  # noqa: BLE001 -- any failure of one cell; Ctrl-C still stops the sweep
-            outcome.status, outcome.error = "failed", f"{type(exc).__name__}: {one_line(exc)}"
-            log(f"sweep: cell {cell.index + 1}/{n} {cell.name}: FAILED: {outcome.error}")
-            _write_json_atomic(cell_dir / "failed.json", {**record, "error": outcome.error})
-        else:
-            outcome.status, outcome.result = "ok", result
-            _write_json_atomic(cell_dir / RESULT_FILE, {**record, "result": result})
-            (cell_dir / "failed.json").unlink(missing_ok=True)
-            log(f"sweep: cell {cell.index + 1}/{n} {cell.name}: AP {100 * result['stats']['mAP']:.1f} "
-                f"in {result['steps']} steps, {result['wall_s']:.0f} s")
-        write_outputs(out, keys, outcomes)
-    write_outputs(out, keys, outcomes)
+            error = f"{type(exc).__name__}: {one_line(exc)}"
+            trial.set_user_attr("error", error)
+            log(f"sweep: {label} {cell.name}: FAILED: {error}")
+            _write_json_atomic(cell_dir / "failed.json", {**record, "error": error})
+            raise
+        trial.set_user_attr("result", result)
+        _write_json_atomic(cell_dir / RESULT_FILE, {**record, "result": result})
+        (cell_dir / "failed.json").unlink(missing_ok=True)
+        log(f"sweep: {label} {cell.name}: AP {100 * result['stats']['mAP']:.1f} "
+            f"in {result['steps']} steps, {result['wall_s']:.0f} s")
+        return result["stats"]["mAP"]
+
+    def grid_objective(trial) -> float:
+        cell_name = trial.suggest_categorical("cell", names)
+        for t in study.get_trials(deepcopy=False):  # another worker has (or had) this cell: leave it
+            if (t.number != trial.number and mine(t) and _cell_of_trial(t, names) == cell_name
+                    and (t.state == TrialState.COMPLETE
+                         or (t.state == TrialState.RUNNING and t.number < trial.number))):
+                trial.set_user_attr("duplicate_of", t.number)
+                raise optuna.TrialPruned(f"cell {cell_name} is trial {t.number}")
+        cell = by_name[cell_name]
+        return run_cell(trial, cell, cell_key[cell_name], f"cell {cell.index + 1}/{n}")
+
+    def search_objective(trial) -> float:
+        values = {}
+        for k, v in params:
+            if isinstance(v, SearchRange) and v.kind == "int":
+                values[k] = trial.suggest_int(k, int(v.low), int(v.high))
+            elif isinstance(v, SearchRange):
+                values[k] = trial.suggest_float(k, v.low, v.high, log=v.kind == "log")
+            else:
+                texts = [cli_value(x) for x in v]
+                values[k] = v[texts.index(trial.suggest_categorical(k, texts))]
+        cell = _search_cell(trial.number, values)
+        try:
+            key = resolve([*configs, *cell.configs], [*fit_args, *cell.args])
+        except ConfigError as e:
+            trial.set_user_attr("error", f"ConfigError: {one_line(e)}")
+            log(f"sweep: trial {trial.number + 1}/{trials} {cell.name}: FAILED: ConfigError: {one_line(e)}")
+            raise
+        return run_cell(trial, cell, key, f"trial {trial.number + 1}/{trials}")
+
+    def outcomes_now() -> list[CellOutcome]:
+        if search:
+            got = []
+            for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+                if not mine(t) or not all(k in t.params for k in keys):
+                    continue
+                values = {k: (t.params[k] if isinstance(v, SearchRange)
+                              else v[[cli_value(x) for x in v].index(t.params[k])]) for k, v in params}
+                got.append(_outcome_of(_search_cell(t.number, values), [t], started_before, heartbeat))
+            return got
+        got = []
+        for cell in cells:
+            if cell.name in bad:
+                got.append(CellOutcome(cell, "failed", error=bad[cell.name]))
+                continue
+            o = _outcome_of(cell, trials_of(first_of[cell_key[cell.name]]), started_before, heartbeat)
+            o.skipped = o.skipped or first_of[cell_key[cell.name]] != cell.name
+            got.append(o)
+        return got
+
+    for cell in cells:
+        if cell.name in bad:
+            log(f"sweep: cell {cell.index + 1}/{n} {cell.name}: FAILED: {bad[cell.name]}")
+        elif first_of[cell_key[cell.name]] != cell.name:
+            log(f"sweep: cell {cell.index + 1}/{n} {cell.name}: the same configuration as cell "
+                f"{first_of[cell_key[cell.name]]}, not run again")
+    if not search:  # cells that failed in an earlier invocation: retried once per invocation
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=None)
+        for cell_name in names:
+            ts = trials_of(cell_name)
+            done = [t for t in ts if t.state == TrialState.COMPLETE and "result" in t.user_attrs]
+            if done:
+                log(f"sweep: cell {by_name[cell_name].index + 1}/{n} {cell_name}: finished earlier, skipped "
+                    f"(AP {100 * done[0].user_attrs['result']['stats']['mAP']:.1f})")
+                continue
+            if ts and all(t.state in (TrialState.FAIL, TrialState.PRUNED) for t in ts):
+                retry(study, ts[-1])
+                log(f"sweep: cell {cell_name}: failed earlier, queued again")
+
+    objective = search_objective if search else grid_objective
+    waited = False
+    with quiet_optuna():
+        while True:
+            fail_stale_trials(study)
+            all_trials = study.get_trials(deepcopy=False)
+            live = [t for t in all_trials if mine(t)]
+            waiting = any(t.state == TrialState.WAITING for t in live)
+            if search:
+                todo = len(live) < trials
+            else:
+                started = {_cell_of_trial(t, names) for t in live}
+                todo = any(c not in started for c in names)
+            if todo or waiting:
+                study.optimize(objective, n_trials=1, catch=(Exception,))
+                write_outputs(out, keys, outcomes_now(), heatmap=False, grid=not search)  # the heatmap once, at the end
+                continue
+            running = [t for t in live if t.state == TrialState.RUNNING]
+            if running:
+                if not waited:
+                    log(f"sweep: waiting for {len(running)} cell(s) that other workers are running "
+                        f"(trials {', '.join(str(t.number) for t in running)})")
+                    waited = True
+                time.sleep(wait_poll(heartbeat))
+                continue
+            break
+    outcomes = outcomes_now()
+    write_outputs(out, keys, outcomes, heatmap=not search)
     return outcomes
+
+
+def _search_cell(number: int, values: dict[str, Any]) -> Cell:
+    """The cell of search trial ``number``: its sampled values as ``fit`` arguments."""
+    labels = {k: (f"{v:.4g}" if isinstance(v, float) else cli_value(v)) for k, v in values.items()}
+    configs = tuple(cli_value(v) for k, v in values.items() if k == CONFIG_KEY)
+    args = tuple(a for k, v in values.items() if k != CONFIG_KEY for a in (f"--{k}", cli_value(v)))
+    return Cell(number, dict(values), labels, f"trial-{number:04d}", configs, args)
 
 
 # ---------------------------------------------------------------------------------- outputs
@@ -276,10 +503,10 @@ def _pct(result: dict | None, stat: str) -> str:
 
 
 def _status_cell(o: CellOutcome | None) -> str:
-    return "failed" if o is not None and o.status == "failed" else "-"
+    return o.status if o is not None and o.status in ("failed", "pruned") else "-"
 
 
-def table_markdown(keys: Sequence[str], outcomes: Sequence[CellOutcome]) -> str:
+def table_markdown(keys: Sequence[str], outcomes: Sequence[CellOutcome], grid: bool = True) -> str:
     """``table.md``: AP / AP50 / AP75 (in %) per cell as Table 1a; with two parameters also
     Table 1b (for each value of the first, the value of the second with the best AP) and the
     AP grid (rows: first parameter, columns: second)."""
@@ -289,7 +516,7 @@ def table_markdown(keys: Sequence[str], outcomes: Sequence[CellOutcome]) -> str:
     for o in outcomes:
         stats = [_pct(o.result, s) for s in TABLE_STATS] if o.result else [_status_cell(o)] * 3
         lines.append("| " + " | ".join([*(o.cell.labels[k] for k in keys), *stats]) + " |")
-    if len(keys) == 2:
+    if len(keys) == 2 and grid:
         first, second = keys
         rows = list(dict.fromkeys(o.cell.labels[first] for o in outcomes))
         cols = list(dict.fromkeys(o.cell.labels[second] for o in outcomes))
@@ -356,8 +583,10 @@ def write_heatmap(keys: Sequence[str], outcomes: Sequence[CellOutcome], path: Pa
     return path
 
 
-def write_outputs(out: Path, keys: Sequence[str], outcomes: Sequence[CellOutcome]) -> list[Path]:
-    """``results.csv``, ``table.md`` and (two parameters) ``heatmap.png`` in ``out``."""
+def write_outputs(out: Path, keys: Sequence[str], outcomes: Sequence[CellOutcome], heatmap: bool = True,
+                  grid: bool | None = None) -> list[Path]:
+    """``results.csv``, ``table.md`` and (a grid of two parameters, ``heatmap``) ``heatmap.png`` in ``out``."""
+    grid = heatmap if grid is None else grid
     out.mkdir(parents=True, exist_ok=True)
     columns, rows = results_rows(keys, outcomes)
     tmp = out / ".results.csv.tmp"
@@ -366,9 +595,9 @@ def write_outputs(out: Path, keys: Sequence[str], outcomes: Sequence[CellOutcome
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, out / "results.csv")
-    (out / "table.md").write_text(table_markdown(keys, outcomes))
+    (out / "table.md").write_text(table_markdown(keys, outcomes, grid=grid))
     written = [out / "results.csv", out / "table.md"]
-    if len(keys) == 2:
+    if len(keys) == 2 and heatmap and outcomes:
         written.append(write_heatmap(keys, outcomes, out / "heatmap.png"))
     return written
 
@@ -384,17 +613,41 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a dotted key of `fit` and its values (YAML scalars); repeat for a grid; "
                              "the key `config` adds a config file per cell")
     parser.add_argument("--out", required=True, type=Path, help="output folder (re-run to resume)")
+    study = parser.add_argument_group("the Optuna study (shared by every worker with the same --storage and cells)")
+    study.add_argument("--storage", default=None, metavar="URL",
+                       help="Optuna storage URL (default sqlite:///OUT/sweep.db; e.g. postgresql://host/db "
+                            "for workers on many machines)")
+    study.add_argument("--study_name", default=None, help="default: grid-<hash of the cells' configurations> "
+                                                          "or search-<hash>")
+    study.add_argument("--trials", type=int, default=None,
+                       help="search mode (a --param KEY=log:LOW:HIGH, float:LOW:HIGH or int:LOW:HIGH): "
+                            "trials in all, over all workers (TPE sampler)")
+    study.add_argument("--prune", action="store_true",
+                       help="stop runs whose val mAP at a validation during fit is below the median (MedianPruner)")
+    study.add_argument("--heartbeat", type=int, default=60, metavar="S",
+                       help="worker heartbeat (s); a cell whose worker is silent for 2*S s is retried (default 60)")
+    study.add_argument("--sampler_seed", type=int, default=None, help="seed of the grid / TPE sampler")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, fit_args = build_parser().parse_known_args(argv)
     params = [parse_param(p) for p in args.param]
-    outcomes = run_sweep(args.config, params, args.out, fit_args)
+    from focaldet.sweep_study import SearchRange
+
+    if args.trials is not None and args.trials < 1:
+        raise ConfigError(f"--trials {args.trials}: need at least 1")
+    search = any(isinstance(v, SearchRange) for _, v in params)
+    if args.trials is not None and not search:
+        raise ConfigError("--trials is for a search (--param KEY=log:LOW:HIGH); a grid runs each of its cells")
+    outcomes = run_sweep(args.config, params, args.out, fit_args, storage=args.storage, study_name=args.study_name,
+                         trials=args.trials, prune=args.prune, heartbeat=args.heartbeat,
+                         sampler_seed=args.sampler_seed)
     failed = [o for o in outcomes if o.status == "failed"]
     keys = [k for k, _ in params]
-    print("\n" + table_markdown(keys, outcomes), flush=True)
-    written = ", ".join(str(args.out / n) for n in ("results.csv", "table.md", "heatmap.png")[:2 + (len(keys) == 2)])
+    print("\n" + table_markdown(keys, outcomes, grid=not search), flush=True)
+    written = ", ".join(str(args.out / n) for n in ("results.csv", "table.md", "heatmap.png")
+                        [:2 + (len(keys) == 2 and not search)])
     print(f"sweep: {len(outcomes) - len(failed)} of {len(outcomes)} cells finished; wrote {written}", flush=True)
     if failed:
         print(f"sweep: {len(failed)} cell(s) failed: {', '.join(o.cell.name for o in failed)} "

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -24,13 +26,24 @@ def fake_result(ap: float) -> dict:
             "per_class_ap50": {"circle": 2 * ap, "square": ap}, "steps": 3, "train_s": 1.0, "wall_s": 1.5}
 
 
+def fake_key(configs, args) -> str:
+    """Stands in for resolving fit's config: the arguments themselves (no files to read)."""
+    return json.dumps([list(configs), list(args)])
+
+
+def sweep(*args, **kwargs):
+    """``run_sweep`` with the stand-in resolver, quiet, a 1 s heartbeat."""
+    kwargs.setdefault("log", lambda s: None)
+    return run_sweep(*args, resolve=fake_key, heartbeat=1, **kwargs)
+
+
 class FakeRun:
     """Stands in for training: AP from the cell's arguments; records the calls; fails on demand."""
 
     def __init__(self, fail_when: str | None = None):
         self.calls, self.fail_when = [], fail_when
 
-    def __call__(self, configs, args, root_dir):
+    def __call__(self, configs, args, root_dir, callbacks=()):
         self.calls.append((list(configs), list(args), root_dir))
         if self.fail_when is not None and self.fail_when in args:
             raise NonFiniteLossError("non-finite loss at step 2")
@@ -64,25 +77,25 @@ def test_grid_expands_first_parameter_slowest_with_short_names_and_cli_arguments
 def test_resume_skips_finished_cells_and_reruns_failed_or_changed_ones(tmp_path):
     params = [(GAMMA, [0, 2]), (ALPHA, [0.25, 0.75])]
     run = FakeRun(fail_when="2")
-    first = run_sweep(["base.yaml"], params, tmp_path, ["--trainer.max_steps", "3"], run=run, log=lambda s: None)
+    first = sweep(["base.yaml"], params, tmp_path, ["--trainer.max_steps", "3"], run=run)
     assert [o.status for o in first] == ["ok", "ok", "failed", "failed"] and len(run.calls) == 4
     assert run.calls[0] == (["base.yaml"], ["--trainer.max_steps", "3", f"--{GAMMA}", "0", f"--{ALPHA}", "0.25"],
                             tmp_path / "cells" / "gamma=0,alpha=0.25" / "run")
     assert sorted(p.parent.name for p in tmp_path.glob("cells/*/result.json")) == ["gamma=0,alpha=0.25",
                                                                                    "gamma=0,alpha=0.75"]
     rerun = FakeRun()  # a killed or partly failed sweep, run again: only the unfinished cells train
-    second = run_sweep(["base.yaml"], params, tmp_path, ["--trainer.max_steps", "3"], run=rerun, log=lambda s: None)
+    second = sweep(["base.yaml"], params, tmp_path, ["--trainer.max_steps", "3"], run=rerun)
     assert [c[1][-3] for c in rerun.calls] == ["2", "2"] and all(o.status == "ok" for o in second)
     assert [o.skipped for o in second] == [True, True, False, False]
     assert not list(tmp_path.glob("cells/*/failed.json"))
     changed = FakeRun()  # other fit arguments: the stored results are stale
-    run_sweep(["base.yaml"], params, tmp_path, ["--trainer.max_steps", "4"], run=changed, log=lambda s: None)
+    sweep(["base.yaml"], params, tmp_path, ["--trainer.max_steps", "4"], run=changed)
     assert len(changed.calls) == 4
 
 
 def test_failing_cell_is_reported_on_one_line_and_the_sweep_goes_on(tmp_path):
     lines = []
-    outcomes = run_sweep(["base.yaml"], [(GAMMA, [0, 2, 5])], tmp_path, run=FakeRun(fail_when="2"), log=lines.append)
+    outcomes = sweep(["base.yaml"], [(GAMMA, [0, 2, 5])], tmp_path, run=FakeRun(fail_when="2"), log=lines.append)
     assert [o.status for o in outcomes] == ["ok", "failed", "ok"]
     assert "sweep: cell 1/3 gamma=0: running" in lines
     assert "sweep: cell 2/3 gamma=2: FAILED: NonFiniteLossError: non-finite loss at step 2" in lines
@@ -97,8 +110,7 @@ def test_failing_cell_is_reported_on_one_line_and_the_sweep_goes_on(tmp_path):
 
 
 def test_table_has_paper_columns_best_alpha_per_gamma_and_grid_and_heatmap(tmp_path):
-    outcomes = run_sweep(["base.yaml"], [(GAMMA, [0, 2]), (ALPHA, [0.25, 0.75])], tmp_path, run=FakeRun(),
-                         log=lambda s: None)
+    outcomes = sweep(["base.yaml"], [(GAMMA, [0, 2]), (ALPHA, [0.25, 0.75])], tmp_path, run=FakeRun())
     table = table_markdown([GAMMA, ALPHA], outcomes)
     # AP = 0.1 + gamma / 10 + alpha / 100; AP50 = AP / 2, AP75 = AP / 3 (fake_result), in %
     assert "| gamma | alpha | AP | AP50 | AP75 |" in table
@@ -108,8 +120,7 @@ def test_table_has_paper_columns_best_alpha_per_gamma_and_grid_and_heatmap(tmp_p
     assert "| gamma \\ alpha | 0.25 | 0.75 |" in table and "| 2 | 30.3 | 30.8 |" in table
     assert (tmp_path / "table.md").read_text() == table
     assert (tmp_path / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    one = table_markdown([GAMMA], run_sweep(["b.yaml"], [(GAMMA, [1])], tmp_path / "one", run=FakeRun(),
-                                            log=lambda s: None))
+    one = table_markdown([GAMMA], sweep(["b.yaml"], [(GAMMA, [1])], tmp_path / "one", run=FakeRun()))
     assert "Table 1b" not in one and "| 1 | 20.0 | 10.0 | 6.7 |" in one
     assert not (tmp_path / "one" / "heatmap.png").exists()
 
@@ -130,3 +141,128 @@ def test_real_two_cell_sweep_trains_evaluates_and_resumes(tmp_path, synth_coco):
     assert set(result["per_class"]) == {"circle", "square", "triangle", "cross"}
     proc = run_cli(*args)
     assert "gamma=0: finished earlier, skipped" in proc.stdout
+
+
+# ----------------------------------------------------------------------------- the Optuna study
+@pytest.mark.slow
+def test_one_and_one_point_zero_are_one_cell_and_an_edited_config_is_a_new_one(tmp_path, synth_coco):
+    """Cells are keyed on fit's resolved configuration (the real resolver; stand-in training)."""
+    config = tiny_config(tmp_path / "cfg", synth_coco)
+    lines, run = [], FakeRun()
+    outcomes = run_sweep([str(config)], [("model.base_lr", [1, 1.0, 0.5])], tmp_path / "sw", run=run,
+                         log=lines.append, heartbeat=1)
+    assert len(run.calls) == 2 and [c[1][-1] for c in run.calls] == ["1", "0.5"]
+    assert [o.status for o in outcomes] == ["ok", "ok", "ok"] and outcomes[1].result == outcomes[0].result
+    assert "sweep: cell 2/3 base_lr=1.0: the same configuration as cell base_lr=1, not run again" in lines
+    again = FakeRun()  # the same sweep again: nothing to run
+    run_sweep([str(config)], [("model.base_lr", [1, 1.0, 0.5])], tmp_path / "sw", run=again, log=lambda s: None,
+              heartbeat=1)
+    assert again.calls == []
+    config.write_text(config.read_text().replace("fpn_channels: 32", "fpn_channels: 16"))  # same name, new contents
+    edited = FakeRun()
+    run_sweep([str(config)], [("model.base_lr", [1, 1.0, 0.5])], tmp_path / "sw", run=edited, log=lambda s: None,
+              heartbeat=1)
+    assert len(edited.calls) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
+def test_a_killed_workers_cell_is_retried_by_the_next_worker(tmp_path):
+    """A trial left RUNNING by a worker that stopped beating is failed after the grace period
+    (2 heartbeats) and retried; every cell runs once in the live worker."""
+    import optuna
+
+    from focaldet.sweep_study import default_storage, open_storage
+
+    params = [(GAMMA, [0, 2]), (ALPHA, [0.25, 0.75])]
+    names = [c.name for c in expand_grid(params)]
+    storage = open_storage(default_storage(tmp_path), heartbeat=1)
+    study = optuna.create_study(storage=storage, study_name="s", direction="maximize",
+                                sampler=optuna.samplers.GridSampler({"cell": names}))
+    dead = study.ask()  # what a worker killed mid-cell leaves: a RUNNING trial, one old heartbeat
+    dead_cell = dead.suggest_categorical("cell", names)
+    dead.set_user_attr("worker", "gone:1")
+    storage.record_heartbeat(dead._trial_id)
+    time.sleep(2.5)
+    lines, run = [], FakeRun()
+    outcomes = sweep(["base.yaml"], params, tmp_path, run=run, study_name="s", log=lines.append)
+    assert all(o.status == "ok" for o in outcomes) and len(run.calls) == 4
+    assert sorted(c[2].parent.name for c in run.calls) == sorted(names)
+    trials = study.get_trials()
+    assert trials[0].state == optuna.trial.TrialState.FAIL
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == 0]
+    assert len(retried) == 1 and retried[0].params["cell"] == dead_cell
+    assert retried[0].state == optuna.trial.TrialState.COMPLETE
+
+
+def test_search_mode_samples_the_range_for_the_number_of_trials(tmp_path):
+    params = [parse_param("model.base_lr=log:1e-4:1e-2"), parse_param(f"{GAMMA}=0,2")]
+    run = FakeRun()
+    outcomes = sweep(["base.yaml"], params, tmp_path, run=run, trials=3, sampler_seed=0)
+    assert len(run.calls) == 3 and [o.cell.name for o in outcomes] == ["trial-0000", "trial-0001", "trial-0002"]
+    for o in outcomes:
+        assert o.status == "ok" and 1e-4 <= o.cell.values["model.base_lr"] <= 1e-2
+        assert o.cell.values[GAMMA] in (0, 2)
+    with (tmp_path / "results.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 3
+    assert not (tmp_path / "heatmap.png").exists()
+    for bad in ("x=log:0:1", "x=int:5:1", "x=float:a:1", "config=log:1:2"):
+        with pytest.raises(ConfigError):
+            parse_param(bad)
+
+
+class ReportingRun(FakeRun):
+    """Reports three validations of val mAP through the sweep's callbacks, as fit would."""
+
+    def __call__(self, configs, args, root_dir, callbacks=()):
+        result = super().__call__(configs, args, root_dir)
+        module = SimpleNamespace(last_eval=SimpleNamespace(stats=result["stats"]))
+        for step in (10, 20, 30):
+            for cb in callbacks:
+                cb.on_validation_end(SimpleNamespace(sanity_checking=False, global_step=step), module)
+        return result
+
+
+def test_prune_stops_a_cell_below_the_median_at_a_validation(tmp_path):
+    outcomes = sweep(["base.yaml"], [(GAMMA, [5, 4, 0])], tmp_path, run=ReportingRun(), prune=True)
+    assert [o.status for o in outcomes] == ["ok", "ok", "pruned"]  # AP 0.6, 0.5, then 0.1 < the median
+    assert "pruned" in (tmp_path / "table.md").read_text()
+
+
+WORKER = """
+import json, os, sys, time
+sys.path.insert(0, {tests!r})
+from focaldet.sweep import run_sweep
+from test_sweep import GAMMA, ALPHA, fake_key, fake_result
+
+def run(configs, args, root_dir, callbacks=()):
+    with open({calls!r}, "a") as f:
+        f.write(json.dumps([os.getpid(), root_dir.parent.name]) + "\\n")
+    time.sleep(2)
+    return fake_result(0.5)
+
+outcomes = run_sweep(["base.yaml"], [(GAMMA, [0, 2]), (ALPHA, [0.25, 0.75])], {out!r}, run=run, resolve=fake_key,
+                     log=print)
+sys.exit(0 if all(o.status == "ok" for o in outcomes) else 1)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_on_one_sqlite_study_run_each_cell_once(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    calls, out = tmp_path / "calls.jsonl", tmp_path / "sw"
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(tests=str(Path(__file__).parent), calls=str(calls), out=str(out)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    ran = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert sorted(cell for _, cell in ran) == sorted(c.name for c in expand_grid([(GAMMA, [0, 2]), (ALPHA, [0.25, 0.75])]))
+    with (out / "results.csv").open() as f:
+        assert [r["status"] for r in csv.DictReader(f)] == ["ok"] * 4

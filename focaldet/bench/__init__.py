@@ -22,6 +22,8 @@ Cases::
                  RSS growth in a fresh process per side)
     export       the ONNX file through onnxruntime (focaldet column) vs focaldet's PyTorch
                  predict (torchvision column), CPU
+    export_int8  the same for the int8 ONNX file (--quantize int8), CPU
+    export_openvino  the same for the OpenVINO IR file (--format openvino), CPU
 
 Usage: ``focaldet bench [--cases loss,postprocess] [--quick] [--json FILE] [--device cuda]``.
 Adding a case: a module here defining ``CASE = Case(run, unit, target)`` (see harness.Case),
@@ -56,6 +58,8 @@ CASES: dict[str, Case] = {
     "eval": coco_eval.CASE,
     "memory": memory.CASE,
     "export": export.CASE,
+    "export_int8": export.CASE_INT8,
+    "export_openvino": export.CASE_OPENVINO,
 }
 
 UNITS = {name: case.unit for name, case in CASES.items()}

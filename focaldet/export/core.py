@@ -22,7 +22,7 @@ from focaldet.errors import FocaldetError
 from focaldet.export.graph import OUTPUT_NAMES, ExportableDetector
 from focaldet.modeling.retinanet import RetinaNet
 
-FORMATS = {"onnx": ".onnx", "torch_export": ".pt2"}
+FORMATS = {"onnx": ".onnx", "torch_export": ".pt2", "openvino": ".xml"}
 METADATA_FILE = "focaldet.json"  # its name inside a .pt2 archive (extra_files)
 # the sample input traced; N, H and W stay dynamic (H, W from 32 px to 8192 px)
 SAMPLE_SHAPE = (2, 3, 224, 320)
@@ -150,7 +150,29 @@ def export_onnx(model: RetinaNet, category_ids: Sequence[int], names: Sequence[s
 
 
 def export(model: RetinaNet, category_ids: Sequence[int], names: Sequence[str], path: str | os.PathLike,
-           fmt: str = "onnx") -> Path:
-    """`export_onnx` or `export_torch` by ``fmt`` (``"onnx"`` | ``"torch_export"``)."""
+           fmt: str = "onnx", quantize: str | None = None, calibration_images: str | os.PathLike | None = None,
+           calibration_count: int | None = None) -> Path:
+    """`export_onnx`, `export_torch` or OpenVINO IR (from the ONNX graph) by ``fmt`` (``"onnx"`` |
+    ``"torch_export"`` | ``"openvino"``); ``quantize="int8"`` (ONNX only) quantises the ONNX file,
+    calibrated on ``calibration_images`` (see ``focaldet.export.formats``)."""
+    import tempfile
+
     check_output(path, fmt)
-    return {"onnx": export_onnx, "torch_export": export_torch}[fmt](model, category_ids, names, path)
+    if quantize is not None and (quantize != "int8" or fmt != "onnx"):
+        raise ExportError(f"--quantize {quantize}: only --quantize int8 of --format onnx is supported")
+    if quantize is not None and calibration_images is None:
+        raise ExportError("--quantize int8 needs --calibration_images DIR (images like the ones it will see)")
+    if fmt == "torch_export":
+        return export_torch(model, category_ids, names, path)
+    if fmt == "onnx" and quantize is None:
+        return export_onnx(model, category_ids, names, path)
+    from focaldet.export import formats
+
+    if calibration_images is not None:
+        formats.calibration_files(calibration_images, 1)  # a bad folder fails before the slow export
+    with tempfile.TemporaryDirectory(prefix="focaldet-export-") as tmp:
+        fp32 = export_onnx(model, category_ids, names, Path(tmp) / "fp32.onnx")
+        if fmt == "openvino":
+            return formats.export_openvino(fp32, path)
+        return formats.quantize_int8(fp32, path, calibration_images,
+                                     calibration_count or formats.CALIBRATION_COUNT)

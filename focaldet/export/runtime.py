@@ -37,14 +37,37 @@ def onnx_session(path: str | os.PathLike, threads: int = 0, spinning: bool = Tru
         raise ExportError(f"{path}: {reason}") from None
 
 
+def openvino_model(path: Path, threads: int = 0):
+    """``(compiled model, metadata)`` of an OpenVINO IR file on the CPU; ``threads`` 0 = its choice."""
+    import openvino as ov
+
+    from focaldet.export.formats import openvino_metadata
+
+    if not path.is_file():
+        raise ExportError(f"{path}: no such file")
+    core = ov.Core()
+    try:
+        model = core.read_model(str(path))
+        # fp32 as exported: the CPU plugin would otherwise run bf16 on CPUs that have it (AMX, AVX512-BF16)
+        config = {"INFERENCE_PRECISION_HINT": "f32", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
+        compiled = core.compile_model(model, "CPU", config)
+    except Exception as e:  # not IR, missing .bin, ...
+        raise ExportError(f"{path}: not a loadable OpenVINO model ({str(e).splitlines()[0]})") from None
+    return compiled, openvino_metadata(model)
+
+
 class ExportedDetector:
     """An exported focaldet model (``.onnx`` or ``.pt2``) with its metadata (``names``,
     ``category_ids``, ``min_size``, ...) and a call on image batches."""
 
     def __init__(self, path: str | os.PathLike, threads: int = 0, spinning: bool = True, trust_code: bool = False):
         self.path = Path(path)
+        self._openvino = None
         if self.path.suffix == ".pt2":
             self._module, meta = load_torch_export(self.path, trust_code)
+            self._session = None
+        elif self.path.suffix == ".xml":
+            self._openvino, meta = openvino_model(self.path, threads)
             self._session = None
         else:
             self._session = onnx_session(self.path, threads, spinning)
@@ -60,6 +83,10 @@ class ExportedDetector:
         if self._session is not None:
             x = images.detach().cpu().numpy() if isinstance(images, Tensor) else images
             return tuple(self._session.run(list(OUTPUT_NAMES), {"images": np.ascontiguousarray(x, np.float32)}))
+        if self._openvino is not None:
+            x = images.detach().cpu().numpy() if isinstance(images, Tensor) else images
+            out = self._openvino({"images": np.ascontiguousarray(x, np.float32)})
+            return tuple(out[self._openvino.output(name)] for name in OUTPUT_NAMES)
         with torch.no_grad():
             return tuple(t.numpy() for t in self._module(torch.as_tensor(images, dtype=torch.float32)))
 
