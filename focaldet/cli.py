@@ -108,12 +108,14 @@ class FocaldetCLI(LightningCLI):
         parser.link_arguments("model.slicing", "data.eval_original_size", compute_fn=lambda s: s is not None)
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI torch.loads --ckpt_path here (for its hyperparameters): name a bad file first
+        # Lightning would parse the checkpoint's hyperparameters over the config here, so that
+        # they override what the user typed. focaldet instead puts the checkpoint's config
+        # FIRST on the command line (`_config_from_checkpoint`): the checkpoint is the default,
+        # `-c` and `--model.*`/`--data.*` override it, and config.yaml records what ran.
         sub = self.config.get("subcommand")
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
         if ckpt_path and Path(ckpt_path).is_file():
-            check_checkpoint(ckpt_path)
-        super()._parse_ckpt_path()
+            check_checkpoint(ckpt_path)  # a bad file named in one line
 
     def before_instantiate_classes(self) -> None:
         # the same resolution of "config of this subcommand" as Lightning's SaveConfigCallback
@@ -136,6 +138,7 @@ class FocaldetCLI(LightningCLI):
         if sub is not None and "ckpt_path" in self.config_init[sub]:  # checked before the trainer runs
             kwargs = self.config_init[sub]
             kwargs["ckpt_path"] = resolve_ckpt_path(kwargs["ckpt_path"], checkpoint_dir(self.trainer))
+            _note_eval_size(kwargs["ckpt_path"], self.datamodule.inputs, sub)
 
 
 def trainer_defaults() -> dict:
@@ -187,7 +190,7 @@ def run(argv: list[str] | None = None) -> int:
         from focaldet.sweep import main as sweep_main
 
         return sweep_main(args[1:])
-    if args and args[0] == "predict" and not {"-c", "--config"} & set(args):
+    if args and args[0] in CHECKPOINT_COMMANDS:
         args = _config_from_checkpoint(args)
     FocaldetCLI(
         RetinaNetModule, CocoDataModule,
@@ -198,17 +201,42 @@ def run(argv: list[str] | None = None) -> int:
     return 0
 
 
+CHECKPOINT_COMMANDS = ("fit", "validate", "test", "predict")
+
+
 def _config_from_checkpoint(args: list[str]) -> list[str]:
-    """``predict --ckpt_path X`` with no ``-c``: the checkpoint supplies the model, the label
-    map and the input settings (`focaldet.api.checkpoint_config`)."""
+    """A command given ``--ckpt_path FILE``: the checkpoint's config (`focaldet.api.checkpoint_config`:
+    its recipe, label map and eval inputs) goes first on the command line, so it is the
+    default and whatever the user typed after it (``-c``, ``--model.*``, ``--data.*``) wins
+    and is recorded in the run's config.yaml. ``--ckpt_path last``/``best`` (not a file yet)
+    leave the arguments as they are."""
     ckpt = next((a.split("=", 1)[1] for a in args if a.startswith("--ckpt_path=")), None)
     if ckpt is None and "--ckpt_path" in args[:-1]:
         ckpt = args[args.index("--ckpt_path") + 1]
-    if ckpt is None:
+    if ckpt is None or not Path(ckpt).is_file():
         return args
     from focaldet.api import checkpoint_config
 
     return [args[0], "--config", checkpoint_config(ckpt), *args[1:]]
+
+
+def _note_eval_size(ckpt_path: str | None, inputs, command: str) -> None:
+    """Say once when a run evaluates at other input settings than its checkpoint's."""
+    if command == "fit" or not ckpt_path or not Path(ckpt_path).is_file():
+        return
+    from focaldet.api import read_checkpoint
+
+    saved = read_checkpoint(ckpt_path).inputs
+    if saved != inputs:
+        from lightning.pytorch.utilities import rank_zero_only
+
+        rank_zero_only(print)(f"focaldet: note: {command} runs at min_size {inputs.min_size}, max_size "
+                              f"{inputs.max_size}, size_divisibility {inputs.size_divisibility}"
+                              f"{', custom eval_transforms' if inputs.eval_transforms else ''}; the checkpoint "
+                              f"{ckpt_path} evaluates at min_size {saved.min_size}, max_size {saved.max_size}, "
+                              f"size_divisibility {saved.size_divisibility}"
+                              f"{', custom eval_transforms' if saved.eval_transforms else ''} (your settings win)",
+                              file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
