@@ -215,6 +215,7 @@ def _config_from_checkpoint(args: list[str]) -> list[str]:
         ckpt = args[args.index("--ckpt_path") + 1]
     if ckpt is None or not Path(ckpt).is_file():
         return args
+    check_checkpoint(ckpt)  # a bad file named in one line, before its config is read
     from focaldet.api import checkpoint_config
 
     return [args[0], "--config", checkpoint_config(ckpt), *args[1:]]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 
+import lightning
 import numpy as np
 import pytest
 import torch
@@ -120,7 +121,8 @@ def _checkpoint(path, synth_coco) -> None:
     module = RetinaNetModule(4, backbone=ResNetBackbone(18, freeze_at=0), fpn_channels=32, num_convs=1,
                              postprocess=PostProcess(score_thresh=0.0, detections_per_img=10), score_threshold=0.2,
                              label_map=label_map, inputs={"min_size": 96, "max_size": 128})
-    ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+            "pytorch-lightning_version": lightning.__version__, "epoch": 0, "global_step": 0}
     module.on_save_checkpoint(ckpt)
     torch.save(ckpt, path)
 
@@ -133,8 +135,11 @@ def checkpoint(tmp_path_factory, synth_coco):
 
 
 def _cli(args):
-    """The CLI as ``main`` builds it, not run."""
-    return FocaldetCLI(RetinaNetModule, CocoDataModule, args=_config_from_checkpoint(args), run=False,
+    """The model and data ``main`` builds for ``args`` (a command with ``--ckpt_path``), not run
+    (``run=False`` takes no command and no ``--ckpt_path``: the checkpoint's config stays first)."""
+    args = _config_from_checkpoint(args)[1:]
+    k = args.index("--ckpt_path")
+    return FocaldetCLI(RetinaNetModule, CocoDataModule, args=args[:k] + args[k + 2:], run=False,
                        trainer_defaults={"logger": False})
 
 
