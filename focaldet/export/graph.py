@@ -6,7 +6,7 @@ with the batch size, height and width left dynamic::
 
     images (N, 3, H, W) float32 RGB in [0, 1]
       -> resize: shorter side to min_size, longer side capped at max_size (the data
-         pipeline's eval rule, `ResizeShortestEdge`: size round(side * scale), bilinear)
+         pipeline's eval rule, `focaldet.inputs.resized_size` itself; bilinear)
       -> normalise (pixel_mean, pixel_std) -> pad right/below to size_divisibility
       -> backbone, FPN, head; anchors from the feature shapes
       -> `PostProcess.padded`: top-k, decode, clip, class-aware NMS, top D
