@@ -21,24 +21,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from focaldet.data.coco import IMAGE_EXTENSIONS, ImageFolderDataset, _apply_transforms
-from focaldet.data.images import check_pixels
-from focaldet.data.transforms import collate_detection
-from focaldet.errors import ConfigError, DataError, WeightsError
-from focaldet.evaluation.thresholds import ALL, load_thresholds, per_label_thresholds
-from focaldet.inference.slicing import Slicing, sliced_detections
+from focaldet.errors import ConfigError, WeightsError
+from focaldet.inference.predictor import Predictor, read_thresholds
+from focaldet.inference.slicing import Slicing
 from focaldet.inputs import InputSettings
 from focaldet.modeling.retinanet import RetinaNet
 from focaldet.modeling.weights import read_weights_file
 from focaldet.recipe import instantiate
 from focaldet.safe_load import UnsafeFileError
-from focaldet.structures.boxes import rescale_boxes
 
-__all__ = ["CheckpointContents", "Detector", "check_recipe", "checkpoint_config", "load", "read_checkpoint"]
+__all__ = ["CheckpointContents", "Detector", "check_recipe", "checkpoint_config", "load", "read_checkpoint",
+           "read_thresholds"]
 
 _NOT_INIT_ARGS = ("_instantiator", "_class_path")
 
@@ -163,120 +159,28 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, trus
     return Detector(module.model.eval().to(device), contents.inputs, module.label_to_cat_id, module.class_names)
 
 
-class _Images(ImageFolderDataset):
-    """Paths, arrays, PIL images and tensors as the samples the eval pipeline makes; paths
-    are read as `ImageFolderDataset` reads them (reduced decoding included)."""
-
-    def __init__(self, items: Sequence[Any], transforms) -> None:
-        self.items, self.transforms = list(items), transforms
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self.items[index]
-        if isinstance(item, Path):
-            image, (h, w) = self._read(item, index)
-            name = str(item)
-        else:
-            image = _to_rgb_array(item, index)
-            (h, w), name = image.shape[:2], f"<input {index}>"
-        sample = _apply_transforms(self.transforms, image, np.zeros((0, 4), np.float32), np.zeros((0,), np.int64))
-        sample.update(image_id=index, orig_size=(int(h), int(w)), file_name=name)
-        return sample
-
-
-def _to_rgb_array(item: Any, index: int) -> np.ndarray:
-    """``(H, W, 3)`` uint8 RGB from a numpy array, a PIL image or a ``(3, H, W)`` tensor; an
-    empty image or one over `focaldet.data.images.MAX_PIXELS` is refused, as a file is."""
-    image = _rgb_array(item, index)
-    check_pixels(*image.shape[:2], f"input {index}")
-    return image
-
-
-def _rgb_array(item: Any, index: int) -> np.ndarray:
-    if isinstance(item, Tensor):
-        if item.ndim != 3 or item.shape[0] != 3:
-            raise DataError(f"input {index}: a tensor image must be (3, H, W), got {tuple(item.shape)}")
-        check_pixels(*item.shape[1:], f"input {index}")
-        if item.is_floating_point():  # [0, 1] floats -> the uint8 the eval pipeline decodes to
-            lo, hi = float(item.min()), float(item.max())
-            if not (0.0 <= lo and hi <= 1.0):  # never clamp 0..255 floats to a binary image
-                raise DataError(f"input {index}: a float tensor image must be in [0, 1], got values in "
-                                f"[{lo:g}, {hi:g}] (divide by 255, or give a uint8 tensor)")
-            item = (item.detach().float() * 255).round().to(torch.uint8)
-        elif item.dtype != torch.uint8:
-            raise DataError(f"input {index}: a tensor image must be float in [0, 1] or uint8, got {item.dtype}")
-        return np.ascontiguousarray(item.permute(1, 2, 0).cpu().numpy())  # (3, H, W) -> (H, W, 3)
-    if hasattr(item, "convert") and hasattr(item, "size"):  # PIL.Image
-        return np.asarray(item.convert("RGB"))
-    if isinstance(item, np.ndarray):
-        if item.ndim == 2:
-            item = np.repeat(item[:, :, None], 3, axis=2)
-        if item.ndim != 3 or item.shape[2] != 3 or item.dtype != np.uint8:
-            raise DataError(f"input {index}: a numpy image must be (H, W, 3) uint8 RGB, "
-                            f"got {item.shape} {item.dtype}")
-        return np.ascontiguousarray(item)
-    raise DataError(f"input {index}: cannot read {type(item).__name__} as an image "
-                    "(give a path, a folder, an (H, W, 3) uint8 array, a PIL image or a (3, H, W) tensor)")
-
-
-def _expand(inputs: Any) -> list[Any]:
-    """A path, a folder, or a list of them and of in-memory images -> a flat list."""
-    if isinstance(inputs, (str, os.PathLike)):
-        path = Path(inputs).expanduser()
-        if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-            if not files:
-                raise DataError(f"image folder {path} has no images ({', '.join(IMAGE_EXTENSIONS)})")
-            return files
-        return [path]
-    if isinstance(inputs, (list, tuple)):
-        return [x for item in inputs for x in (_expand(item) if isinstance(item, (str, os.PathLike)) else [item])]
-    return [inputs]
-
-
-def read_thresholds(score_threshold: Any, names: Sequence[str]) -> Tensor | None:
-    """Per-class thresholds ``(K,)`` from a number, a ``{name: score}`` mapping or a
-    ``thresholds.json`` of ``focaldet validate`` (read by `load_thresholds`; its "all" entry
-    stands in for a class without its own score, and classes it omits keep every detection)."""
-    if score_threshold is None:
-        return None
-    source = score_threshold
-    if isinstance(score_threshold, (str, os.PathLike)):
-        score_threshold = load_thresholds(score_threshold)
-    if isinstance(score_threshold, Mapping):
-        unknown = sorted(set(score_threshold) - set(names) - {ALL})
-        if unknown:
-            where = f"{source} " if isinstance(source, (str, os.PathLike)) else ""
-            raise DataError(f"score thresholds {where}name unknown classes {unknown}; "
-                            f"the model's classes are {list(names)}")
-        score_threshold = {k: (v.get("score") if isinstance(v, Mapping) else v) for k, v in score_threshold.items()}
-        score_threshold = {k: float(v) for k, v in score_threshold.items() if v is not None}
-    elif not isinstance(score_threshold, (int, float)) or isinstance(score_threshold, bool):
-        raise DataError(f"score_threshold must be a number, a {{name: score}} mapping or a JSON file, got {source!r}")
-    return torch.as_tensor(per_label_thresholds(score_threshold, names), dtype=torch.float32)
-
-
 class Detector:
-    """A trained RetinaNet with its classes and eval settings.
+    """A trained RetinaNet with its classes and eval settings: `focaldet.inference.Predictor`
+    with the checkpoint's inputs, classes and score threshold.
 
     Attributes:
-        model: the ``RetinaNet``, in eval mode; its own ``predict`` (tensors) resizes as ``inputs`` say.
+        model: the ``RetinaNet``, in eval mode.
         inputs: the checkpoint's `InputSettings`.
         category_ids: contiguous label -> dataset category id.
         names: contiguous label -> class name.
+        predictor: the `Predictor` every call goes through.
         device: where the model runs.
     """
 
-    def __init__(self, model: RetinaNet, inputs: InputSettings, category_ids: Sequence[int], names: Sequence[str]):
-        self.model, self.inputs = model, inputs
-        self.category_ids, self.names = [int(c) for c in category_ids], [str(n) for n in names]
-        self._transforms = inputs.eval_pipeline()
+    def __init__(self, model: RetinaNet, inputs: InputSettings, category_ids: Sequence[int], names: Sequence[str],
+                 score_threshold: Any = None):
+        self.predictor = Predictor(model, inputs, category_ids, names, score_threshold=score_threshold)
+        self.model, self.inputs = model, self.predictor.inputs
+        self.category_ids, self.names = self.predictor.category_ids, self.predictor.names
 
     @property
     def device(self) -> torch.device:
-        return self.model.pixel_mean.device
+        return self.predictor.device
 
     def predict(self, inputs: Any, score_threshold: float | Mapping | str | os.PathLike | None = None,
                 batch_size: int = 8, slicing: Slicing | Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -287,6 +191,8 @@ class Detector:
         (quantised to uint8, as a decoded file is). Each result: ``boxes (M, 4)`` xyxy in the
         original image's pixels, ``scores (M,)``, ``labels (M,)`` contiguous,
         ``category_ids (M,)`` the dataset's ids, ``names`` (M strings) and ``file_name``.
+        An image's detections do not depend on ``batch_size`` or on the other images
+        (`focaldet.inference.predictor`'s batch rule).
         ``score_threshold``: see `read_thresholds`; the postprocess's own ``score_thresh``
         has already been applied.
         ``slicing``: sliced inference (`focaldet.inference.Slicing`, or a mapping of its
@@ -294,42 +200,7 @@ class Detector:
         windows, each window prepared as a whole image is without slicing; detections are
         merged with class-aware NMS (``postprocess.nms_thresh``, ``detections_per_img``).
         """
-        slicing = Slicing.of(slicing)
-        dataset = _Images(_expand(inputs), None if slicing is not None else self._transforms)
-        thresholds = read_thresholds(score_threshold, self.names)
-        cat_ids = torch.tensor(self.category_ids)
-        results = []
-        for start in range(0, len(dataset), max(int(batch_size), 1)):
-            samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-            if slicing is not None:  # original-size images: cut, then each window through the eval pipeline
-                post = self.model.postprocess
-                found = sliced_detections([s["image"] for s in samples], self._detect, slicing, self._transforms,
-                                          self.inputs.size_divisibility, post.nms_thresh, post.detections_per_img)
-                names = [s["file_name"] for s in samples]
-            else:
-                batch = collate_detection(samples, self.inputs.size_divisibility)
-                found, names = self._detect(batch), batch["file_names"]
-            for det, name in zip(found, names):
-                det = {k: v.cpu() for k, v in det.items()}
-                if thresholds is not None:
-                    keep = det["scores"] >= thresholds[det["labels"]]
-                    det = {k: v[keep] for k, v in det.items()}
-                det["category_ids"] = cat_ids[det["labels"]]
-                det["names"] = [self.names[i] for i in det["labels"].tolist()]
-                det["file_name"] = name
-                results.append(det)
-        return results
-
-    @torch.inference_mode()
-    def _detect(self, batch: dict) -> list[dict[str, Tensor]]:
-        """``RetinaNetModule._detect``'s steps: normalise, run, decode, back to original pixels."""
-        model, device = self.model, self.device
-        images, sizes = batch["images"].to(device), batch["image_sizes"].to(device)
-        detections = model.detect(model(model.normalize(images, sizes)), sizes)
-        for det, size, orig in zip(detections, sizes.tolist(), batch["orig_sizes"].tolist()):
-            det["boxes"] = rescale_boxes(det["boxes"], size, orig)
-        return detections
+        return self.predictor(inputs, score_threshold=score_threshold, batch_size=batch_size, slicing=slicing)
 
     def __repr__(self) -> str:
         return f"Detector({len(self.names)} classes {self.names}, inputs={self.inputs}, device={self.device})"
-

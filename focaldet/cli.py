@@ -119,13 +119,15 @@ class FocaldetCLI(LightningCLI):
         self.config = parser.parse_args(args)
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI torch.loads --ckpt_path here (for its hyperparameters): name a bad file first
+        # Lightning would parse the checkpoint's hyperparameters over the config here, so that
+        # they override what the user typed. focaldet instead puts the checkpoint's config
+        # FIRST on the command line (`_config_from_checkpoint`): the checkpoint is the default,
+        # `-c` and `--model.*`/`--data.*` override it, and config.yaml records what ran.
         sub = self.config.get("subcommand")
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
         if ckpt_path and Path(ckpt_path).is_file():
             check_checkpoint(ckpt_path)
             _check_ckpt_recipe(ckpt_path, self.trust_code)  # Lightning parses its class paths next
-        super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
         # the same resolution of "config of this subcommand" as Lightning's SaveConfigCallback
@@ -151,6 +153,7 @@ class FocaldetCLI(LightningCLI):
         if sub is not None and "ckpt_path" in self.config_init[sub]:  # checked before the trainer runs
             kwargs = self.config_init[sub]
             kwargs["ckpt_path"] = resolve_last(kwargs["ckpt_path"], self.trainer, sub)
+            _note_eval_size(kwargs["ckpt_path"], self.datamodule.inputs, sub)
             if "weights_only" in kwargs:  # Lightning's own load: weights only (FocaldetCheckpointIO is, too)
                 kwargs["weights_only"] = True
 
@@ -269,7 +272,7 @@ def run(argv: list[str] | None = None) -> int:
     args = [a for a in args if a != TRUST_FLAG]
     for config in _config_files(args):  # one line naming the file, before the parser imports anything
         check_config_file(config, trust)
-    if args and args[0] == "predict" and not {"-c", "--config"} & set(args):
+    if args and args[0] in CHECKPOINT_COMMANDS:
         args = _config_from_checkpoint(args, trust)
     cli = type("FocaldetCLI", (FocaldetCLI,), {"trust_code": trust}) if trust else FocaldetCLI
     with import_policy(trust):  # a class_path outside focaldet's allow-list is never imported
@@ -293,17 +296,43 @@ def _config_files(args: list[str]) -> list[str]:
     return [f for f in found if Path(f).is_file()]
 
 
+CHECKPOINT_COMMANDS = ("fit", "validate", "test", "predict")
+
+
 def _config_from_checkpoint(args: list[str], trust_code: bool = False) -> list[str]:
-    """``predict --ckpt_path X`` with no ``-c``: the checkpoint supplies the model, the label
-    map and the input settings (`focaldet.api.checkpoint_config`)."""
+    """A command given ``--ckpt_path FILE``: the checkpoint's config (`focaldet.api.checkpoint_config`:
+    its recipe, label map and eval inputs) goes first on the command line, so it is the
+    default and whatever the user typed after it (``-c``, ``--model.*``, ``--data.*``) wins
+    and is recorded in the run's config.yaml. ``--ckpt_path last``/``best`` (not a file yet)
+    leave the arguments as they are."""
     ckpt = next((a.split("=", 1)[1] for a in args if a.startswith("--ckpt_path=")), None)
     if ckpt is None and "--ckpt_path" in args[:-1]:
         ckpt = args[args.index("--ckpt_path") + 1]
-    if ckpt is None:
+    if ckpt is None or not Path(ckpt).is_file():
         return args
+    check_checkpoint(ckpt)  # a bad file named in one line, before its config is read
     from focaldet.api import checkpoint_config
 
     return [args[0], "--config", checkpoint_config(ckpt, trust_code), *args[1:]]
+
+
+def _note_eval_size(ckpt_path: str | None, inputs, command: str) -> None:
+    """Say once when a run evaluates at other input settings than its checkpoint's."""
+    if command == "fit" or not ckpt_path or not Path(ckpt_path).is_file():
+        return
+    from focaldet.api import read_checkpoint
+
+    saved = read_checkpoint(ckpt_path).inputs
+    if saved != inputs:
+        from lightning.pytorch.utilities import rank_zero_only
+
+        rank_zero_only(print)(f"focaldet: note: {command} runs at min_size {inputs.min_size}, max_size "
+                              f"{inputs.max_size}, size_divisibility {inputs.size_divisibility}"
+                              f"{', custom eval_transforms' if inputs.eval_transforms else ''}; the checkpoint "
+                              f"{ckpt_path} evaluates at min_size {saved.min_size}, max_size {saved.max_size}, "
+                              f"size_divisibility {saved.size_divisibility}"
+                              f"{', custom eval_transforms' if saved.eval_transforms else ''} (your settings win)",
+                              file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,37 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["InputSettings"]
+__all__ = ["InputSettings", "resized_size", "shortest_edge_scale"]
+
+
+def shortest_edge_scale(h: int, w: int, min_size: int, max_size: int) -> float:
+    """The scale that brings the shorter side of an ``h x w`` image to ``min_size`` unless
+    the longer side would then exceed ``max_size`` (detectron2's rule), as a float (for
+    decode reductions and torchvision's resize); the size it gives is `resized_size`."""
+    return min(min_size / min(h, w), max_size / max(h, w))
+
+
+def resized_size(h, w, min_size: int | None, max_size: int):
+    """``(H, W)`` of an ``h x w`` image after the eval resize -- THE resize rule, used by
+    `ResizeShortestEdge` (so by every data pipeline and `focaldet.inference.Predictor`), the
+    export graph, the doctor and the anchor analysis: each side times
+    `shortest_edge_scale`, rounded half up, at least 1 px; ``min_size=None``: not resized.
+
+    Exact integer arithmetic: ``floor(x * a / b + 1/2) = (2 x a + b) // (2 b)``, and the min
+    of the two rounded candidates is the rounded min (rounding is monotone). It works on
+    plain ints and on the symbolic sizes of ``torch.export`` (``torch.sym_min``/``sym_max``
+    return plain ints for ints)."""
+    if min_size is None:
+        return h, w
+    import torch
+
+    short, long = torch.sym_min(h, w), torch.sym_max(h, w)
+
+    def rounded(x):
+        size = torch.sym_min((2 * x * min_size + short) // (2 * short), (2 * x * max_size + long) // (2 * long))
+        return torch.sym_max(size, 1)
+
+    return rounded(h), rounded(w)
 
 
 @dataclass(frozen=True)
@@ -61,6 +91,16 @@ class InputSettings:
             return build_transforms(False, transforms=[])
         transforms = None if self.eval_transforms is None else [dict(t) for t in self.eval_transforms]
         return build_transforms(False, self.min_size or 800, self.max_size, transforms=transforms)
+
+    def resized_size(self, h: int, w: int) -> tuple[int, int]:
+        """``(H, W)`` of an ``h x w`` image after these settings' eval resize (`resized_size`)."""
+        return resized_size(h, w, self.min_size, self.max_size)
+
+    def padded_size(self, h: int, w: int) -> tuple[int, int]:
+        """``(H, W)`` of a prepared ``h x w`` image padded alone to ``size_divisibility``
+        (the batch rule of `focaldet.inference.Predictor`)."""
+        d = max(int(self.size_divisibility), 1)
+        return -(-int(h) // d) * d, -(-int(w) // d) * d
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only (stored in checkpoints, loaded with ``weights_only=True``)."""

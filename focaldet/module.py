@@ -20,8 +20,8 @@ from torch import nn
 from focaldet.errors import ConfigError, DataError, NonFiniteLossError
 from focaldet.evaluation import Evaluator, detections_to_coco
 from focaldet.evaluation.coco import DEFAULT_BACKEND
-from focaldet.evaluation.thresholds import load_thresholds, per_label_thresholds
-from focaldet.inference.slicing import Slicing, sliced_detections
+from focaldet.inference.predictor import Predictor
+from focaldet.inference.slicing import Slicing
 from focaldet.inputs import InputSettings
 from focaldet.losses import RetinaNetCriterion
 from focaldet.losses.criterion import CROWD_IOA_THRESHOLD
@@ -29,7 +29,6 @@ from focaldet.modeling import AnchorGenerator, Matcher, PostProcess, RetinaNet
 from focaldet.modeling.weights import init_weights as load_init_weights
 from focaldet.modeling.weights import print_report
 from focaldet.recipe import describe
-from focaldet.structures.boxes import rescale_boxes
 
 OBJECT_ARGS = ("backbone", "anchor_generator", "matcher", "postprocess", "cls_loss", "box_loss")
 CHECKPOINT_FORMAT = 2  # checkpoint["focaldet"]: 1 = {label_map, config}; 2 adds inputs, recipe in hyper_parameters
@@ -195,16 +194,19 @@ class RetinaNetModule(L.LightningModule):
         """``{"loss", "loss_cls", "loss_box", ...}`` of a training batch."""
         return self.criterion(self._forward(batch), batch["boxes"], batch["labels"], batch.get("crowd_boxes"))
 
-    def _detections(self, batch: dict) -> list[dict]:
-        """Detections in the batch's (resized) pixel coordinates."""
-        return self.model.detect(self._forward(batch), batch["image_sizes"])
+    @property
+    def predictor(self) -> Predictor:
+        """The one inference path (`focaldet.inference.Predictor`) around this model: the
+        data's eval inputs, the label map, ``score_threshold`` and ``slicing``. Built on first
+        use (after a checkpoint's label map is loaded)."""
+        if getattr(self, "_predictor", None) is None:
+            self._predictor = Predictor(self.model, self.inputs, self.label_to_cat_id, self.class_names,
+                                        score_threshold=self.hparams.get("score_threshold"), slicing=self.slicing)
+        return self._predictor
 
-    def _detect(self, batch: dict, detections: list[dict] | None = None) -> list[dict]:
-        """Detections (computed here unless given) mapped back to each image's original pixels."""
-        detections = self._detections(batch) if detections is None else detections
-        for det, size, orig in zip(detections, batch["image_sizes"].tolist(), batch["orig_sizes"].tolist()):
-            det["boxes"] = rescale_boxes(det["boxes"], size, orig)
-        return detections
+    def _detect(self, batch: dict) -> list[dict]:
+        """Detections of a prepared batch in each image's original pixels (the predictor's)."""
+        return self.predictor.detect(batch)
 
     def _detect_sliced(self, batch: dict) -> list[dict]:
         """Detections by slices (`focaldet.inference.slicing`) of a batch of original-resolution
@@ -217,22 +219,7 @@ class RetinaNetModule(L.LightningModule):
                               f"resized ({w}x{h} of {ow}x{oh}, w x h): set data.eval_original_size "
                               "(the focaldet CLI does so whenever model.slicing is set)")
         images = [batch["images"][i, :, :h, :w].cpu() for i, (h, w) in enumerate(sizes)]  # (3, H, W) each
-
-        def detect(pieces: dict) -> list[dict]:
-            pieces = {**pieces, "images": pieces["images"].to(self.device),
-                      "image_sizes": pieces["image_sizes"].to(self.device)}
-            return self._detect(pieces)
-
-        post = self.model.postprocess
-        return sliced_detections(images, detect, self.slicing, self._piece_transforms, self.inputs.size_divisibility,
-                                 post.nms_thresh, post.detections_per_img)
-
-    @property
-    def _piece_transforms(self):
-        """The eval pipeline each slice goes through (built once)."""
-        if getattr(self, "_eval_pipeline", None) is None:
-            self._eval_pipeline = self.inputs.eval_pipeline()
-        return self._eval_pipeline
+        return self.predictor.detect_sliced(images)
 
     def _run_dir(self) -> Path:
         """The logger's versioned run folder (a collective under DDP: call it on every rank)."""
@@ -305,17 +292,17 @@ class RetinaNetModule(L.LightningModule):
                 self._preview = _preview(batch, detections)
             self._results.extend(detections_to_coco(batch["image_ids"].tolist(), detections, self.label_to_cat_id))
             return
-        if self.criterion is not None:  # losses and detections of one forward pass
+        outputs = None
+        if self.criterion is not None:  # the validation loss, on the batch as training pads it
             outputs = self._forward(batch)
             losses = self.criterion(outputs, batch["boxes"], batch["labels"], batch.get("crowd_boxes"))
             self.log_dict({f"{stage}/{k}": losses[k] for k in ("loss", "loss_cls", "loss_box")},
                           batch_size=batch["images"].shape[0], sync_dist=True)
-            detections = self.model.detect(outputs, batch["image_sizes"])
-        else:
-            detections = self._detections(batch)
+        # the predictor's batch rule: the same pass when every image pads to the batch's size
+        detections = self.predictor.detect_prepared(batch, outputs)
         if self._preview is None and self.trainer.is_global_zero:
             self._preview = _preview(batch, detections)
-        detections = self._detect(batch, detections)
+        detections = self.predictor.to_original(batch, detections)
         self._results.extend(detections_to_coco(batch["image_ids"].tolist(), detections, self.label_to_cat_id))
 
     def on_validation_epoch_end(self) -> None:
@@ -365,8 +352,7 @@ class RetinaNetModule(L.LightningModule):
     # ------------------------------------------------------------------ prediction
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         detections = self._detect_sliced(batch) if self.slicing is not None else self._detect(batch)
-        if self.hparams.get("score_threshold") is not None:
-            detections = self._apply_score_threshold(detections)
+        detections = self.predictor.finish(detections, names=False)  # score_threshold, category ids
         entries = detections_to_coco(batch["image_ids"].tolist(), detections, self.label_to_cat_id)
         names = dict(zip(self.label_to_cat_id, self.class_names))
         files = dict(zip(batch["image_ids"].tolist(), batch["file_names"]))
@@ -375,19 +361,6 @@ class RetinaNetModule(L.LightningModule):
         if self.hparams.draw_predictions:
             self._draw(batch, detections)
         return entries
-
-    def _apply_score_threshold(self, detections: list[dict]) -> list[dict]:
-        """Keep the detections scoring at least ``score_threshold`` (one number, or per class)."""
-        if getattr(self, "_score_thresholds", None) is None:  # read the file once per run
-            self._score_thresholds = per_label_thresholds(load_thresholds(self.hparams.score_threshold),
-                                                          self.class_names)
-        thr = self._score_thresholds
-        out = []
-        for det in detections:
-            keep = det["scores"] >= torch.as_tensor(thr, dtype=det["scores"].dtype, device=det["scores"].device)[
-                det["labels"]]
-            out.append({k: v[keep] for k, v in det.items()})
-        return out
 
     def _draw(self, batch: dict, detections: list[dict]) -> None:
         from focaldet.data import read_image

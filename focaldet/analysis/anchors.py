@@ -170,16 +170,12 @@ def _plain(v: float) -> float | int:
 
 def input_sizes(image_sizes: Tensor, settings: InputSettings) -> tuple[Tensor, Tensor]:
     """``(resized, padded)``, each ``(N, 2)`` int64 ``(H, W)``, of images of ``image_sizes``
-    ``(N, 2)``: focaldet's eval resize (``ResizeShortestEdge``'s rule, rounding half to even
-    as Python's ``round``; no resize when ``min_size`` is None), then the batch padding to
-    ``size_divisibility``."""
-    hw = torch.as_tensor(image_sizes, dtype=torch.float64).reshape(-1, 2)
-    if settings.min_size is None:
-        resized = hw
-    else:
-        short, long = hw.amin(dim=1), hw.amax(dim=1)  # (N,)
-        scale = torch.minimum(settings.min_size / short, settings.max_size / long)  # shortest_edge_scale
-        resized = torch.round(hw * scale[:, None]).clamp(min=1)
+    ``(N, 2)``: focaldet's eval resize (`InputSettings.resized_size`; no resize when
+    ``min_size`` is None), then the padding to ``size_divisibility``."""
+    hw = torch.as_tensor(image_sizes, dtype=torch.int64).reshape(-1, 2)
+    distinct, inverse = torch.unique(hw, dim=0, return_inverse=True)  # (U, 2), (N,): one call per size
+    resized = torch.tensor([settings.resized_size(h, w) for h, w in distinct.tolist()],
+                           dtype=torch.float64).reshape(-1, 2)[inverse]  # (N, 2)
     div = max(int(settings.size_divisibility), 1)
     padded = torch.ceil(resized / div) * div
     return resized.long(), padded.long()

@@ -24,10 +24,9 @@ from torchvision.ops import box_iou
 from focaldet.data.coco import read_coco_json
 from focaldet.data.sampling import class_repeat_factors, expected_class_frequency, repeat_factors
 from focaldet.data.scan import format_mismatch, scan_images
-from focaldet.data.transforms import shortest_edge_scale
 from focaldet.data.validate import MIN_BOX_SIDE, CocoValidation, Problems, validate_coco
 from focaldet.errors import DataError
-from focaldet.inputs import InputSettings
+from focaldet.inputs import InputSettings, resized_size
 
 __all__ = ["Report", "best_anchor_iou", "check_dataset"]
 
@@ -156,9 +155,8 @@ def _pct(value: float | None) -> str:
 
 
 def _resized_size(h: int, w: int, min_size: int, max_size: int) -> tuple[int, int]:
-    """Image size after `ResizeShortestEdge` (same rule and rounding)."""
-    scale = shortest_edge_scale(h, w, min_size, max_size)
-    return max(1, round(h * scale)), max(1, round(w * scale))
+    """Image size after `ResizeShortestEdge` (`focaldet.inputs.resized_size`)."""
+    return resized_size(h, w, min_size, max_size)
 
 
 def best_anchor_iou(

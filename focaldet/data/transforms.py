@@ -26,11 +26,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import albumentations as A
+import albumentations.augmentations.geometric.functional as fgeometric
+import cv2
 import torch
 from albumentations.augmentations.geometric.resize import MaxSizeTransform
 
 from focaldet.errors import ConfigError
-from focaldet.inputs import InputSettings
+from focaldet.inputs import InputSettings, resized_size, shortest_edge_scale
 
 __all__ = [
     "ResizeShortestEdge",
@@ -44,18 +46,13 @@ __all__ = [
 ]
 
 
-def shortest_edge_scale(h: int, w: int, min_size: int, max_size: int) -> float:
-    """The scale that brings the shorter side of an ``h x w`` image to ``min_size`` unless
-    the longer side would then exceed ``max_size`` (detectron2's rule)."""
-    return min(min_size / min(h, w), max_size / max(h, w))
-
-
 class ResizeShortestEdge(MaxSizeTransform):
     """Scale so the shorter side is ``min_size`` while the longer side stays <= ``max_size``.
 
     The scale is ``min(min_size / min(h, w), max_size / max(h, w))`` (detectron2's
     ``ResizeShortestEdge``, the RetinaNet paper's 800/1333); the output size is
-    ``round(h * scale), round(w * scale)`` and boxes follow the actual size ratio.
+    `focaldet.inputs.resized_size` (each side rounded half up) and boxes follow the actual
+    size ratio.
 
     Args:
         min_size: target shorter side; a list picks one value at random per image
@@ -81,7 +78,17 @@ class ResizeShortestEdge(MaxSizeTransform):
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         h, w = params["shape"][:2]
         short = self.py_random.choice(self.min_size) if isinstance(self.min_size, list) else self.min_size
-        return {"scale": shortest_edge_scale(h, w, short, self.max_size)}
+        size = resized_size(h, w, short, self.max_size)  # the one rule (focaldet.inputs)
+        return {"scale": size[0] / h, "size": size}
+
+    def apply(self, img, scale: float, size: tuple[int, int] = None, **params: Any):
+        interpolation = self.interpolation
+        if self.area_for_downscale in ["image", "image_mask"] and scale < 1.0:
+            interpolation = cv2.INTER_AREA
+        return fgeometric.resize(img, size, interpolation=interpolation)
+
+    def apply_to_mask(self, mask, scale: float, size: tuple[int, int] = None, **params: Any):
+        return fgeometric.resize(mask, size, interpolation=self.mask_interpolation)
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
         return ("min_size", "max_size", "interpolation")

@@ -6,7 +6,7 @@ with the batch size, height and width left dynamic::
 
     images (N, 3, H, W) float32 RGB in [0, 1]
       -> resize: shorter side to min_size, longer side capped at max_size (the data
-         pipeline's eval rule, `ResizeShortestEdge`: size round(side * scale), bilinear)
+         pipeline's eval rule, `focaldet.inputs.resized_size` itself; bilinear)
       -> normalise (pixel_mean, pixel_std) -> pad right/below to size_divisibility
       -> backbone, FPN, head; anchors from the feature shapes
       -> `PostProcess.padded`: top-k, decode, clip, class-aware NMS, top D
@@ -25,26 +25,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from focaldet.inputs import resized_size
 from focaldet.modeling.retinanet import RetinaNet
 
 OUTPUT_NAMES = ("boxes", "scores", "labels", "num_detections")
 
 
 def eval_size(h, w, min_size: int | None, max_size: int | None):
-    """``(oh, ow)``: the data pipeline's eval resize rule (``shortest_edge_scale``, sizes
-    rounded half up; at an exact half the pipeline's float arithmetic may round 1 px the
-    other way); plain ints for ints, symbolic ones under ``torch.export``."""
-    if min_size is None:
-        return h, w
-    # round half up of x * min(min_size / short, max_size / long), in integer arithmetic (exact,
-    # and serialisable by torch.export): rounding is monotone, so the min of the two rounded
-    # candidates is the rounded min; floor(x * a / b + 1/2) = (2 * x * a + b) // (2 * b).
-    short, long = torch.sym_min(h, w), torch.sym_max(h, w)
-
-    def rounded(x):
-        return torch.sym_min((2 * x * min_size + short) // (2 * short), (2 * x * max_size + long) // (2 * long))
-
-    return rounded(h), rounded(w)
+    """``(oh, ow)``: the data pipeline's eval resize, `focaldet.inputs.resized_size` itself (exact
+    integer arithmetic: plain ints for ints, symbolic ones under ``torch.export``)."""
+    return resized_size(h, w, min_size, max_size)
 
 
 class ExportableDetector(nn.Module):

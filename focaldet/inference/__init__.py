@@ -1,5 +1,6 @@
-"""Inference beyond one forward pass per image: sliced inference for large images (`slicing`)."""
+"""Inference: the one predictor (`predictor`) and sliced inference for large images (`slicing`)."""
 
+from focaldet.inference.predictor import Predictor, read_thresholds, size_groups
 from focaldet.inference.slicing import Slicing, merge_detections, shift_boxes, slice_windows, sliced_detections
 
-__all__ = ["Slicing", "merge_detections", "shift_boxes", "slice_windows", "sliced_detections"]
+__all__ = ["Predictor", "Slicing", "read_thresholds", "size_groups", "merge_detections", "shift_boxes", "slice_windows", "sliced_detections"]

@@ -142,7 +142,7 @@ def sliced_detections(images: Sequence[Tensor], detect: Callable[[dict], list[di
         images: ``(3, H, W)`` uint8 RGB images at their original resolution (CPU tensors).
         detect: runs the model on a collated batch (``focaldet.data.transforms.collate_detection``)
             and returns each image's detections in its ``orig_sizes`` pixels (what
-            ``Detector._detect`` and ``RetinaNetModule._detect`` do).
+            ``focaldet.inference.Predictor.detect`` does).
         slicing: the windows (and whether to add the whole image).
         transforms: the eval pipeline each window (and the whole image) goes through
             (``InputSettings.eval_pipeline()``).

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from focaldet.inputs import InputSettings
+from focaldet.inputs import InputSettings, shortest_edge_scale
 from focaldet.modeling.anchors import AnchorGenerator
 from focaldet.modeling.backbone import ResNetBackbone, fuse_frozen_batchnorm
 from focaldet.modeling.box_coder import BoxCoder
@@ -138,11 +138,13 @@ class RetinaNet(nn.Module):
 
     # ------------------------------------------------------------------ inference on raw images
     def _resize(self, image: Tensor) -> Tensor:
-        """torchvision's GeneralizedRCNNTransform resize (bilinear, same scale rounding)."""
+        """torchvision's GeneralizedRCNNTransform resize: focaldet's `shortest_edge_scale`,
+        applied as torchvision does (bilinear on floats, sizes floored), for bit-equal parity
+        with torchvision's RetinaNet. focaldet's own doors prepare images with
+        `focaldet.inference.Predictor` instead."""
         if self.min_size is None:
             return image
-        h, w = image.shape[-2:]
-        scale = min(self.min_size / min(h, w), self.max_size / max(h, w))
+        scale = shortest_edge_scale(*image.shape[-2:], self.min_size, self.max_size)
         if scale == 1.0:  # bilinear at scale 1 samples every pixel centre: the identity
             return image
         return F.interpolate(image[None], scale_factor=scale, mode="bilinear",
