@@ -183,7 +183,8 @@ class Detector:
         return self.predictor.device
 
     def predict(self, inputs: Any, score_threshold: float | Mapping | str | os.PathLike | None = None,
-                batch_size: int = 8, slicing: Slicing | Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+                batch_size: int = 8, slicing: Slicing | Mapping[str, Any] | None = None,
+                tta: Any = None) -> list[dict[str, Any]]:
         """Detections per image, in input order.
 
         ``inputs``: an image path, a folder (its images sorted by name), a list of paths, or
@@ -195,12 +196,16 @@ class Detector:
         (`focaldet.inference.predictor`'s batch rule).
         ``score_threshold``: see `read_thresholds`; the postprocess's own ``score_thresh``
         has already been applied.
+        ``tta``: test-time augmentation (`focaldet.inference.tta.TTA`, or ``{"flip": True,
+        "scales": [...]}``): each image also run mirrored and at the given shorter sides, the
+        views merged by class-wise NMS.
         ``slicing``: sliced inference (`focaldet.inference.Slicing`, or a mapping of its
         fields, e.g. ``{"size": 512}``): each image is read at its original size and cut into
         windows, each window prepared as a whole image is without slicing; detections are
         merged with class-aware NMS (``postprocess.nms_thresh``, ``detections_per_img``).
         """
-        return self.predictor(inputs, score_threshold=score_threshold, batch_size=batch_size, slicing=slicing)
+        return self.predictor(inputs, score_threshold=score_threshold, batch_size=batch_size, slicing=slicing,
+                              tta=tta)
 
     def __repr__(self) -> str:
         return f"Detector({len(self.names)} classes {self.names}, inputs={self.inputs}, device={self.device})"

@@ -111,7 +111,9 @@ class FocaldetCLI(LightningCLI):
         parser.link_arguments("data.inputs", "model.inputs", compute_fn=lambda s: s.to_dict(), apply_on="instantiate")
         parser.link_arguments("data.batch_size", "model.batch_size")
         # sliced inference cuts the original image: the data module must not resize it first
-        parser.link_arguments("model.slicing", "data.eval_original_size", compute_fn=lambda s: s is not None)
+        # so does test-time augmentation (each view resizes the original image itself)
+        parser.link_arguments(("model.slicing", "model.tta"), "data.eval_original_size",
+                              compute_fn=lambda s, t: s is not None or t is not None)
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         # focaldet always hands over its argv explicitly (`run`): Lightning's warning about "args"

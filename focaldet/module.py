@@ -22,6 +22,7 @@ from focaldet.evaluation import Evaluator, detections_to_coco
 from focaldet.evaluation.coco import DEFAULT_BACKEND
 from focaldet.inference.predictor import Predictor
 from focaldet.inference.slicing import Slicing
+from focaldet.inference.tta import TTA
 from focaldet.inputs import InputSettings
 from focaldet.losses import RetinaNetCriterion
 from focaldet.losses.criterion import CROWD_IOA_THRESHOLD
@@ -87,6 +88,10 @@ class RetinaNetModule(L.LightningModule):
             eval pipeline of ``inputs`` here. An inference setting: not stored in the
             checkpoint's recipe, so ``focaldet.load`` and ``--ckpt_path`` never turn it on.
             With slicing the validation loss is not logged (it is the unsliced model's).
+        tta: test-time augmentation for ``validate``, ``test``, ``predict``: ``--model.tta.flip true
+            --model.tta.scales [480,640]`` (`focaldet.inference.tta.TTA`): each image also run
+            mirrored and at those shorter sides, merged by class-wise NMS; like slicing, an
+            inference setting (not in the recipe) that has the data module hand over originals.
         channels_last: run the model in NHWC memory order (``RetinaNet(channels_last=...)``):
             faster with oneDNN on CPU and with tensor cores on GPU.
         flush_denormal: flush subnormal floats to zero on CPU. Training from scratch fills
@@ -130,6 +135,7 @@ class RetinaNetModule(L.LightningModule):
         max_dets: int = 100,
         score_threshold: float | str | None = None,
         slicing: Slicing | None = None,
+        tta: TTA | None = None,
         channels_last: bool = True,
         flush_denormal: bool = True,
         init_weights: str | None = None,
@@ -145,13 +151,14 @@ class RetinaNetModule(L.LightningModule):
         # (focaldet.recipe), so that focaldet.load and `--ckpt_path` rebuild this very model.
         # The label map and input settings are stored once each, in checkpoint["focaldet"].
         # Slicing is how this run evaluates, not part of the model: kept out of the recipe.
-        self.save_hyperparameters(ignore=[*OBJECT_ARGS, "label_map", "inputs", "slicing"])
+        self.save_hyperparameters(ignore=[*OBJECT_ARGS, "label_map", "inputs", "slicing", "tta"])
         objects = dict(backbone=backbone, anchor_generator=anchor_generator, matcher=matcher,
                        postprocess=postprocess, cls_loss=cls_loss, box_loss=box_loss)
         self.hparams.update({name: _describe(obj) for name, obj in objects.items()})
         self.label_map = label_map
         self.inputs = InputSettings.from_dict(inputs)
         self.slicing = Slicing.of(slicing)
+        self.tta = TTA.of(tta)
         self.model = RetinaNet(
             num_classes, backbone=backbone, anchor_generator=anchor_generator, postprocess=postprocess,
             fpn_channels=fpn_channels, p6_from=p6_from, num_convs=num_convs, head_norm=head_norm,
@@ -201,7 +208,8 @@ class RetinaNetModule(L.LightningModule):
         use (after a checkpoint's label map is loaded)."""
         if getattr(self, "_predictor", None) is None:
             self._predictor = Predictor(self.model, self.inputs, self.label_to_cat_id, self.class_names,
-                                        score_threshold=self.hparams.get("score_threshold"), slicing=self.slicing)
+                                        score_threshold=self.hparams.get("score_threshold"), slicing=self.slicing,
+                                        tta=getattr(self, "tta", None))
         return self._predictor
 
     def _detect(self, batch: dict) -> list[dict]:
@@ -215,11 +223,14 @@ class RetinaNetModule(L.LightningModule):
         bad = [(name, s, o) for name, s, o in zip(batch["file_names"], sizes, orig) if s != o]
         if bad:
             name, (h, w), (oh, ow) = bad[0]
-            raise ConfigError(f"model.slicing needs the images at their original size, but {name} arrives "
+            what = "model.slicing" if self.slicing is not None else "model.tta"
+            raise ConfigError(f"{what} needs the images at their original size, but {name} arrives "
                               f"resized ({w}x{h} of {ow}x{oh}, w x h): set data.eval_original_size "
-                              "(the focaldet CLI does so whenever model.slicing is set)")
+                              f"(the focaldet CLI does so whenever {what} is set)")
         images = [batch["images"][i, :, :h, :w].cpu() for i, (h, w) in enumerate(sizes)]  # (3, H, W) each
-        return self.predictor.detect_sliced(images)
+        if self.slicing is not None:
+            return self.predictor.detect_sliced(images)
+        return self.predictor.detect_tta(images)
 
     def _run_dir(self) -> Path:
         """The logger's versioned run folder (a collective under DDP: call it on every rank)."""
@@ -286,7 +297,7 @@ class RetinaNetModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         stage = "test" if self.trainer.testing else "val"
-        if self.slicing is not None:  # original-resolution images in, detections in original pixels out
+        if self.slicing is not None or self.tta is not None:  # original-resolution images in, original pixels out
             detections = self._detect_sliced(batch)
             if self._preview is None and self.trainer.is_global_zero:
                 self._preview = _preview(batch, detections)
@@ -351,7 +362,8 @@ class RetinaNetModule(L.LightningModule):
 
     # ------------------------------------------------------------------ prediction
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        detections = self._detect_sliced(batch) if self.slicing is not None else self._detect(batch)
+        whole = self.slicing is None and self.tta is None
+        detections = self._detect(batch) if whole else self._detect_sliced(batch)
         detections = self.predictor.finish(detections, names=False)  # score_threshold, category ids
         entries = detections_to_coco(batch["image_ids"].tolist(), detections, self.label_to_cat_id)
         names = dict(zip(self.label_to_cat_id, self.class_names))

@@ -9,6 +9,8 @@ import random
 import lightning
 import numpy as np
 import pytest
+
+from focaldet.errors import ConfigError
 import torch
 import torch.nn.functional as F
 import yaml
@@ -110,6 +112,36 @@ def test_thresholds_and_names_are_the_predictors(tiny_predictor, tmp_path):
     assert set(only_c["names"]) <= {"c"} and len(only_c["names"]) == int((every["labels"] == 2).sum())
     det = Detector(tiny_predictor.model, tiny_predictor.inputs, [1, 5, 9], ["a", "b", "c"], score_threshold=cut)
     assert len(det.predict(image)[0]["scores"]) == len(kept["scores"])
+
+
+def test_tta_through_the_predictor_is_the_merge_of_its_views(tiny_predictor):
+    """``predict(tta={"flip": True})`` = class-wise NMS over the plain and the mirrored image's
+    detections (mirrored back); the TTA views run the same prepare -> model -> original pixels."""
+    from focaldet.inference.slicing import merge_detections
+    from focaldet.inference.tta import flip_boxes
+
+    image = np.random.default_rng(3).integers(0, 255, (60, 90, 3), dtype=np.uint8)
+    plain = tiny_predictor(image)[0]
+    mirrored = tiny_predictor(np.ascontiguousarray(image[:, ::-1]))[0]
+    views = [{k: plain[k] for k in ("boxes", "scores", "labels")},
+             {"boxes": flip_boxes(mirrored["boxes"], 90), "scores": mirrored["scores"], "labels": mirrored["labels"]}]
+    post = tiny_predictor.model.postprocess
+    expected = merge_detections(views, post.nms_thresh, post.detections_per_img)
+    got = tiny_predictor(image, tta={"flip": True})[0]
+    torch.testing.assert_close(got["boxes"], expected["boxes"], atol=0.5, rtol=0)
+    torch.testing.assert_close(got["scores"], expected["scores"], atol=1e-3, rtol=0)
+    assert (got["boxes"][:, 2] <= 90 + 1e-3).all() and len(got["scores"]) == 30
+    with pytest.raises(ConfigError, match="cannot be combined"):
+        tiny_predictor(image, tta={"flip": True}, slicing={"size": 32})
+
+
+def test_tta_flag_reaches_the_module_and_hands_over_originals(checkpoint, synth_coco):
+    cli = _cli(["validate", "--ckpt_path", str(checkpoint), "--data.val_ann", str(synth_coco.val_ann),
+                "--data.val_images", str(synth_coco.images), "--model.tta.flip", "true",
+                "--model.tta.scales", "[64,96]"])
+    assert cli.model.tta.flip is True and cli.model.tta.scales == (64, 96)
+    assert cli.model.predictor.tta == cli.model.tta and cli.datamodule.eval_original_size is True
+    assert "tta" not in cli.model.hparams  # an inference setting, not the recipe
 
 
 # ---------------------------------------------------------------- the checkpoint is the default

@@ -35,7 +35,9 @@ from torch import Tensor
 
 from focaldet.errors import DataError
 from focaldet.evaluation.thresholds import ALL, load_thresholds, per_label_thresholds
+from focaldet.errors import ConfigError
 from focaldet.inference.slicing import Slicing, sliced_detections
+from focaldet.inference.tta import TTA, tta_detections
 from focaldet.inputs import InputSettings
 from focaldet.structures.boxes import rescale_boxes
 
@@ -88,10 +90,14 @@ class Predictor:
     """
 
     def __init__(self, model, inputs: InputSettings, category_ids: Sequence[int], names: Sequence[str],
-                 score_threshold: Any = None, slicing: Slicing | Mapping[str, Any] | None = None):
+                 score_threshold: Any = None, slicing: Slicing | Mapping[str, Any] | None = None,
+                 tta: TTA | Mapping[str, Any] | None = None):
         self.model, self.inputs = model, InputSettings.from_dict(inputs)
         self.category_ids, self.names = [int(c) for c in category_ids], [str(n) for n in names]
         self.score_threshold, self.slicing = score_threshold, Slicing.of(slicing)
+        self.tta = TTA.of(tta)
+        if self.slicing is not None and self.tta is not None:
+            raise ConfigError("slicing and test-time augmentation cannot be combined: choose one")
         self._pipeline = None
         self._thresholds: dict[Any, Tensor | None] = {}
 
@@ -163,6 +169,14 @@ class Predictor:
         return sliced_detections(images, self.detect, slicing or self.slicing, self.transforms,
                                  self.inputs.size_divisibility, post.nms_thresh, post.detections_per_img)
 
+    def detect_tta(self, images: Sequence[Tensor], tta: TTA | None = None) -> list[dict[str, Tensor]]:
+        """Detections of original-resolution ``(3, H, W)`` uint8 images over the views of ``tta``
+        (flip, scales; `focaldet.inference.tta`), each view prepared and run as a whole image
+        is, merged by class-wise NMS; in original pixels."""
+        post = self.model.postprocess
+        return tta_detections(images, self.detect, tta or self.tta, self.inputs, post.nms_thresh,
+                              post.detections_per_img)
+
     # ------------------------------------------------------------------ finish
     def thresholds(self, score_threshold: Any = None) -> Tensor | None:
         """Per-class thresholds ``(K,)`` (`read_thresholds`; a file is read once)."""
@@ -194,16 +208,22 @@ class Predictor:
     # ------------------------------------------------------------------ all of it
     @torch.inference_mode()
     def __call__(self, inputs: Any, score_threshold: Any = None, batch_size: int = 8,
-                 slicing: Slicing | Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+                 slicing: Slicing | Mapping[str, Any] | None = None,
+                 tta: TTA | Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
         """Detections per image, in input order (see ``focaldet.api.Detector.predict``)."""
         slicing = Slicing.of(slicing) or self.slicing
-        dataset = self.prepare(inputs, original_size=slicing is not None)
+        tta = TTA.of(tta) or self.tta
+        if slicing is not None and tta is not None:
+            raise ConfigError("slicing and test-time augmentation cannot be combined: choose one")
+        dataset = self.prepare(inputs, original_size=slicing is not None or tta is not None)
         results = []
         step = max(int(batch_size), 1)
         for start in range(0, len(dataset), step):
             samples = [dataset[i] for i in range(start, min(start + step, len(dataset)))]
             if slicing is not None:
                 found = self.detect_sliced([s["image"] for s in samples], slicing)
+            elif tta is not None:
+                found = self.detect_tta([s["image"] for s in samples], tta)
             else:
                 found = self.detect(self.collate(samples))
             found = [{k: v.cpu() for k, v in det.items()} for det in found]
