@@ -54,6 +54,7 @@ class ExportableDetector(nn.Module):
         n, _, h, w = images.shape
         oh, ow = eval_size(h, w, m.min_size, m.max_size)
         x = F.interpolate(images, size=(oh, ow), mode="bilinear", align_corners=False)  # (N, 3, oh, ow)
+        x = (x * 255).round() / 255  # the 8-bit pixels the eval pipeline resizes to (OpenCV on uint8)
         x = (x - m.pixel_mean) / m.pixel_std
         d = m.size_divisibility
         x = F.pad(x, (0, (ow + d - 1) // d * d - ow, 0, (oh + d - 1) // d * d - oh))  # zeros right/below
