@@ -1,4 +1,4 @@
-"""The ``focaldet`` command.
+"""The ``focaldet`` command: a table of commands, each imported only when it runs.
 
 ``focaldet fit|validate|test|predict -c CONFIG.yaml [--key value ...]`` is Lightning's
 ``LightningCLI`` over ``RetinaNetModule`` and ``CocoDataModule``; ``focaldet data ...`` are
@@ -11,193 +11,8 @@ trained model (``focaldet.analysis``).
 from __future__ import annotations
 
 import sys
-import time
-from pathlib import Path
 
-import torch
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-
-from focaldet.checkpoints import check_checkpoint, install_checkpoint_io, resolve_last
-from focaldet.data.datamodule import CocoDataModule
-from focaldet.errors import FocaldetError
-from focaldet.failures import StopAllRanks, report_errors
-from focaldet.loggers import default_logger
-from focaldet.module import RetinaNetModule
-
-
-class PredictionWriter(Callback):
-    """Writes ``focaldet predict``'s detections as one COCO-style results JSON
-    (``predictions.json`` in the run directory), with file and category names added."""
-
-    def on_predict_epoch_end(self, trainer, pl_module) -> None:
-        from focaldet.evaluation import gather_results, write_results_json
-
-        batches = trainer.predict_loop.predictions
-        entries = gather_results([e for batch in batches for e in batch])
-        run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective: every rank
-        if trainer.is_global_zero:
-            path = write_results_json(entries, run_dir / "predictions.json")
-            print(f"wrote {len(entries)} detections to {path}", flush=True)
-
-
-class TrainingSpeed(Callback):
-    """Prints the sustained training speed when ``fit`` ends: ``training speed: X images/s``.
-
-    Images are counted on every process (each step's local batch x world size) after the
-    first ``warmup`` steps (allocator growth, cuDNN autotuning, compilation), and timed
-    between two device synchronisations: data loading, optimiser steps and logging are
-    included, validation is not. ``images_per_second`` keeps the figure (None if the run
-    had no step after the warm-up).
-    """
-
-    def __init__(self, warmup: int = 5) -> None:
-        if warmup < 1:
-            raise ValueError(f"TrainingSpeed: warmup must be >= 1 step, got {warmup}")
-        self.warmup = warmup
-        self._reset()
-
-    def _reset(self) -> None:
-        self._steps, self._images, self._elapsed, self._since = 0, 0, 0.0, None
-        self.images_per_second: float | None = None
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self._reset()
-
-    def _clock(self, pl_module) -> float:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
-        return time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._steps += 1
-        if self._steps > self.warmup:
-            self._images += len(batch["images"]) * trainer.world_size
-        elif self._steps == self.warmup:
-            self._since = self._clock(pl_module)
-
-    def on_validation_start(self, trainer, pl_module) -> None:
-        if self._since is not None:  # validation inside fit: pause the clock
-            self._elapsed += self._clock(pl_module) - self._since
-            self._since = None
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.state.fn == "fit" and self._steps >= self.warmup:
-            self._since = self._clock(pl_module)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if self._since is not None:
-            self._elapsed += self._clock(pl_module) - self._since
-        if self._images == 0 or self._elapsed <= 0:
-            return
-        self.images_per_second = self._images / self._elapsed
-        if trainer.is_global_zero:
-            print(f"training speed: {self.images_per_second:.1f} images/s over steps {self.warmup + 1}-{self._steps} "
-                  f"({trainer.world_size} process(es), validation excluded)", flush=True)
-
-
-class FocaldetCLI(LightningCLI):
-    """LightningCLI whose data module tells the model its classes (never typed twice).
-
-    ``trust_code``: build classes a ``--ckpt_path`` recipe names outside focaldet's allow-list
-    (`focaldet.safe_load`); set by ``focaldet --trust_checkpoint_code``."""
-
-    trust_code = False
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
-        parser.link_arguments("data.label_map", "model.label_map", compute_fn=lambda m: m.to_dict(),
-                              apply_on="instantiate")
-        parser.link_arguments("data.inputs", "model.inputs", compute_fn=lambda s: s.to_dict(), apply_on="instantiate")
-        parser.link_arguments("data.batch_size", "model.batch_size")
-        # sliced inference cuts the original image: the data module must not resize it first
-        # so does test-time augmentation (each view resizes the original image itself)
-        parser.link_arguments(("model.slicing", "model.tta"), "data.eval_original_size",
-                              compute_fn=lambda s, t: s is not None or t is not None)
-
-    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
-        # focaldet always hands over its argv explicitly (`run`): Lightning's warning about "args"
-        # given beside sys.argv does not apply
-        self.config = parser.parse_args(args)
-
-    def _parse_ckpt_path(self) -> None:
-        # Lightning would parse the checkpoint's hyperparameters over the config here, so that
-        # they override what the user typed. focaldet instead puts the checkpoint's config
-        # FIRST on the command line (`_config_from_checkpoint`): the checkpoint is the default,
-        # `-c` and `--model.*`/`--data.*` override it, and config.yaml records what ran.
-        sub = self.config.get("subcommand")
-        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
-        if ckpt_path and Path(ckpt_path).is_file():
-            check_checkpoint(ckpt_path)
-            _check_ckpt_recipe(ckpt_path, self.trust_code)  # Lightning parses its class paths next
-
-    def before_instantiate_classes(self) -> None:
-        # the same resolution of "config of this subcommand" as Lightning's SaveConfigCallback
-        sub = self.subcommand
-        self._resolved = self._parser(sub).dump(self.config.get(str(sub), self.config), skip_none=False)
-
-    def instantiate_classes(self) -> None:
-        try:
-            super().instantiate_classes()
-        except ValueError as e:  # jsonargparse wraps what a constructor raised: say that in one line
-            cause = _focaldet_cause(e)
-            if cause is None:
-                raise
-            raise cause from None
-        self.model.run_config = self._resolved  # stored in every checkpoint
-        if self.config.get(str(self.subcommand), self.config).trainer.logger in (None, True):
-            self.trainer.loggers = [default_logger(self.trainer.default_root_dir)]  # see focaldet.loggers
-        # Checkpoints go where Lightning puts them, into the run's own version folder
-        # (<default_root_dir>/lightning_logs/version_N/checkpoints); `--ckpt_path last` finds the newest run's.
-        install_checkpoint_io(self.trainer)  # atomic saves, one-line errors on unreadable files
-        self.trainer.callbacks.append(StopAllRanks())  # one failing DDP rank ends them all
-        sub = self.subcommand
-        if sub is not None and "ckpt_path" in self.config_init[sub]:  # checked before the trainer runs
-            kwargs = self.config_init[sub]
-            kwargs["ckpt_path"] = resolve_last(kwargs["ckpt_path"], self.trainer, sub)
-            _note_eval_size(kwargs["ckpt_path"], self.datamodule.inputs, sub)
-            if "weights_only" in kwargs:  # Lightning's own load: weights only (FocaldetCheckpointIO is, too)
-                kwargs["weights_only"] = True
-
-
-def _focaldet_cause(exc: BaseException) -> FocaldetError | None:
-    """The `FocaldetError` an exception was raised from (jsonargparse re-raises a part's
-    constructor error as a ValueError listing every Union subtype)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, FocaldetError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
-def _check_ckpt_recipe(path: str, trust_code: bool) -> None:
-    """A checkpoint whose recipe names a class focaldet does not build from a file is refused
-    before LightningCLI parses (and imports) it."""
-    from focaldet.api import check_recipe, read_checkpoint
-
-    try:
-        contents = read_checkpoint(path)
-    except FocaldetError:
-        return  # not a focaldet checkpoint: Lightning reads no recipe from it
-    check_recipe(contents, trust_code)
-
-
-def trainer_defaults() -> dict:
-    return {
-        "default_root_dir": "runs",
-        "callbacks": [
-            ModelCheckpoint(monitor="val/mAP", mode="max", save_last=True, filename="best-{step}-{val/mAP:.4f}",
-                            auto_insert_metric_name=False),
-            LearningRateMonitor(logging_interval="step"),
-            PredictionWriter(),
-            TrainingSpeed(),
-        ],
-    }
-
-
-PARSER_KWARGS = {"allow_abbrev": False, "prog": "focaldet"}  # `--trainer.max_step 10` is an error, not max_steps
+from focaldet.failures import report_errors
 
 # every command of `focaldet`, with the one line `focaldet --help` shows
 COMMANDS = {
@@ -213,7 +28,6 @@ COMMANDS = {
     "analyze": "studies of a trained model (loss-distribution)",
     "equal-budget": "focaldet and torchvision RetinaNet trained side by side on the same budget",
 }
-LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
 def usage() -> str:
@@ -268,73 +82,22 @@ def run(argv: list[str] | None = None) -> int:
         from focaldet.sweep import main as sweep_main
 
         return sweep_main(args[1:])
-    from focaldet.safe_load import check_config_file, import_policy
+    from focaldet.lightning_cli import run_lightning
 
-    trust = TRUST_FLAG in args
-    args = [a for a in args if a != TRUST_FLAG]
-    for config in _config_files(args):  # one line naming the file, before the parser imports anything
-        check_config_file(config, trust)
-    if args and args[0] in CHECKPOINT_COMMANDS:
-        args = _config_from_checkpoint(args, trust)
-    cli = type("FocaldetCLI", (FocaldetCLI,), {"trust_code": trust}) if trust else FocaldetCLI
-    with import_policy(trust):  # a class_path outside focaldet's allow-list is never imported
-        cli(
-            RetinaNetModule, CocoDataModule,
-            trainer_defaults=trainer_defaults(),
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs=PARSER_KWARGS,
-            args=args,
-        )
-    return 0
+    return run_lightning(args)
 
 
-TRUST_FLAG = "--trust_checkpoint_code"  # see docs/security.md
+def __getattr__(name: str):
+    """``focaldet.cli.FocaldetCLI`` and the rest of the Lightning commands' names, from
+    `focaldet.lightning_cli` (imported on first use)."""
+    if name.startswith("__"):  # the import system asks for __path__ and the like: not ours
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import focaldet.lightning_cli as lightning_cli
 
-
-def _config_files(args: list[str]) -> list[str]:
-    """The files of ``-c X`` / ``--config X`` / ``--config=X``."""
-    found = [a.split("=", 1)[1] for a in args if a.startswith(("--config=", "-c="))]
-    found += [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("-c", "--config")]
-    return [f for f in found if Path(f).is_file()]
-
-
-CHECKPOINT_COMMANDS = ("fit", "validate", "test", "predict")
-
-
-def _config_from_checkpoint(args: list[str], trust_code: bool = False) -> list[str]:
-    """A command given ``--ckpt_path FILE``: the checkpoint's config (`focaldet.api.checkpoint_config`:
-    its recipe, label map and eval inputs) goes first on the command line, so it is the
-    default and whatever the user typed after it (``-c``, ``--model.*``, ``--data.*``) wins
-    and is recorded in the run's config.yaml. ``--ckpt_path last``/``best`` (not a file yet)
-    leave the arguments as they are."""
-    ckpt = next((a.split("=", 1)[1] for a in args if a.startswith("--ckpt_path=")), None)
-    if ckpt is None and "--ckpt_path" in args[:-1]:
-        ckpt = args[args.index("--ckpt_path") + 1]
-    if ckpt is None or not Path(ckpt).is_file():
-        return args
-    check_checkpoint(ckpt)  # a bad file named in one line, before its config is read
-    from focaldet.api import checkpoint_config
-
-    return [args[0], "--config", checkpoint_config(ckpt, trust_code), *args[1:]]
-
-
-def _note_eval_size(ckpt_path: str | None, inputs, command: str) -> None:
-    """Say once when a run evaluates at other input settings than its checkpoint's."""
-    if command == "fit" or not ckpt_path or not Path(ckpt_path).is_file():
-        return
-    from focaldet.api import read_checkpoint
-
-    saved = read_checkpoint(ckpt_path).inputs
-    if saved != inputs:
-        from lightning.pytorch.utilities import rank_zero_only
-
-        rank_zero_only(print)(f"focaldet: note: {command} runs at min_size {inputs.min_size}, max_size "
-                              f"{inputs.max_size}, size_divisibility {inputs.size_divisibility}"
-                              f"{', custom eval_transforms' if inputs.eval_transforms else ''}; the checkpoint "
-                              f"{ckpt_path} evaluates at min_size {saved.min_size}, max_size {saved.max_size}, "
-                              f"size_divisibility {saved.size_divisibility}"
-                              f"{', custom eval_transforms' if saved.eval_transforms else ''} (your settings win)",
-                              file=sys.stderr, flush=True)
+    try:
+        return getattr(lightning_cli, name)
+    except AttributeError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
 
 
 if __name__ == "__main__":

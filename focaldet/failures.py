@@ -11,12 +11,8 @@ command, so a rank that fails prints the same line (Lightning's launcher then en
 from __future__ import annotations
 
 import os
-import signal
 import sys
-import time
 from collections.abc import Callable
-
-from lightning.pytorch.callbacks import Callback
 
 from focaldet.errors import FocaldetError
 
@@ -78,38 +74,3 @@ def _debug() -> bool:
 # set when this process's exception followed another rank's failure (that rank printed the error)
 _peer_failure: str | None = None
 PEER_WAIT_S = 10.0  # how long the launching process waits for a failing peer's exit status
-
-
-class StopAllRanks(Callback):
-    """Ends every DDP process when one fails, so none hangs in a collective until its timeout.
-
-    On an exception in the process that launched the others (Lightning's subprocess launcher,
-    global rank 0 on its node), this waits up to ``PEER_WAIT_S`` seconds for a child that
-    failed first (then the exception here is only the broken collective, and
-    :func:`report_errors` stays silent: the failed rank printed its own line), then kills the
-    children that are left. Lightning itself kills them on Ctrl-C only; its observer thread
-    kills everything 5 s after a child fails, but the parent's own error (a gloo "Connection
-    closed by peer" traceback) usually comes first.
-    """
-
-    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        global _peer_failure
-        from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
-
-        launcher = getattr(trainer.strategy, "launcher", None)
-        if not isinstance(launcher, _SubprocessScriptLauncher) or not launcher.procs:
-            return
-        procs = launcher.procs
-        if not isinstance(exception, FocaldetError):  # likely a consequence: look for a failed peer
-            deadline = time.monotonic() + PEER_WAIT_S
-            while time.monotonic() < deadline:
-                codes = [p.poll() for p in procs]
-                if any(codes) or all(code is not None for code in codes):  # one failed, or all ended
-                    break
-                time.sleep(0.05)
-            failed = [(rank, p.returncode) for rank, p in enumerate(procs, start=1) if p.poll()]
-            if failed:
-                _peer_failure = ", ".join(f"rank {rank} exited with status {code}" for rank, code in failed)
-        launcher.kill(signal.SIGKILL)  # children still running (skips those that ended)
-        for p in procs:
-            p.wait()

@@ -59,7 +59,7 @@ def build_run(configs: Sequence[str], args: Sequence[str] = (), root_dir: str | 
     A bad argument raises ``ConfigError`` (one line) instead of exiting."""
     from jsonargparse import ArgumentError
 
-    from focaldet.cli import PARSER_KWARGS, FocaldetCLI, trainer_defaults
+    from focaldet.lightning_cli import PARSER_KWARGS, FocaldetCLI, trainer_defaults
     from focaldet.data.datamodule import CocoDataModule
     from focaldet.module import RetinaNetModule
 
@@ -87,7 +87,7 @@ def resolve_run_config(configs: Sequence[str], args: Sequence[str] = ()) -> str:
     data or trainer is built. A bad argument raises ``ConfigError`` as in :func:`build_run`."""
     from jsonargparse import ArgumentError
 
-    from focaldet.cli import FocaldetCLI, trainer_defaults
+    from focaldet.lightning_cli import FocaldetCLI, trainer_defaults
     from focaldet.data.datamodule import CocoDataModule
     from focaldet.module import RetinaNetModule
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from focaldet.cli import TrainingSpeed, run
+from focaldet.cli import run
+from focaldet.lightning_cli import TrainingSpeed
 from focaldet.losses.criterion import RetinaNetCriterion
 
 

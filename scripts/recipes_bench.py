@@ -115,7 +115,7 @@ def main() -> None:
     parser.add_argument("--speed-only", action="store_true", help="no training: parameters and images/s only")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    from focaldet.cli import FocaldetCLI, trainer_defaults
+    from focaldet.lightning_cli import FocaldetCLI, trainer_defaults
     from focaldet.data import CocoDataModule
     from focaldet.data.synth import write_synthetic_coco
     from focaldet.module import RetinaNetModule

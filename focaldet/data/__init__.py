@@ -6,32 +6,11 @@ file, shared by the loader and the doctor), ``scan`` (every image decoded before
 cached), ``coco`` (loading and datasets), ``doctor`` (``focaldet data check``), ``sampling``
 (repeat-factor sampling, ``data.sampler: repeat_factor``).
 
-`CocoDataModule` is imported lazily, so ``focaldet data ...`` tools do not pay for
-importing Lightning.
+Every name here is imported on first use (PEP 562), so ``focaldet data ...`` tools pay only for
+what they run: never for Lightning (`CocoDataModule`), torchvision or the doctor.
 """
 
-from focaldet.data.coco import (
-    CocoDetection,
-    DataWarning,
-    ImageFolderDataset,
-    LabelMap,
-    load_coco,
-    read_coco_json,
-)
-from focaldet.data.doctor import Report, check_dataset
-from focaldet.data.images import ImageError, read_header, read_image
-from focaldet.data.sampling import RepeatFactorSampler, repeat_factors
-from focaldet.data.scan import ImageScan, scan_images
-from focaldet.data.synth import SyntheticCoco, write_synthetic_coco
-from focaldet.data.transforms import (
-    ResizeShortestEdge,
-    build_pipeline,
-    build_transform,
-    build_transforms,
-    collate_detection,
-)
-from focaldet.data.validate import CocoValidation, validate_coco
-from focaldet.data.voc import convert_voc_to_coco, voc_to_coco
+from importlib import import_module
 
 __all__ = [
     "CocoDataModule",
@@ -64,9 +43,39 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name == "CocoDataModule":
-        from focaldet.data.datamodule import CocoDataModule
+# name -> the module of focaldet.data that defines it
+_HOMES = {
+    "CocoDataModule": "datamodule",
+    "CocoDetection": "coco",
+    "CocoValidation": "validate",
+    "DataWarning": "coco",
+    "ImageError": "images",
+    "ImageFolderDataset": "coco",
+    "ImageScan": "scan",
+    "LabelMap": "coco",
+    "RepeatFactorSampler": "sampling",
+    "Report": "doctor",
+    "ResizeShortestEdge": "transforms",
+    "SyntheticCoco": "synth",
+    "build_pipeline": "transforms",
+    "build_transform": "transforms",
+    "build_transforms": "transforms",
+    "check_dataset": "doctor",
+    "collate_detection": "transforms",
+    "convert_voc_to_coco": "voc",
+    "load_coco": "coco",
+    "read_coco_json": "coco",
+    "read_header": "images",
+    "read_image": "images",
+    "repeat_factors": "sampling",
+    "scan_images": "scan",
+    "validate_coco": "validate",
+    "voc_to_coco": "voc",
+    "write_synthetic_coco": "synth",
+}
 
-        return CocoDataModule
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        return getattr(import_module(f"focaldet.data.{_HOMES[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
