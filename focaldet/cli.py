@@ -20,7 +20,7 @@ COMMANDS = {
     "validate": "COCO mAP of a checkpoint on data.val_ann (--ckpt_path)",
     "test": "COCO mAP of a checkpoint on data.test_ann (--ckpt_path)",
     "predict": "detections of a checkpoint on a folder of images (--ckpt_path, --data.predict_images)",
-    "data": "dataset tools: synth, check, split, anchors, voc2coco, corrupt",
+    "data": "dataset tools: synth, check, split, convert, anchors, voc2coco, corrupt",
     "export": "a checkpoint as an ONNX or torch.export (.pt2) file; `export evaluate`: its COCO mAP",
     "serve": "a checkpoint behind an HTTP server: POST an image, get its detections",
     "bench": "speed and memory of focaldet against torchvision's RetinaNet, side by side",

@@ -63,7 +63,8 @@ class TorchvisionRetinaNetModule(RetinaNetModule):
         return {"loss": losses["classification"] + losses["bbox_regression"],
                 "loss_cls": losses["classification"].detach(), "loss_box": losses["bbox_regression"].detach()}
 
-    def _detections(self, batch: dict) -> list[dict]:
+    def _detect_prepared(self, batch: dict, outputs: dict | None) -> list[dict]:
+        """torchvision's detections of the batch, in the batch's (already resized) pixels."""
         return self.model(self._inputs(batch))
 
 

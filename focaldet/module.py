@@ -216,6 +216,11 @@ class RetinaNetModule(L.LightningModule):
         """Detections of a prepared batch in each image's original pixels (the predictor's)."""
         return self.predictor.detect(batch)
 
+    def _detect_prepared(self, batch: dict, outputs: dict | None) -> list[dict]:
+        """Detections of a prepared batch in its resized pixels, by the predictor's batch rule;
+        ``outputs``: the loss's forward pass over the batch, reused where the rule allows."""
+        return self.predictor.detect_prepared(batch, outputs)
+
     def _detect_sliced(self, batch: dict) -> list[dict]:
         """Detections by slices (`focaldet.inference.slicing`) of a batch of original-resolution
         images, in their original pixels."""
@@ -310,7 +315,7 @@ class RetinaNetModule(L.LightningModule):
             self.log_dict({f"{stage}/{k}": losses[k] for k in ("loss", "loss_cls", "loss_box")},
                           batch_size=batch["images"].shape[0], sync_dist=True)
         # the predictor's batch rule: the same pass when every image pads to the batch's size
-        detections = self.predictor.detect_prepared(batch, outputs)
+        detections = self._detect_prepared(batch, outputs)
         if self._preview is None and self.trainer.is_global_zero:
             self._preview = _preview(batch, detections)
         detections = self.predictor.to_original(batch, detections)

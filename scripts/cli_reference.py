@@ -68,18 +68,15 @@ def _help(argv: list[str]) -> str:
 
 
 def top_level_commands() -> list[str]:
-    """Lightning's subcommands (fit, validate, ...) and the commands focaldet.cli dispatches itself."""
+    """Every top-level command: ``focaldet.cli.COMMANDS`` (the command table), else Lightning's
+    subcommands and the commands focaldet.cli dispatches itself."""
     import focaldet.cli as cli
 
+    if isinstance(getattr(cli, "COMMANDS", None), dict):  # the CLI's command table
+        return list(cli.COMMANDS)
     names = _subcommands(_help(["--help"]))
-    for value in vars(cli).values():  # a {command: "module:function"} table, if the CLI has one
-        if (isinstance(value, dict) and value and all(isinstance(k, str) for k in value)
-                and all(isinstance(v, str) and ":" in v for v in value.values())):
-            names += [k for k in value if k not in names]
-            break
-    else:
-        source = Path(cli.__file__).read_text()
-        names += [n for n in re.findall(r'args\[0\] == "([\w-]+)"', source) if n not in names]
+    source = Path(cli.__file__).read_text()
+    names += [n for n in re.findall(r'args\[0\] == "([\w-]+)"', source) if n not in names]
     return names
 
 

@@ -19,7 +19,7 @@ from focaldet.cli import main
 from focaldet.data import read_image
 from focaldet.evaluation import detections_to_coco, evaluate_coco
 
-from helpers import tiny_config
+from helpers import ckpt_dir, tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
 
@@ -63,7 +63,7 @@ def doors_model(tmp_path_factory, synth_coco):
                                           "data.min_size": 96, "data.max_size": 128, "data.batch_size": 3})
     assert main(["fit", "-c", str(cfg)]) == 0
     ann, images = _mixed_size_set(synth_coco, tmp / "mixed")
-    return {"cfg": cfg, "ckpt": tmp / "run" / "checkpoints" / "last.ckpt", "tmp": tmp, "ann": ann, "images": images}
+    return {"cfg": cfg, "ckpt": ckpt_dir(tmp / "run") / "last.ckpt", "tmp": tmp, "ann": ann, "images": images}
 
 
 def _newest(root: Path, name: str) -> Path:
