@@ -28,6 +28,7 @@ import multiprocessing
 import os
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import litserve as ls  # the `serve` extra
@@ -159,30 +160,31 @@ class DetectorAPI(ls.LitAPI):
 
     def decode_request(self, request):  # no annotation: LitServe passes the form or JSON body
         try:
-            return _image_of(request, self.max_pixels)
+            # decoded as `predict` decodes the same file (at 1/2..1/8 when the eval resize allows)
+            return _image_of(request, lambda data, what: self.detector.predictor.decode(data, what, self.max_pixels))
         except FocaldetError as e:
             raise HTTPException(status_code=400, detail=str(e)) from None
 
-    def predict(self, image: np.ndarray) -> dict:
+    def predict(self, image: Any) -> dict:
         return self.detector.predict(image, score_threshold=self.score_threshold)[0]
 
     def encode_response(self, result: dict) -> dict:
         return {"detections": to_json(result, self.detector.category_ids, self.detector.names)}
 
 
-def _image_of(request: Any, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """The image of a multipart upload (field ``image``) or of JSON ``{"image": base64}``."""
+def _image_of(request: Any, decode: Callable[[bytes, str], Any]) -> Any:
+    """The image of a multipart upload (field ``image``) or of JSON ``{"image": base64}``,
+    decoded by ``decode(bytes, what)``."""
     field = request.get("image") if hasattr(request, "get") else None
     if field is None:
         raise FocaldetError("no image: post a multipart field 'image' or JSON {\"image\": <base64>}")
     if hasattr(field, "file"):  # an uploaded file
-        return decode_image(field.file.read(), f"the posted file {getattr(field, 'filename', '') or ''}".strip(),
-                            max_pixels)
+        return decode(field.file.read(), f"the posted file {getattr(field, 'filename', '') or ''}".strip())
     try:
         data = base64.b64decode(str(field), validate=True)
     except (binascii.Error, ValueError):
         raise FocaldetError("the JSON 'image' value is not base64") from None
-    return decode_image(data, "the posted image", max_pixels)
+    return decode(data, "the posted image")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -105,6 +105,9 @@ def _normalise(text: str) -> str:
     ``<repo>/../shared/data/bccd`` are computed from where the package lies)."""
     for path, name in ((ROOT, "<repo>"), (ROOT.parent, "<repo>/.."), (Path.home(), "~")):
         text = text.replace(str(path), name)
+    # typing caches Union[int, float] and Union[float, int] as one object, printed in the order
+    # the process first built it: write the two in one order
+    text = re.sub(r"Union\[float,(\s+)int\b", r"Union[int,\1float", text)
     blocks: list[list[str]] = []
     for line in text.rstrip().splitlines():
         line = line.rstrip()

@@ -37,18 +37,16 @@ def test_fit_validate_test_predict(tmp_path, synth_coco, capsys):
     for name in ("circle", "square", "triangle", "cross"):
         assert name in out  # per-class table
 
-    main(["test", "-c", str(cfg), "--ckpt_path", "last", "--data.test_ann", str(synth_coco.val_ann),
-          "--data.test_images", str(synth_coco.images)])
-    version = max((run / "lightning_logs").iterdir(), key=lambda p: int(p.name.split("_")[1]))
-    results = json.loads((version / "test_detections.json").read_text())
-    gt = COCO(str(synth_coco.val_ann))
-    if results:
-        gt.loadRes(str(version / "test_detections.json"))  # valid COCO results
-        assert {r["category_id"] for r in results} <= {1, 3, 7, 8}
-
     low_thresh = tmp_path / "low_thresh.yaml"  # an undertrained model: keep every candidate
     low_thresh.write_text("model:\n  postprocess:\n    class_path: focaldet.models.PostProcess\n"
                           "    init_args: {score_thresh: 0.0, detections_per_img: 5}\n")
+    main(["test", "-c", str(cfg), "-c", str(low_thresh), "--ckpt_path", "last", "--data.test_ann",
+          str(synth_coco.val_ann), "--data.test_images", str(synth_coco.images)])
+    version = max((run / "lightning_logs").iterdir(), key=lambda p: int(p.name.split("_")[1]))
+    results = json.loads((version / "test_detections.json").read_text())
+    assert len(results) == 5 * len(COCO(str(synth_coco.val_ann)).getImgIds())  # 5 per image
+    COCO(str(synth_coco.val_ann)).loadRes(str(version / "test_detections.json"))  # valid COCO results
+    assert {r["category_id"] for r in results} <= {1, 3, 7, 8}
     main(["predict", "-c", str(cfg), "-c", str(low_thresh), "--ckpt_path", "last",
           "--data.predict_images", str(synth_coco.images), "--model.draw_predictions", "true"])
     version = max((run / "lightning_logs").iterdir(), key=lambda p: int(p.name.split("_")[1]))

@@ -295,9 +295,31 @@ def test_bench_on_the_device(tmp_path, device):
 
 
 @gpu
-def test_export_on_the_device(device):
-    # EXPORT-ON-CUDA: the `export` branch adds focaldet.export (ONNX / torch.export). When it is
-    # on main, this test exports the tiny model on `device` and compares onnxruntime's
-    # CUDAExecutionProvider (or the exported program) with the eager model here.
-    pytest.importorskip("focaldet.export", reason="focaldet.export is not on this branch yet")
-    pytest.skip("focaldet.export exists: write the CUDA export parity test here")
+def test_export_on_the_device(device, exact_fp32):
+    """The export graph on the device (its exact resize, padded postprocess and category ids)
+    gives the CPU graph's detections on the same pixels, and a ``torch.export`` program of it
+    made on the device gives the eager graph's."""
+    import copy
+
+    from focaldet.export.graph import ExportableDetector
+
+    model = _tiny_model().eval()
+    with torch.no_grad():
+        model.head.cls_logits.bias.fill_(-1.0)  # hundreds of candidates per image
+    category_ids = list(range(1, model.num_classes + 1))
+    x = (torch.rand(2, 3, 211, 300, generator=torch.Generator().manual_seed(3)) * 255).round() / 255  # 8-bit pixels
+    cpu_graph = ExportableDetector(model, category_ids).eval()
+    dev_graph = ExportableDetector(copy.deepcopy(model).to(device), category_ids).eval()
+    with torch.no_grad():
+        ref = cpu_graph(x)
+        got = [t.cpu() for t in dev_graph(x.to(device))]
+        program = torch.export.export(dev_graph, (x.to(device),)).module()
+        exported = [t.cpu() for t in program(x.to(device))]
+    for i in range(len(x)):
+        k = int(ref[3][i])
+        assert k > 50
+        r = {"boxes": ref[0][i, :k], "scores": ref[1][i, :k], "labels": ref[2][i, :k] - 1}
+        for outputs in (got, exported):
+            n = int(outputs[3][i])
+            _assert_same_detections({"boxes": outputs[0][i, :n], "scores": outputs[1][i, :n],
+                                     "labels": outputs[2][i, :n] - 1}, r)

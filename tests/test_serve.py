@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import importlib.util
 import os
 import signal
 import socket
@@ -100,11 +99,11 @@ def test_serve_answers_what_predict_returns(tmp_path, synth_coco):
         bad = json.dumps({"image": base64.b64encode(b"hello").decode()}).encode()
         status, text = _request(f"{url}/predict", bad, "application/json")
         assert status == 400 and "not a decodable image" in text
-        if importlib.util.find_spec("python_multipart") or importlib.util.find_spec("multipart"):
-            status, text = _request(f"{url}/predict", *_multipart("image", image.name, image.read_bytes()))
-            assert status == 200 and json.loads(text)["detections"] == expected, text
-            status, text = _request(f"{url}/predict", *_multipart("image", "notes.jpg", b"hello"))
-            assert status == 400 and "notes.jpg" in text and "not a decodable image" in text
+        # multipart uploads (python-multipart comes with the serve and dev extras)
+        status, text = _request(f"{url}/predict", *_multipart("image", image.name, image.read_bytes()))
+        assert status == 200 and json.loads(text)["detections"] == expected, text
+        status, text = _request(f"{url}/predict", *_multipart("image", "notes.jpg", b"hello"))
+        assert status == 400 and "notes.jpg" in text and "not a decodable image" in text
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

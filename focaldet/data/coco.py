@@ -36,9 +36,10 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from focaldet.data.images import IMAGE_EXTENSIONS, ImageError, read_header, read_image
-from focaldet.data.transforms import decode_reduction, leading_resize
+from focaldet.data.transforms import decode_reduction, leading_resize, reduction_for_scale
 from focaldet.data.validate import MIN_BOX_SIDE, clip_box, validate_coco
 from focaldet.errors import DataError
+from focaldet.inputs import shortest_edge_scale
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -283,6 +284,9 @@ class CocoDetection(Dataset):
             (what the data module trains on): the records are then a
             `focaldet.data.lean.RecordTable` of flat arrays and ``coco`` is ``None``.
         label_map: expected label map (e.g. from a checkpoint); must have the JSON's category ids.
+        resize_after: ``(min_size, max_size)`` of a `ResizeShortestEdge` that runs after this
+            dataset (an exported graph's): images are then decoded as small as that resize
+            allows, as the eval pipeline decodes them (`decode_reduction`).
 
     Samples are dicts, see the module docstring.
     """
@@ -296,10 +300,12 @@ class CocoDetection(Dataset):
         coco: COCO | None = None,
         label_map: LabelMap | None = None,
         lean: Any = None,
+        resize_after: tuple[int, int] | None = None,
     ) -> None:
         self.ann_file = Path(ann_file)
         self.image_dir = Path(image_dir)
         self.transforms = transforms
+        self.resize_after = resize_after
         self.coco = None if lean is not None else coco if coco is not None else load_coco(self.ann_file)
         json_map = LabelMap.from_categories(lean.categories if lean is not None else self.coco.dataset["categories"])
         if label_map is not None and label_map.cat_ids != json_map.cat_ids:
@@ -382,7 +388,10 @@ class CocoDetection(Dataset):
         """The record's image, decoded as small as the transforms allow (`decode_reduction`),
         and the ``(4,)`` factor that scales its boxes to the decoded image (``None``: 1)."""
         path, height, width = self.image_dir / rec["file_name"], rec["height"], rec["width"]
-        reduce = decode_reduction(self.transforms, height, width)
+        if self.resize_after is not None and self.resize_after[0] is not None:
+            reduce = reduction_for_scale(shortest_edge_scale(height, width, *self.resize_after))
+        else:
+            reduce = decode_reduction(self.transforms, height, width)
         image = read_image(path, rec["image_id"], reduce)
         h, w = image.shape[:2]
         if not _decoded_from(image, reduce, height, width):

@@ -41,6 +41,7 @@ __all__ = [
     "build_transforms",
     "collate_detection",
     "decode_reduction",
+    "reduction_for_scale",
     "leading_resize",
     "shortest_edge_scale",
 ]
@@ -52,13 +53,16 @@ class ResizeShortestEdge(MaxSizeTransform):
     The scale is ``min(min_size / min(h, w), max_size / max(h, w))`` (detectron2's
     ``ResizeShortestEdge``, the RetinaNet paper's 800/1333); the output size is
     `focaldet.inputs.resized_size` (each side rounded half up) and boxes follow the actual
-    size ratio.
+    size ratio. Pixels are interpolated with OpenCV's bit-exact bilinear
+    (``INTER_LINEAR_EXACT``: the same bytes on every machine), which the export graph
+    re-expresses exactly (`focaldet.export.graph.resize_bilinear_exact`), so an exported
+    file sees the very pixels ``validate`` does.
 
     Args:
         min_size: target shorter side; a list picks one value at random per image
             (multi-scale training).
         max_size: cap on the longer side.
-        interpolation: OpenCV interpolation flag.
+        interpolation: OpenCV interpolation flag (default ``cv2.INTER_LINEAR_EXACT``).
         p: probability of applying the transform.
     """
 
@@ -66,7 +70,7 @@ class ResizeShortestEdge(MaxSizeTransform):
         self,
         min_size: int | Sequence[int] = 800,
         max_size: int = 1333,
-        interpolation: int = 1,  # cv2.INTER_LINEAR
+        interpolation: int = cv2.INTER_LINEAR_EXACT,
         p: float = 1.0,
     ) -> None:
         super().__init__(max_size=int(max_size), interpolation=interpolation, p=p)
@@ -108,7 +112,12 @@ def decode_reduction(transforms: Any, height: int, width: int) -> int:
     if first is None:
         return 1
     sizes = first.min_size if isinstance(first.min_size, list) else [first.min_size]
-    scale = max(shortest_edge_scale(height, width, size, first.max_size) for size in sizes)
+    return reduction_for_scale(max(shortest_edge_scale(height, width, size, first.max_size) for size in sizes))
+
+
+def reduction_for_scale(scale: float) -> int:
+    """The largest decode reduction ``f`` in (8, 4, 2) with ``f * scale <= 1``, else 1: how much
+    smaller an image that is resized by ``scale`` next may be decoded (`decode_reduction`)."""
     return next((f for f in (8, 4, 2) if f * scale <= 1), 1)
 
 

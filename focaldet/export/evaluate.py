@@ -1,6 +1,7 @@
-"""COCO mAP of an exported model: the val images as the data pipeline reads them (without
-its resize, which is in the graph), the exported file run on each (onnxruntime for
-``.onnx``), COCOeval of the results -- the number to set beside ``focaldet validate``'s."""
+"""COCO mAP of an exported model: the val images as the data pipeline reads them (decoded as
+small as the eval resize allows, `focaldet.data.transforms.decode_reduction`; the resize itself
+is in the graph), the exported file run on each (onnxruntime for ``.onnx``), boxes mapped to
+the original pixels, COCOeval of the results -- the number to set beside ``focaldet validate``'s."""
 
 from __future__ import annotations
 
@@ -27,7 +28,11 @@ def exported_results(detector: ExportedDetector, dataset: CocoDetection, progres
     results, start = [], time.perf_counter()
     for i in range(len(dataset)):
         sample = dataset[i]
-        det = detector(sample["image"][None].float() / 255)[0]  # (1, 3, H, W) in [0, 1]
+        image = sample["image"]  # (3, h, w) uint8, decoded at 1/reduce of the original size
+        det = detector(image[None].float() / 255)[0]  # (1, 3, h, w) in [0, 1]
+        (oh, ow), (h, w) = sample["orig_size"], image.shape[-2:]
+        if (h, w) != (oh, ow):  # a reduced decode: back to the original pixels
+            det["boxes"] = det["boxes"] * torch.tensor([ow / w, oh / h, ow / w, oh / h])
         labels = torch.tensor([label_of[int(c)] for c in det["category_ids"]], dtype=torch.int64)
         results += detections_to_coco([sample["image_id"]], [{**det, "labels": labels}], detector.category_ids)
         if progress and (i + 1) % 20 == 0:
@@ -41,7 +46,7 @@ def evaluate_exported(path: str | os.PathLike, ann_file: str | os.PathLike, imag
                       trust_code: bool = False) -> CocoEvalResult:
     """COCOeval (bbox) of the exported model at ``path`` on the COCO set ``ann_file`` / ``image_dir``."""
     detector = ExportedDetector(path, threads=threads, trust_code=trust_code)
-    dataset = CocoDetection(ann_file, image_dir)
+    dataset = CocoDetection(ann_file, image_dir, resize_after=detector.eval_size)
     results = exported_results(detector, dataset, progress)
     return evaluate_coco(dataset.coco, results, backend=backend, class_names=detector.names,
                          image_ids=dataset.image_ids)

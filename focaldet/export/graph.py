@@ -6,7 +6,8 @@ with the batch size, height and width left dynamic::
 
     images (N, 3, H, W) float32 RGB in [0, 1]
       -> resize: shorter side to min_size, longer side capped at max_size (the data
-         pipeline's eval rule, `focaldet.inputs.resized_size` itself; bilinear)
+         pipeline's eval rule, `focaldet.inputs.resized_size` itself), interpolated as the
+         pipeline's OpenCV INTER_LINEAR_EXACT to the bit (`resize_bilinear_exact`)
       -> normalise (pixel_mean, pixel_std) -> pad right/below to size_divisibility
       -> backbone, FPN, head; anchors from the feature shapes
       -> `PostProcess.padded`: top-k, decode, clip, class-aware NMS, top D
@@ -53,8 +54,7 @@ class ExportableDetector(nn.Module):
         m = self.model
         n, _, h, w = images.shape
         oh, ow = eval_size(h, w, m.min_size, m.max_size)
-        x = F.interpolate(images, size=(oh, ow), mode="bilinear", align_corners=False)  # (N, 3, oh, ow)
-        x = (x * 255).round() / 255  # the 8-bit pixels the eval pipeline resizes to (OpenCV on uint8)
+        x = resize_bilinear_exact((images * 255).round(), oh, ow) / 255  # (N, 3, oh, ow), the pipeline's pixels
         x = (x - m.pixel_mean) / m.pixel_std
         d = m.size_divisibility
         x = F.pad(x, (0, (ow + d - 1) // d * d - ow, 0, (oh + d - 1) // d * d - oh))  # zeros right/below
@@ -70,6 +70,46 @@ class ExportableDetector(nn.Module):
         scale = torch.tensor([w / ow, h / oh, w / ow, h / oh], device=x.device)  # back to input pixels
         labels = torch.where(dets["labels"] >= 0, self.category_ids[dets["labels"].clamp(min=0)], -1)
         return dets["boxes"] * scale, dets["scores"], labels, dets["num_detections"]
+
+
+def _linear_exact_taps(src: int, dst: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    """OpenCV ``INTER_LINEAR_EXACT``'s taps along one axis of ``src`` -> ``dst`` pixels:
+    ``(i0, i1, w)``, each ``(dst,)``: output pixel ``p`` is ``((256 - w) * in[i0] + w * in[i1]) / 256``.
+
+    The source coordinate ``(p + 1/2) src / dst - 1/2`` in exact integer arithmetic (the
+    fraction ``num / den``, ``den = 2 dst``); its fractional part as an 8-bit weight rounded
+    half to even (OpenCV's ``softdouble`` -> ``ufixedpoint16``); coordinates before the first
+    pixel or past the last take that pixel alone. Works on symbolic sizes."""
+    p = torch.arange(dst, device=device)  # (dst,) int64
+    den = 2 * dst
+    num = ((2 * p + 1) * src - dst).clamp(min=0)  # < 0: before pixel 0 -> pixel 0, weight 0
+    idx = torch.div(num, den, rounding_mode="floor")
+    scaled = (num - idx * den) * 256  # the fraction's remainder, in 1/256 units times den
+    q = torch.div(scaled, den, rounding_mode="floor")
+    r = scaled - q * den
+    w = q + ((2 * r > den) | ((2 * r == den) & (q % 2 == 1))).to(q.dtype)  # round half to even
+    w = torch.where(idx >= src - 1, torch.zeros_like(w), w)  # at or past the last pixel: it alone
+    i0 = idx.clamp(max=src - 1)
+    return i0, (i0 + 1).clamp(max=src - 1), w.to(torch.float32)
+
+
+def resize_bilinear_exact(images: Tensor, oh, ow) -> Tensor:
+    """``images (N, C, H, W)`` of integer values 0..255 (as float32) resized to ``(N, C, oh, ow)``
+    exactly as ``cv2.resize(..., interpolation=cv2.INTER_LINEAR_EXACT)`` resizes uint8 -- the
+    data pipeline's `ResizeShortestEdge` -- re-expressed in tensor operations that export
+    (tests/test_export_resize.py checks it bit for bit on many size pairs).
+
+    8-bit weights per axis, one rounded sum: ``(Σ wy wx in + 2^15) >> 16``. Every intermediate
+    is an integer below 2^24, so float32 holds it exactly (and ONNX runtimes need no integer
+    kernels)."""
+    h, w = images.shape[-2:]
+    y0, y1, wy = _linear_exact_taps(h, oh, images.device)
+    x0, x1, wx = _linear_exact_taps(w, ow, images.device)
+    top, bottom = images.index_select(2, y0), images.index_select(2, y1)  # (N, C, oh, W) each
+    upper = top.index_select(3, x0) * (256 - wx) + top.index_select(3, x1) * wx  # (N, C, oh, ow), < 2^16
+    lower = bottom.index_select(3, x0) * (256 - wx) + bottom.index_select(3, x1) * wx
+    wy = wy[:, None]  # (oh, 1)
+    return torch.floor((upper * (256 - wy) + lower * wy + 32768) / 65536)
 
 
 def level_anchors(model: RetinaNet, feature_shapes, padded_size, device) -> list[Tensor]:

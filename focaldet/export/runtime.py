@@ -2,7 +2,9 @@
 
 ``ExportedDetector(path)`` reads either file and its metadata; ``detector(images)`` takes
 a float32 ``(N, 3, H, W)`` batch in [0, 1] and returns per image ``{"boxes" (M, 4),
-"scores" (M,), "category_ids" (M,)}`` (the first ``num_detections`` rows), as tensors.
+"scores" (M,), "category_ids" (M,)}`` (the first ``num_detections`` rows), as tensors;
+``detector.predict_file(path)`` reads an image file as focaldet's own commands read it (so its
+detections are ``focaldet predict``'s).
 """
 
 from __future__ import annotations
@@ -96,6 +98,33 @@ class ExportedDetector:
                  "category_ids": torch.from_numpy(c[:k])}
                 for b, s, c, k in zip(boxes, scores, labels, counts.tolist())]
 
+    @property
+    def eval_size(self) -> tuple[int | None, int]:
+        """``(min_size, max_size)`` of the graph's resize (``min_size`` ``None``: none)."""
+        return json.loads(self.metadata.get("min_size", "null")), json.loads(self.metadata.get("max_size", "null"))
+
     def predict_image(self, image: np.ndarray) -> dict[str, Tensor]:
         """Detections of one ``(H, W, 3)`` uint8 RGB image (what ``read_image`` returns)."""
         return self(image.transpose(2, 0, 1)[None].astype(np.float32) / 255)[0]
+
+    def predict_file(self, path: str | os.PathLike) -> dict[str, Tensor]:
+        """Detections of an image file, in its pixels, read as focaldet's eval pipeline reads it:
+        a large JPEG decoded at 1/2, 1/4 or 1/8 when the graph's resize shrinks it at least
+        that much (`focaldet.data.transforms.decode_reduction`), so the answer is ``focaldet
+        predict``'s to the bit. (``predict_image`` on the full-size pixels interpolates from
+        those instead: the same boxes to a fraction of a pixel on small images, slightly
+        different ones on photos several times the model's input size.)"""
+        from focaldet.data.images import read_header, read_image
+        from focaldet.data.transforms import reduction_for_scale
+        from focaldet.inputs import shortest_edge_scale
+
+        min_size, max_size = self.eval_size
+        header = read_header(path)
+        h, w = header.size if header is not None else read_image(path).shape[:2]
+        reduce = 1 if min_size is None else reduction_for_scale(shortest_edge_scale(h, w, min_size, max_size))
+        image = read_image(path, reduce=reduce)  # (h / reduce, w / reduce, 3)
+        det = self.predict_image(image)
+        ih, iw = image.shape[:2]
+        if (ih, iw) != (h, w):  # back to the file's pixels
+            det["boxes"] = det["boxes"] * torch.tensor([w / iw, h / ih, w / iw, h / ih])
+        return det

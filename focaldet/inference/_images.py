@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +13,38 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from focaldet.data.coco import IMAGE_EXTENSIONS, ImageFolderDataset, _apply_transforms
-from focaldet.data.images import check_pixels
+from focaldet.data.coco import IMAGE_EXTENSIONS, ImageFolderDataset, _apply_transforms, _decoded_from
+from focaldet.data.images import MAX_PIXELS, check_pixels, image_from_bytes, read_header
+from focaldet.data.transforms import decode_reduction, leading_resize
 from focaldet.errors import DataError
 
-__all__ = ["Images", "expand"]
+__all__ = ["DecodedImage", "Images", "decode_bytes", "expand"]
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """An encoded image (an upload's bytes) decoded as the eval pipeline decodes a file:
+    ``image`` ``(h, w, 3)`` uint8 RGB, at 1/2, 1/4 or 1/8 size when the eval resize allows
+    (`focaldet.data.transforms.decode_reduction`); ``orig_size`` the full image's ``(H, W)``,
+    which detections are mapped back to; ``name`` for messages."""
+
+    image: np.ndarray
+    orig_size: tuple[int, int]
+    name: str
+
+
+def decode_bytes(data: bytes | np.ndarray, what: str, transforms, max_pixels: int = MAX_PIXELS) -> DecodedImage:
+    """An encoded image's bytes as `ImageFolderDataset` reads a file of them (``transforms``: the
+    eval pipeline, which says how small the decode may be); `ImageError` naming ``what`` when
+    they are empty, over ``max_pixels`` or not a decodable image."""
+    buffer = np.frombuffer(data, np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    header = read_header(buffer) if leading_resize(transforms) is not None and buffer.size else None
+    size = header.size if header is not None and header.format == "JPEG" else None
+    reduce = decode_reduction(transforms, *size) if size is not None else 1
+    image = image_from_bytes(buffer, what, reduce, max_pixels)
+    if reduce > 1 and not _decoded_from(image, reduce, *size):  # header and decoder disagree: the pixels win
+        image, size = image_from_bytes(buffer, what, 1, max_pixels), None
+    return DecodedImage(image, tuple(size) if size is not None else image.shape[:2], what)
 
 
 class Images(ImageFolderDataset):
@@ -34,6 +62,8 @@ class Images(ImageFolderDataset):
         if isinstance(item, Path):
             image, (h, w) = self._read(item, index)
             name = str(item)
+        elif isinstance(item, DecodedImage):
+            image, (h, w), name = item.image, item.orig_size, item.name
         else:
             image = _to_rgb_array(item, index)
             (h, w), name = image.shape[:2], f"<input {index}>"
