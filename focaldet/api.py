@@ -114,7 +114,7 @@ def build_module(contents: CheckpointContents, trust_code: bool = False):
     """A ``RetinaNetModule`` rebuilt from a checkpoint's recipe, with its weights; a part
     whose class focaldet does not build from a file is refused (`check_recipe`) unless
     ``trust_code``."""
-    from focaldet.module import RetinaNetModule
+    from focaldet.engine.module import RetinaNetModule
     from focaldet.safe_load import recipe_bases
 
     check_recipe(contents, trust_code)

@@ -75,24 +75,24 @@ def run(argv: list[str] | None = None) -> int:
 
         return analyze_main(args[1:])
     if args and args[0] == "equal-budget":
-        from focaldet.equal_budget import main as equal_budget_main
+        from focaldet.tools.equal_budget import main as equal_budget_main
 
         return equal_budget_main(args[1:])
     if args and args[0] == "sweep":
-        from focaldet.sweep import main as sweep_main
+        from focaldet.tools.sweep import main as sweep_main
 
         return sweep_main(args[1:])
-    from focaldet.lightning_cli import run_lightning
+    from focaldet.engine.lightning_cli import run_lightning
 
     return run_lightning(args)
 
 
 def __getattr__(name: str):
     """``focaldet.cli.FocaldetCLI`` and the rest of the Lightning commands' names, from
-    `focaldet.lightning_cli` (imported on first use)."""
+    `focaldet.engine.lightning_cli` (imported on first use)."""
     if name.startswith("__"):  # the import system asks for __path__ and the like: not ours
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import focaldet.lightning_cli as lightning_cli
+    import focaldet.engine.lightning_cli as lightning_cli
 
     try:
         return getattr(lightning_cli, name)

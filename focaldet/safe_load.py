@@ -47,7 +47,7 @@ TRUSTED_ROOTS = ("focaldet", "torch.nn", "torchvision")
 # What the CLI's config parser may import (its callbacks, loggers, strategies come from Lightning).
 CLI_IMPORT_ROOTS = (*TRUSTED_ROOTS, "torch.optim", "lightning.pytorch", "lightning.fabric")
 # Modules under a trusted root that do something when imported.
-_NEVER_IMPORTED = ("focaldet.__main__", "focaldet.bench.__main__", "focaldet.cli", "focaldet.lightning_cli")
+_NEVER_IMPORTED = ("focaldet.__main__", "focaldet.bench.__main__", "focaldet.cli", "focaldet.engine.lightning_cli")
 
 # The public home of each recipe part: a recipe records a class by the path its users write.
 PUBLIC_MODULES = ("focaldet.models", "focaldet.losses")

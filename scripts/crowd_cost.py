@@ -25,7 +25,7 @@ from focaldet.data import CocoDetection, collate_detection
 from focaldet.data.synth import write_synthetic_coco
 from focaldet.data.transforms import build_transforms
 from focaldet.models import AnchorGenerator, ResNetBackbone
-from focaldet.module import RetinaNetModule
+from focaldet.engine.module import RetinaNetModule
 
 
 def with_crowd(ann: Path, out: Path) -> Path:

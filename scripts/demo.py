@@ -31,7 +31,7 @@ def main() -> int:
     print("\n== 2/3 training configs/synth.yaml: ResNet-18 FPN RetinaNet from scratch on the CPU", flush=True)
     focaldet(["fit", "-c", CONFIG])  # a run of its own: runs/synth/lightning_logs/version_N/
 
-    from focaldet.checkpoints import run_checkpoint_dirs
+    from focaldet.engine.checkpoints import run_checkpoint_dirs
 
     best = max(run_checkpoint_dirs(RUN)[0].glob("best-*.ckpt"), key=lambda p: float(p.stem.rsplit("-", 1)[1]))
     print(f"\n== 3/3 evaluating {best} on the val split", flush=True)

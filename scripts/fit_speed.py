@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from focaldet.cli import run
-from focaldet.lightning_cli import TrainingSpeed
+from focaldet.engine.lightning_cli import TrainingSpeed
 from focaldet.losses.criterion import RetinaNetCriterion
 
 

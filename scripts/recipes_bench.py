@@ -75,33 +75,22 @@ def infer_speed(model, images, warmup: int = 2) -> float:
 
 
 def tta_maps(ckpt: Path, data) -> dict[str, float]:
-    """val mAP of a checkpoint without and with TTA (flip; flip + scales 96, 160)."""
+    """val mAP of a checkpoint without and with TTA (flip; flip + scales 96, 128, 160), through
+    the one predictor (``focaldet.load(ckpt).predict(paths, tta=...)``, as ``validate
+    --model.tta.*`` runs it)."""
     from pycocotools.coco import COCO
 
     import focaldet
-    from focaldet.data import read_image
     from focaldet.evaluation import detections_to_coco, evaluate_coco
-    from focaldet.inference.tta import TTA, tta_detections
-    from focaldet.structures.boxes import rescale_boxes
 
     det = focaldet.load(ckpt, device="cpu")
-    model = det.model.eval()
     gt = COCO(str(data.val_ann))
     ids = sorted(gt.getImgIds())
-    images = [torch.from_numpy(read_image(data.images / gt.imgs[i]["file_name"])).permute(2, 0, 1) for i in ids]
-
-    @torch.inference_mode()
-    def detect(batch):
-        dets = model.detect(model(model.normalize(batch["images"], batch["image_sizes"])), batch["image_sizes"])
-        for d, size, orig in zip(dets, batch["image_sizes"].tolist(), batch["orig_sizes"].tolist()):
-            d["boxes"] = rescale_boxes(d["boxes"], size, orig)
-        return dets
-
+    paths = [data.images / gt.imgs[i]["file_name"] for i in ids]
     out = {}
-    post = model.postprocess
-    for name, tta in (("none", TTA()), ("flip", TTA(flip=True)), ("flip+scales[96,128,160]", TTA(True, [96, 128, 160]))):
-        dets = tta_detections(images, detect, tta, model.inputs, post.nms_thresh, post.detections_per_img)
-        results = detections_to_coco(ids, dets, det.category_ids)
+    for name, tta in (("none", None), ("flip", {"flip": True}), ("flip+scales[96,128,160]",
+                                                                 {"flip": True, "scales": [96, 128, 160]})):
+        results = detections_to_coco(ids, det.predict(paths, tta=tta), det.category_ids)
         out[name] = float(evaluate_coco(gt, results).stats["mAP"]) if results else 0.0
     return out
 
@@ -115,10 +104,10 @@ def main() -> None:
     parser.add_argument("--speed-only", action="store_true", help="no training: parameters and images/s only")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    from focaldet.lightning_cli import FocaldetCLI, trainer_defaults
+    from focaldet.engine.lightning_cli import FocaldetCLI, trainer_defaults
     from focaldet.data import CocoDataModule
     from focaldet.data.synth import write_synthetic_coco
-    from focaldet.module import RetinaNetModule
+    from focaldet.engine.module import RetinaNetModule
 
     data = write_synthetic_coco(args.out / "data", num_images=args.images, seed=0, num_classes=4, image_size=128,
                                 val_fraction=0.25)
@@ -160,7 +149,7 @@ def main() -> None:
                "infer_img_s": round(infer_ips, 1), "fit_s": round(fit_s, 1), "load_avg_1min": round(load, 1),
                "steps": args.steps}
         if name == "r18":
-            from focaldet.checkpoints import run_checkpoint_dirs
+            from focaldet.engine.checkpoints import run_checkpoint_dirs
 
             ckpt = next(p for d in run_checkpoint_dirs(run_dir) for p in d.glob("best-*.ckpt"))
             try:

@@ -52,7 +52,7 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict
 def ckpt_dir(run_dir: Path) -> Path:
     """The checkpoint folder of the newest run under ``run_dir`` (``trainer.default_root_dir``):
     each run writes its own, ``lightning_logs/version_N/checkpoints``."""
-    from focaldet.checkpoints import run_checkpoint_dirs
+    from focaldet.engine.checkpoints import run_checkpoint_dirs
 
     found = run_checkpoint_dirs(run_dir)
     assert found, f"no checkpoint under {run_dir}"

@@ -84,7 +84,7 @@ def tiny_checkpoint(tmp_path_factory, synth_coco):
     """A randomly initialised tiny model saved as `focaldet.load` reads it (no training) and its config."""
     from focaldet.data import CocoDataModule
     from focaldet.models import ResNetBackbone
-    from focaldet.module import RetinaNetModule
+    from focaldet.engine.module import RetinaNetModule
 
     tmp = tmp_path_factory.mktemp("loss_dist")
     data = {"val_ann": str(synth_coco.val_ann), "val_images": str(synth_coco.images), "batch_size": 2,

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from focaldet import checkpoints
-from focaldet.checkpoints import (CheckpointWarning, FocaldetCheckpointIO, check_checkpoint, load_checkpoint_file,
+from focaldet.engine import checkpoints
+from focaldet.engine.checkpoints import (CheckpointWarning, FocaldetCheckpointIO, check_checkpoint, load_checkpoint_file,
                                   resolve_ckpt_path)
 from focaldet.cli import main
 from focaldet.errors import CheckpointError
@@ -226,3 +226,23 @@ def test_a_save_replaces_stale_temporaries_and_keeps_the_usual_permissions(tmp_p
     os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~mask
     assert load_checkpoint_file(path)["global_step"] == 3
+
+
+def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    """`focaldet.atomic.atomic_write` (every atomic write's one home): a writer that raises
+    leaves the old contents and no temporary file; one that ends puts the new contents in place
+    with open()'s permissions."""
+    from focaldet.atomic import atomic_write
+
+    path = tmp_path / "sub" / "results.json"
+    with atomic_write(path) as f:
+        f.write("old")
+    with pytest.raises(RuntimeError), atomic_write(path) as f:
+        f.write("half of the new")
+        raise RuntimeError("killed")
+    assert path.read_text() == "old" and sorted(p.name for p in path.parent.iterdir()) == ["results.json"]
+    with atomic_write(path, "wb", fsync=True) as f:
+        f.write(b"new")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.read_bytes() == b"new" and path.stat().st_mode & 0o777 == 0o666 & ~mask

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from focaldet.checkpoints import CheckpointWarning
+from focaldet.engine.checkpoints import CheckpointWarning
 from focaldet.cli import COMMANDS, main, run
 
 from helpers import REPO, tiny_config
@@ -63,9 +63,9 @@ def test_lightning_commands_refuse_abbreviations(tmp_path, synth_coco, capsys):
     (["analyze", "loss-distribution", "-c", "a.yaml", "--ckpt", "a.ckpt"], "--ckpt"),
 ])
 def test_argparse_commands_refuse_abbreviations(argv, wrong, capsys, monkeypatch):
-    import focaldet.runs
+    import focaldet.engine.runs
 
-    monkeypatch.setattr(focaldet.runs, "build_run", lambda *a, **k: pytest.fail("must not run"))
+    monkeypatch.setattr(focaldet.engine.runs, "build_run", lambda *a, **k: pytest.fail("must not run"))
     with pytest.raises(SystemExit) as exit_:
         run(argv)
     assert exit_.value.code == 2

@@ -6,7 +6,7 @@ import pytest
 
 from focaldet.cli import FocaldetCLI
 from focaldet.data.datamodule import CocoDataModule
-from focaldet.module import RetinaNetModule
+from focaldet.engine.module import RetinaNetModule
 
 from helpers import REPO
 
@@ -88,9 +88,9 @@ def test_every_config_tunes_the_default_loss_without_naming_it(config, synth_coc
 def test_a_sweep_over_gamma_parses_on_every_config(config, synth_coco, tmp_path, monkeypatch):
     """``focaldet sweep -c CONFIG --param model.cls_loss.init_args.gamma=0,2``: both cells build
     their run (the training itself is replaced by reading the built model's gamma)."""
-    from focaldet import sweep
+    from focaldet.tools import sweep
     from focaldet.evaluation import STAT_NAMES
-    from focaldet.runs import build_run
+    from focaldet.engine.runs import build_run
 
     built = []
 

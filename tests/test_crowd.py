@@ -188,7 +188,7 @@ def test_val_ground_truth_keeps_crowd_annotations(make_coco):
 
 def _tiny_module(**kwargs):
     from focaldet.models import ResNetBackbone
-    from focaldet.module import RetinaNetModule
+    from focaldet.engine.module import RetinaNetModule
 
     torch.manual_seed(0)
     return RetinaNetModule(2, backbone=ResNetBackbone(18, norm="frozen_bn", freeze_at=0), fpn_channels=32,
@@ -241,7 +241,7 @@ def test_no_crowd_batch_and_off_switch_are_bit_identical(crowd_batches):
 
 
 def test_torchvision_twin_drops_crowd_boxes(crowd_batches):
-    from focaldet.equal_budget import TorchvisionRetinaNetModule
+    from focaldet.tools.equal_budget import TorchvisionRetinaNetModule
     from focaldet.losses import L1Loss
     from focaldet.models import ResNetBackbone
 
@@ -254,7 +254,7 @@ def test_torchvision_twin_drops_crowd_boxes(crowd_batches):
 
 def test_threshold_from_yaml(synth_coco, tmp_path):
     from focaldet.cli import FocaldetCLI
-    from focaldet.module import RetinaNetModule
+    from focaldet.engine.module import RetinaNetModule
 
     from helpers import tiny_config
 

@@ -11,7 +11,7 @@ from focaldet.cli import FocaldetCLI, trainer_defaults
 from focaldet.data import CocoDataModule
 from focaldet.ema import EMA, ema_decay
 from focaldet.errors import ConfigError
-from focaldet.module import RetinaNetModule
+from focaldet.engine.module import RetinaNetModule
 
 from helpers import REPO, ckpt_dir, tiny_config
 

@@ -62,7 +62,7 @@ def trained(tmp_path_factory):
     import lightning as L
 
     from focaldet.models import ResNetBackbone
-    from focaldet.module import RetinaNetModule
+    from focaldet.engine.module import RetinaNetModule
 
     root = tmp_path_factory.mktemp("export")
     data = write_synthetic_coco(root / "data", num_images=12, seed=1, num_classes=3, image_size=SIZE,
@@ -371,7 +371,7 @@ def test_quantize_needs_calibration_images_and_onnx(tmp_path, capsys):
     assert "--quantize int8 needs --calibration_images DIR" in capsys.readouterr().err
     from focaldet.export.formats import calibration_files
 
-    with pytest.raises(ExportError, match="no such folder"):
+    with pytest.raises(ExportError, match="--calibration_images folder .* does not exist"):
         calibration_files(tmp_path / "nope")
     with pytest.raises(ExportError, match="no images"):
         calibration_files(tmp_path)

@@ -220,7 +220,7 @@ def _batch(synth_coco, device):
 def test_mixed_precision_training_step(device, synth_coco, amp):
     """One forward/backward/step under autocast (fp16 with a GradScaler): finite losses and
     gradients, and a loss within 5% of the fp32 one on the same batch and weights."""
-    from focaldet.module import RetinaNetModule
+    from focaldet.engine.module import RetinaNetModule
 
     batch, num_classes = _batch(synth_coco, device)
     torch.manual_seed(0)

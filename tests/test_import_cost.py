@@ -32,7 +32,7 @@ def test_the_data_package_imports_nothing_before_use():
 
 def test_the_lightning_names_still_answer_from_focaldet_cli():
     from focaldet import cli
-    from focaldet.lightning_cli import FocaldetCLI, trainer_defaults
+    from focaldet.engine.lightning_cli import FocaldetCLI, trainer_defaults
 
     assert cli.FocaldetCLI is FocaldetCLI and cli.trainer_defaults is trainer_defaults
     with pytest.raises(AttributeError):

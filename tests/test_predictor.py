@@ -26,7 +26,7 @@ from focaldet.export.graph import eval_size
 from focaldet.inference import Predictor, size_groups
 from focaldet.inputs import InputSettings, resized_size
 from focaldet.modeling import PostProcess, ResNetBackbone, RetinaNet
-from focaldet.module import RetinaNetModule
+from focaldet.engine.module import RetinaNetModule
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

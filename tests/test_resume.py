@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from focaldet.checkpoints import resolve_ckpt_path
+from focaldet.engine.checkpoints import resolve_ckpt_path
 
 from helpers import REPO, ckpt_dir, tiny_config
 

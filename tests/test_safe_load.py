@@ -18,11 +18,11 @@ import yaml
 
 import focaldet
 from focaldet.api import read_checkpoint
-from focaldet.checkpoints import FocaldetCheckpointIO, check_checkpoint, resolve_ckpt_path
+from focaldet.engine.checkpoints import FocaldetCheckpointIO, check_checkpoint, resolve_ckpt_path
 from focaldet.cli import main
 from focaldet.errors import ConfigError, FocaldetError, WeightsError
 from focaldet.models import ResNetBackbone
-from focaldet.module import RetinaNetModule
+from focaldet.engine.module import RetinaNetModule
 from focaldet.recipe import describe, instantiate
 from focaldet.safe_load import UnsafeFileError, check_pt2, load_torch_file
 

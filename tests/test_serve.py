@@ -20,7 +20,7 @@ import torch
 import focaldet
 from focaldet.errors import WeightsError
 from focaldet.modeling import PostProcess, ResNetBackbone
-from focaldet.module import RetinaNetModule
+from focaldet.engine.module import RetinaNetModule
 from focaldet.serve import main as serve_main
 from focaldet.serve import to_json
 

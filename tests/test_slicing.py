@@ -113,7 +113,7 @@ def test_validate_with_slicing_reports_original_pixels(tmp_path, make_coco):
 
     from focaldet.cli import FocaldetCLI
     from focaldet.data import CocoDataModule
-    from focaldet.module import RetinaNetModule
+    from focaldet.engine.module import RetinaNetModule
 
     cli = FocaldetCLI(RetinaNetModule, CocoDataModule, args=["-c", str(cfg), "-c", str(post), *slicing],
                       run=False, trainer_defaults={"logger": False})  # the same seed: the same random weights

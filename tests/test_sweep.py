@@ -12,7 +12,7 @@ import pytest
 
 from focaldet.errors import ConfigError, NonFiniteLossError
 from focaldet.evaluation.coco import STAT_NAMES
-from focaldet.sweep import (
+from focaldet.tools.sweep import (
     expand_grid, parse_param, parse_value, run_sweep, split_values, table_markdown,
 )
 from helpers import run_cli, tiny_config
@@ -172,7 +172,7 @@ def test_a_killed_workers_cell_is_retried_by_the_next_worker(tmp_path):
     (2 heartbeats) and retried; every cell runs once in the live worker."""
     import optuna
 
-    from focaldet.sweep_study import default_storage, open_storage
+    from focaldet.tools.sweep_study import default_storage, open_storage
 
     params = [(GAMMA, [0, 2]), (ALPHA, [0.25, 0.75])]
     names = [c.name for c in expand_grid(params)]
@@ -232,7 +232,7 @@ def test_prune_stops_a_cell_below_the_median_at_a_validation(tmp_path):
 WORKER = """
 import json, os, sys, time
 sys.path.insert(0, {tests!r})
-from focaldet.sweep import run_sweep
+from focaldet.tools.sweep import run_sweep
 from test_sweep import GAMMA, ALPHA, fake_key, fake_result
 
 def run(configs, args, root_dir, callbacks=()):

@@ -12,7 +12,7 @@ from focaldet.cli import main, run
 from focaldet.errors import FocaldetError, WeightsError
 from focaldet.modeling import ResNetBackbone, RetinaNet, prior_bias
 from focaldet.modeling.weights import init_weights, load_matching, read_source
-from focaldet.module import RetinaNetModule
+from focaldet.engine.module import RetinaNetModule
 
 from helpers import ckpt_dir, tiny_config
 

@@ -35,7 +35,7 @@ from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from focaldet.data.images import IMAGE_EXTENSIONS, ImageError, read_header, read_image
+from focaldet.data.images import IMAGE_EXTENSIONS, ImageError, list_images, read_header, read_image
 from focaldet.data.transforms import decode_reduction, leading_resize, reduction_for_scale
 from focaldet.data.validate import MIN_BOX_SIDE, clip_box, validate_coco
 from focaldet.errors import DataError
@@ -416,16 +416,8 @@ class ImageFolderDataset(Dataset):
 
     def __init__(self, image_dir: str | os.PathLike, transforms: Callable | None = None) -> None:
         self.image_dir = Path(image_dir)
-        if not self.image_dir.is_dir():
-            raise DataError(f"image folder {self.image_dir} does not exist")
         self.transforms = transforms
-        self.files = sorted(
-            p.relative_to(self.image_dir).as_posix()
-            for p in self.image_dir.rglob("*")
-            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-        )
-        if not self.files:
-            raise DataError(f"image folder {self.image_dir} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+        self.files = [p.relative_to(self.image_dir).as_posix() for p in list_images(self.image_dir)]
 
     def __len__(self) -> int:
         return len(self.files)

@@ -21,6 +21,7 @@ import os
 import re
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -37,11 +38,24 @@ __all__ = [
     "decode_image",
     "image_from_bytes",
     "is_truncated_jpeg",
+    "list_images",
     "read_header",
     "read_image",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def list_images(folder: str | os.PathLike, what: str = "image folder") -> list[Path]:
+    """The image files (`IMAGE_EXTENSIONS`, any case) under ``folder`` and its subfolders,
+    sorted; `DataError` naming ``what`` and the folder when it is missing or holds none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{what} {folder} does not exist")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise DataError(f"{what} {folder} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return files
 
 # EXIF orientations that transpose the image (decoders apply them, headers do not).
 TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})

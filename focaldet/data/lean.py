@@ -21,7 +21,6 @@ import gc
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from focaldet.atomic import atomic_write
 from focaldet.data.validate import MIN_BOX_SIDE
 
 __all__ = ["LeanAnnotations", "RecordTable", "load_lean"]
@@ -246,14 +246,7 @@ def _write_cache(path: Path, key: str, lean: LeanAnnotations) -> None:
     target = _cache_file(path)
     meta = json.dumps({"key": key, "categories": lean.categories, "warnings": lean.warnings})
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp.npz")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, meta=np.array(meta), **{name: getattr(lean, name) for name in _ARRAYS})
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_write(target, "wb") as f:
+            np.savez(f, meta=np.array(meta), **{name: getattr(lean, name) for name in _ARRAYS})
     except OSError:
         pass

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import cv2
 
+from focaldet.atomic import atomic_write
 from focaldet.data.images import decode_image, is_truncated_jpeg, read_header
 
 __all__ = ["ImageScan", "cache_dir", "format_mismatch", "scan_image", "scan_images"]
@@ -193,18 +193,11 @@ def _save_cache(root: Path, files: dict[str, list]) -> None:
     """Write atomically (temporary file, then rename); a cache that cannot be written is skipped."""
     path = _cache_file(root)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"tag": _cache_tag(), "root": str(root), "files": files}, f)
-            os.replace(tmp, path)
-            version = _file_version(path)
-            if version is not None:
-                _LOADED[path] = (version, files)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_write(path) as f:
+            json.dump({"tag": _cache_tag(), "root": str(root), "files": files}, f)
+        version = _file_version(path)
+        if version is not None:
+            _LOADED[path] = (version, files)
     except OSError:
         pass
 

@@ -401,16 +401,12 @@ def on_rank_zero(fn: Any) -> Any:
 
 
 def write_results_json(results: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
-    """Write COCO results to ``path`` atomically (temporary file, then ``os.replace``)."""
+    """Write COCO results to ``path`` atomically (`focaldet.atomic.atomic_write`)."""
+    from focaldet.atomic import atomic_write
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(list(results), f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path) as f:
+        json.dump(list(results), f)
     return path
 
 

@@ -33,14 +33,13 @@ CALIBRATION_COUNT = 32
 
 def calibration_files(folder: str | os.PathLike, count: int = CALIBRATION_COUNT, seed: int = 0) -> list[Path]:
     """Up to ``count`` image files of ``folder`` (recursively), a seeded random choice."""
-    from focaldet.data.coco import IMAGE_EXTENSIONS
+    from focaldet.data.images import list_images
+    from focaldet.errors import DataError
 
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ExportError(f"--calibration_images {folder}: no such folder")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    if not files:
-        raise ExportError(f"--calibration_images {folder}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+    try:
+        files = list_images(folder, "--calibration_images folder")
+    except DataError as e:
+        raise ExportError(str(e)) from None
     random.Random(seed).shuffle(files)
     return sorted(files[:count])
 

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from focaldet.data.coco import IMAGE_EXTENSIONS, ImageFolderDataset, _apply_transforms, _decoded_from
-from focaldet.data.images import MAX_PIXELS, check_pixels, image_from_bytes, read_header
+from focaldet.data.coco import ImageFolderDataset, _apply_transforms, _decoded_from
+from focaldet.data.images import MAX_PIXELS, check_pixels, image_from_bytes, list_images, read_header
 from focaldet.data.transforms import decode_reduction, leading_resize
 from focaldet.errors import DataError
 
@@ -112,10 +112,7 @@ def expand(inputs: Any) -> list[Any]:
     if isinstance(inputs, (str, os.PathLike)):
         path = Path(inputs).expanduser()
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-            if not files:
-                raise DataError(f"image folder {path} has no images ({', '.join(IMAGE_EXTENSIONS)})")
-            return files
+            return list_images(path)
         return [path]
     if isinstance(inputs, (list, tuple)):
         return [x for item in inputs for x in (expand(item) if isinstance(item, (str, os.PathLike)) else [item])]

@@ -11,7 +11,7 @@ Keys are ``focaldet fit``'s dotted keys; values are YAML scalars (numbers, strin
 comma-separated (commas inside ``[...]`` or ``{...}`` do not split). The key ``config`` adds a
 config file per cell (``--param config=configs/losses/bce.yaml,configs/losses/varifocal.yaml``).
 Other arguments go to every run as to ``fit``. The cells run one after the other; each run is
-``focaldet fit`` (``focaldet.runs``) followed by one validation of the final weights. Written::
+``focaldet fit`` (``focaldet.engine.runs``) followed by one validation of the final weights. Written::
 
     DIR/cells/<cell>/run/          the run's folder (checkpoints, logs, validation files)
     DIR/cells/<cell>/result.json   written (atomically) once the cell has finished
@@ -33,7 +33,6 @@ import csv
 import hashlib
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -44,6 +43,7 @@ from typing import Any
 
 import yaml
 
+from focaldet.atomic import atomic_write
 from focaldet.errors import ConfigError
 from focaldet.failures import one_line
 
@@ -90,7 +90,7 @@ def parse_value(text: str) -> Any:
 def parse_param(text: str) -> tuple[str, Any]:
     """``"KEY=V1,V2"`` -> ``(KEY, [v1, v2])``, ``"KEY=log:1e-4:1e-2"`` -> ``(KEY, SearchRange(...))``
     (also ``float:LOW:HIGH``, ``int:LOW:HIGH``); raises ``ConfigError`` naming the bad part."""
-    from focaldet.sweep_study import parse_search_range
+    from focaldet.tools.sweep_study import parse_search_range
 
     key, sep, values = text.partition("=")
     key = key.strip().removeprefix("--")
@@ -188,23 +188,21 @@ class CellOutcome:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)  # a reader sees the old file or the complete new one, never half of one
+    with atomic_write(path) as f:  # a reader sees the old file or the complete new one, never half of one
+        f.write(json.dumps(data, indent=2))
 
 
 def config_key(configs: Sequence[str], args: Sequence[str]) -> str:
     """A cell's identity: the hash of the configuration ``fit`` resolves from its configs and
-    arguments (``focaldet.runs.resolve_run_config``), so ``1`` and ``1.0`` of a float are one cell
+    arguments (``focaldet.engine.runs.resolve_run_config``), so ``1`` and ``1.0`` of a float are one cell
     and an edited config file is a new one. A bad argument raises ``ConfigError``."""
-    from focaldet.runs import resolve_run_config
+    from focaldet.engine.runs import resolve_run_config
 
     return hashlib.sha256(resolve_run_config(configs, args).encode()).hexdigest()[:16]
 
 
 def _default_run(configs: Sequence[str], args: Sequence[str], root_dir: Path, callbacks: Sequence = ()) -> dict:
-    from focaldet.runs import build_run, fit_and_evaluate
+    from focaldet.engine.runs import build_run, fit_and_evaluate
 
     cli = build_run(configs, args, root_dir)
     cli.trainer.callbacks.extend(callbacks)
@@ -242,7 +240,7 @@ def _outcome_of(cell: Cell, trials: Sequence, started_before: int, grace: int) -
 
 
 def _worker() -> str:
-    from focaldet.sweep_study import worker_name
+    from focaldet.tools.sweep_study import worker_name
 
     return worker_name()
 
@@ -268,7 +266,7 @@ def run_sweep(configs: Sequence[str], params: Sequence[tuple[str, Any]], out: st
     from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
     from optuna.trial import TrialState
 
-    from focaldet.sweep_study import (
+    from focaldet.tools.sweep_study import (
         PruneOnValMAP, SearchRange, default_storage, open_storage, quiet_optuna, short_hash, stored_result,
         wait_poll, worker_name,
     )
@@ -589,12 +587,10 @@ def write_outputs(out: Path, keys: Sequence[str], outcomes: Sequence[CellOutcome
     grid = heatmap if grid is None else grid
     out.mkdir(parents=True, exist_ok=True)
     columns, rows = results_rows(keys, outcomes)
-    tmp = out / ".results.csv.tmp"
-    with tmp.open("w", newline="") as f:
+    with atomic_write(out / "results.csv", newline="") as f:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, out / "results.csv")
     (out / "table.md").write_text(table_markdown(keys, outcomes, grid=grid))
     written = [out / "results.csv", out / "table.md"]
     if len(keys) == 2 and heatmap and outcomes:
@@ -633,7 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args, fit_args = build_parser().parse_known_args(argv)
     params = [parse_param(p) for p in args.param]
-    from focaldet.sweep_study import SearchRange
+    from focaldet.tools.sweep_study import SearchRange
 
     if args.trials is not None and args.trials < 1:
         raise ConfigError(f"--trials {args.trials}: need at least 1")

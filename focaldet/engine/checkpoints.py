@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from focaldet.atomic import atomic_write, remove_stale_temporaries
 from focaldet.errors import CheckpointError, WeightsError
 from focaldet.modeling.weights import not_torch_save_reason
 from focaldet.safe_load import UnsafeFileError, load_torch_file
@@ -115,12 +115,6 @@ def resolve_ckpt_path(ckpt_path: str | None, ckpt_dir: str | os.PathLike) -> str
                           f"{', '.join(p.name for p in bad)}); delete them to start afresh")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 class FocaldetCheckpointIO(TorchCheckpointIO):
     """``TorchCheckpointIO`` with an atomic local save and one-line errors on save and load."""
 
@@ -128,25 +122,14 @@ class FocaldetCheckpointIO(TorchCheckpointIO):
         if _is_remote(path) or storage_options is not None:
             return super().save_checkpoint(checkpoint, path, storage_options)
         target = Path(path)
-        tmp_name = None
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            for stale in target.parent.glob(f".{target.name}.*.tmp"):  # left by a process killed mid-save
-                stale.unlink(missing_ok=True)
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-            os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would have made
-            with os.fdopen(fd, "wb") as f:
+            remove_stale_temporaries(target)  # left by a process killed mid-save
+            with atomic_write(target, "wb", fsync=True) as f:  # readers see the old file or the new one
                 torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp_name, target)  # atomic on POSIX: readers see the old file or the new one
-            tmp_name = None
         except OSError as e:
             raise CheckpointError(f"could not save checkpoint {target}: {e.strerror or e} "
                                   f"(the previous file, if any, is unchanged)") from e
-        finally:
-            if tmp_name is not None and os.path.exists(tmp_name):
-                os.remove(tmp_name)
 
     def load_checkpoint(self, path, map_location: Any = lambda storage, loc: storage,
                         weights_only: bool | None = None) -> dict[str, Any]:

@@ -16,12 +16,12 @@ import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from focaldet.checkpoints import check_checkpoint, install_checkpoint_io, resolve_last
+from focaldet.engine.checkpoints import check_checkpoint, install_checkpoint_io, resolve_last
 from focaldet.data.datamodule import CocoDataModule
 from focaldet.errors import FocaldetError
-from focaldet.stop_all_ranks import StopAllRanks
-from focaldet.loggers import default_logger
-from focaldet.module import RetinaNetModule
+from focaldet.engine.stop_all_ranks import StopAllRanks
+from focaldet.engine.loggers import default_logger
+from focaldet.engine.module import RetinaNetModule
 
 
 class PredictionWriter(Callback):
@@ -144,7 +144,7 @@ class FocaldetCLI(LightningCLI):
             raise cause from None
         self.model.run_config = self._resolved  # stored in every checkpoint
         if self.config.get(str(self.subcommand), self.config).trainer.logger in (None, True):
-            self.trainer.loggers = [default_logger(self.trainer.default_root_dir)]  # see focaldet.loggers
+            self.trainer.loggers = [default_logger(self.trainer.default_root_dir)]  # see focaldet.engine.loggers
         # Checkpoints go where Lightning puts them, into the run's own version folder
         # (<default_root_dir>/lightning_logs/version_N/checkpoints); `--ckpt_path last` finds the newest run's.
         install_checkpoint_io(self.trainer)  # atomic saves, one-line errors on unreadable files

@@ -6,7 +6,7 @@ torchvision's as ``RetinaNet.to_torchvision`` of that same model, so the two sta
 identical weights and differ only in what each library implements -- matching, loss
 normalisation, padding, anchors and postprocessing. Optimiser, schedule, data order,
 augmentation, steps and evaluation are literally shared (``TorchvisionRetinaNetModule``
-inherits them from ``RetinaNetModule``; both runs are built by ``focaldet.runs``)::
+inherits them from ``RetinaNetModule``; both runs are built by ``focaldet.engine.runs``)::
 
     focaldet equal-budget -c configs/bccd.yaml                  # -> runs/equal_budget/report.md
     focaldet equal-budget -c configs/bccd.yaml --trainer.max_steps 200
@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from focaldet.module import RetinaNetModule
+from focaldet.engine.module import RetinaNetModule
 
 #: torchvision's RetinaNet v1 box loss; set on both sides so that the recipe is the same.
 BOX_LOSS = "focaldet.losses.L1Loss"
@@ -88,7 +88,7 @@ def _report(results: dict, config: str, args: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from focaldet.runs import build_run, fit_and_evaluate
+    from focaldet.engine.runs import build_run, fit_and_evaluate
 
     parser = argparse.ArgumentParser(
         allow_abbrev=False, prog="focaldet equal-budget", description=__doc__.split("\n\n")[0],

@@ -4,7 +4,7 @@ The run builder shared by ``focaldet equal-budget`` and ``focaldet sweep``. A ru
 ``focaldet fit -c CONFIG [ARGS]`` builds (``FocaldetCLI(run=False)``: the same parser,
 defaults, links and callbacks), followed by one ``validate`` of the final weights::
 
-    from focaldet.runs import train_and_evaluate
+    from focaldet.engine.runs import train_and_evaluate
     result = train_and_evaluate(["configs/study_synth.yaml"], ["--trainer.max_steps", "50"], "runs/x")
     result.stats["mAP"], result.per_class["circle"], result.steps, result.wall_s
 """
@@ -59,9 +59,9 @@ def build_run(configs: Sequence[str], args: Sequence[str] = (), root_dir: str | 
     A bad argument raises ``ConfigError`` (one line) instead of exiting."""
     from jsonargparse import ArgumentError
 
-    from focaldet.lightning_cli import PARSER_KWARGS, FocaldetCLI, trainer_defaults
+    from focaldet.engine.lightning_cli import PARSER_KWARGS, FocaldetCLI, trainer_defaults
     from focaldet.data.datamodule import CocoDataModule
-    from focaldet.module import RetinaNetModule
+    from focaldet.engine.module import RetinaNetModule
 
     argv = [a for c in configs for a in ("-c", str(c))] + [str(a) for a in args]
     if root_dir is not None:
@@ -87,9 +87,9 @@ def resolve_run_config(configs: Sequence[str], args: Sequence[str] = ()) -> str:
     data or trainer is built. A bad argument raises ``ConfigError`` as in :func:`build_run`."""
     from jsonargparse import ArgumentError
 
-    from focaldet.lightning_cli import FocaldetCLI, trainer_defaults
+    from focaldet.engine.lightning_cli import FocaldetCLI, trainer_defaults
     from focaldet.data.datamodule import CocoDataModule
-    from focaldet.module import RetinaNetModule
+    from focaldet.engine.module import RetinaNetModule
 
     class _Resolved(Exception):
         pass
