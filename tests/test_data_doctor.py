@@ -10,7 +10,7 @@ from torchvision.ops import box_iou
 
 from focaldet.data import check_dataset
 from focaldet.data.cli import main
-from focaldet.data.doctor import best_anchor_iou
+from focaldet.modeling.anchors import best_anchor_iou
 from focaldet.modeling.anchors import AnchorGenerator
 
 

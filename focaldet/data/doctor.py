@@ -19,16 +19,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from torchvision.ops import box_iou
 
 from focaldet.data.coco import read_coco_json
 from focaldet.data.sampling import class_repeat_factors, expected_class_frequency, repeat_factors
 from focaldet.data.scan import format_mismatch, scan_images
-from focaldet.data.validate import MIN_BOX_SIDE, CocoValidation, Problems, validate_coco
+from focaldet.data.validate import CocoValidation, Problems, validate_coco
 from focaldet.errors import DataError
 from focaldet.inputs import InputSettings, resized_size
 
-__all__ = ["Report", "best_anchor_iou", "check_dataset"]
+__all__ = ["Report", "check_dataset"]
 
 # COCO's small/medium/large thresholds on box area (original pixels).
 SMALL_AREA, LARGE_AREA = 32**2, 96**2
@@ -159,47 +158,6 @@ def _resized_size(h: int, w: int, min_size: int, max_size: int) -> tuple[int, in
     return resized_size(h, w, min_size, max_size)
 
 
-def best_anchor_iou(
-    boxes: torch.Tensor, padded_size: tuple[int, int], generator: Any, chunk_size: int = 64
-) -> torch.Tensor:
-    """Best IoU of each box ``(G, 4)`` xyxy with the anchors of an input of ``padded_size``.
-
-    Same result as ``box_iou(boxes, generator(shapes)).max(1)`` over all anchors, but only
-    scores the anchors centred on the 2x2 grid points around each box centre on every
-    level: among anchors of one shape, IoU only grows as the centres get closer in x and in
-    y, so the best anchor is always among those. This keeps the doctor fast on COCO-sized
-    sets. Returns ``(G,)``.
-    """
-    if len(boxes) == 0:
-        return boxes.new_zeros((0,))
-    shapes = generator.feature_shapes(*padded_size)
-    anchors = generator(shapes, "cpu")
-    num_anchors = generator.num_anchors
-    offset = float(getattr(generator, "offset", 0.0))
-    strides = torch.tensor(generator.strides, dtype=torch.float32)  # (L,)
-    heights = torch.tensor([h for h, _ in shapes])  # (L,)
-    widths = torch.tensor([w for _, w in shapes])
-    counts = torch.tensor(generator.num_per_level(shapes))
-    starts = torch.cumsum(counts, 0) - counts  # first anchor row of each level
-
-    step = torch.tensor([0, 1])
-    cx = (boxes[:, 0] + boxes[:, 2]) / 2
-    cy = (boxes[:, 1] + boxes[:, 3]) / 2
-    gx = torch.floor(cx[:, None] / strides - offset).long()[..., None] + step  # (G, L, 2)
-    gy = torch.floor(cy[:, None] / strides - offset).long()[..., None] + step
-    gx = torch.minimum(gx.clamp(min=0), (widths - 1)[None, :, None])
-    gy = torch.minimum(gy.clamp(min=0), (heights - 1)[None, :, None])
-    cells = gy[..., :, None] * widths[None, :, None, None] + gx[..., None, :]  # (G, L, 2, 2)
-    index = starts[None, :, None, None, None] + cells[..., None] * num_anchors + torch.arange(num_anchors)
-    index = index.reshape(len(boxes), -1)  # (G, L*2*2*A) candidate anchor rows
-
-    best = []
-    for i in range(0, len(boxes), chunk_size):  # a chunk shares one set of candidates
-        candidates = torch.unique(index[i : i + chunk_size])
-        best.append(box_iou(boxes[i : i + chunk_size], anchors[candidates]).max(dim=1).values)
-    return torch.cat(best)
-
-
 # --------------------------------------------------------------------------------------
 # Checks
 # --------------------------------------------------------------------------------------
@@ -288,9 +246,9 @@ def check_dataset(
 
     # Anchor coverage.
     if areas:
-        if anchor_generator is None:
-            from focaldet.modeling.anchors import AnchorGenerator
+        from focaldet.modeling.anchors import AnchorGenerator, best_anchor_iou
 
+        if anchor_generator is None:
             anchor_generator = AnchorGenerator()
         # Images of the same size share their anchors: score all their boxes together.
         by_size: dict[tuple[int, int], list[tuple[list[float], Any]]] = defaultdict(list)

@@ -167,3 +167,51 @@ class AnchorGenerator(nn.Module):
 
     def extra_repr(self) -> str:
         return f"strides={self.strides}, num_anchors={self.num_anchors}, offset={self.offset}"
+
+
+# ------------------------------------------------------------------ best anchor of each box
+def centred_on_nearest_anchor(boxes: Tensor, padded_size: Sequence[int], generator: AnchorGenerator) -> Tensor:
+    """``(G, L, 4)``: each box ``(G, 4)`` xyxy translated so that the anchor centre nearest its
+    centre on level ``l`` (of the grid ``generator`` makes for an input of ``padded_size``) is
+    the origin.
+
+    Why the nearest centre: for one anchor shape, the overlap of a box and an anchor along x
+    depends only on their centres' x distance (and shrinks as it grows), the same along y, so
+    the best anchor of each shape on a level is the one centred on the grid point nearest the
+    box's centre. The IoU with the level's cell anchors (`cell_anchors`, centred at the
+    origin) is then the IoU with the best anchor of each shape."""
+    ph, pw = (int(v) for v in padded_size)
+    grids = generator.grids(generator.feature_shapes(ph, pw), "cpu", image_size=(ph, pw))
+    boxes = boxes.float()
+    cx = (boxes[:, 0] + boxes[:, 2]) / 2  # (G,)
+    cy = (boxes[:, 1] + boxes[:, 3]) / 2
+    out = torch.empty(len(boxes), len(grids), 4, dtype=torch.float32)
+    for level, grid in enumerate(grids):
+        x0 = grid.xs[grid.nearest(cx, axis=0)]  # (G,) nearest column centre
+        y0 = grid.ys[grid.nearest(cy, axis=1)]
+        out[:, level] = boxes - torch.stack([x0, y0, x0, y0], dim=1)
+    return out
+
+
+def cell_anchors(generator: AnchorGenerator) -> Tensor:
+    """``(L, A, 4)`` the generator's cell anchors (its own rounding), centred at the origin."""
+    return torch.stack([g.cell for g in generator.grids(generator.feature_shapes(1, 1), "cpu")])
+
+
+def best_anchor_iou(boxes: Tensor, padded_size: Sequence[int], generator: AnchorGenerator,
+                    chunk_size: int = 1 << 14) -> Tensor:
+    """``(G,)``: the best IoU of each box ``(G, 4)`` xyxy with any anchor ``generator`` makes for
+    an input of ``padded_size`` -- ``box_iou(boxes, anchors).max(1)`` over all anchors, from one
+    candidate per level and shape (`centred_on_nearest_anchor`). The one home of the best-anchor
+    IoU: ``focaldet data check``'s anchor coverage and `focaldet.analysis.anchors` use it."""
+    from torchvision.ops import box_iou
+
+    if len(boxes) == 0:
+        return boxes.new_zeros((0,))
+    cells = cell_anchors(generator)  # (L, A, 4)
+    best = []
+    for i in range(0, len(boxes), chunk_size):  # bounded memory: (chunk, A) IoUs per level
+        rel = centred_on_nearest_anchor(boxes[i : i + chunk_size], padded_size, generator)  # (g, L, 4)
+        per_level = [box_iou(rel[:, level], cells[level]).amax(1) for level in range(cells.shape[0])]
+        best.append(torch.stack(per_level, 1).amax(1))  # (g, L) -> (g,)
+    return torch.cat(best)
