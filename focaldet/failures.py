@@ -47,8 +47,10 @@ def one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-def report_errors(command: Callable[..., int | None], *args, **kwargs) -> int:
-    """Runs ``command``; returns its exit status, or 1 after printing a focaldet error as one line."""
+def report_errors(command: Callable[..., int | None], *args, prog: str = "focaldet", **kwargs) -> int:
+    """Runs ``command``; returns its exit status, or 1 after printing a focaldet error as one line,
+    ``PROG: error: MESSAGE`` (every command and subcommand reports through here; usage errors
+    are argparse's, exit status 2)."""
     global _peer_failure
     _peer_failure = None
     try:
@@ -56,7 +58,7 @@ def report_errors(command: Callable[..., int | None], *args, **kwargs) -> int:
     except FocaldetError as exc:
         if _debug():
             raise
-        print(f"focaldet: error: {one_line(exc)}", file=sys.stderr, flush=True)
+        print(f"{prog}: error: {one_line(exc)}", file=sys.stderr, flush=True)
         return 1
     except Exception:
         if _peer_failure is None or _debug():

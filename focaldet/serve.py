@@ -37,6 +37,7 @@ from fastapi import HTTPException
 
 from focaldet.data.images import MAX_PIXELS, image_from_bytes
 from focaldet.errors import FocaldetError
+from focaldet.failures import report_errors
 
 __all__ = ["DetectorAPI", "decode_image", "main", "to_json"]
 
@@ -205,24 +206,24 @@ def main(argv: list[str] | None = None) -> int:
                         help="build classes outside focaldet's allow-list that the checkpoint names "
                              "(a file you made: see docs/security.md)")
     args = parser.parse_args(argv)
+    return report_errors(_serve, args, prog="focaldet serve")
+
+
+def _serve(args: argparse.Namespace) -> int:
     threshold: Any = args.score_threshold
     try:
         threshold = float(threshold) if threshold is not None else None
     except ValueError:
         pass  # a thresholds file
-    try:
-        from focaldet.api import check_recipe, read_checkpoint
+    from focaldet.api import check_recipe, read_checkpoint
 
-        # a bad or hostile file fails here, in one line, not in a worker
-        check_recipe(read_checkpoint(args.ckpt_path), args.trust_checkpoint_code)
-        if args.max_upload_mb <= 0 or args.max_pixels <= 0:
-            raise FocaldetError("--max_upload_mb and --max_pixels must be > 0")
-        server = ls.LitServer(DetectorAPI(args.ckpt_path, threshold, args.trust_checkpoint_code, args.max_pixels),
-                              accelerator=args.accelerator, devices=1, timeout=args.timeout,
-                              middlewares=[(RequestGuard, {"max_bytes": int(args.max_upload_mb * 2**20)})])
-    except FocaldetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    # a bad or hostile file fails here, in one line, not in a worker
+    check_recipe(read_checkpoint(args.ckpt_path), args.trust_checkpoint_code)
+    if args.max_upload_mb <= 0 or args.max_pixels <= 0:
+        raise FocaldetError("--max_upload_mb and --max_pixels must be > 0")
+    server = ls.LitServer(DetectorAPI(args.ckpt_path, threshold, args.trust_checkpoint_code, args.max_pixels),
+                          accelerator=args.accelerator, devices=1, timeout=args.timeout,
+                          middlewares=[(RequestGuard, {"max_bytes": int(args.max_upload_mb * 2**20)})])
     _stop_on_signals()
     try:
         server.run(host=args.host, port=args.port, generate_client_file=False, num_api_servers=1)

@@ -229,10 +229,10 @@ def test_unknown_format_and_missing_folder_are_one_line_errors(tmp_path, capsys)
     with pytest.raises(ExportError, match="output folder .*nope does not exist"):
         export(None, [1], ["a"], tmp_path / "nope" / "m.onnx")
     ckpt = tmp_path / "x.ckpt"
-    assert export_main(["--ckpt_path", str(ckpt), "--format", "onnx", "--output", str(tmp_path / "m.onnx")]) == 2
+    assert export_main(["--ckpt_path", str(ckpt), "--format", "onnx", "--output", str(tmp_path / "m.onnx")]) == 1
     err = capsys.readouterr().err.strip()
-    assert err == f"focaldet export: {ckpt}: no such checkpoint"
-    assert export_main(["--ckpt_path", str(ckpt), "--format", "coreml", "--output", str(tmp_path / "m")]) == 2
+    assert err == f"focaldet export: error: {ckpt}: no such checkpoint"
+    assert export_main(["--ckpt_path", str(ckpt), "--format", "coreml", "--output", str(tmp_path / "m")]) == 1
     assert "unknown export format 'coreml'" in capsys.readouterr().err
 
 
@@ -367,7 +367,7 @@ def test_int8_keeps_the_head_in_fp32_and_its_detections_near_predict(trained, in
 
 def test_quantize_needs_calibration_images_and_onnx(tmp_path, capsys):
     assert export_main(["--ckpt_path", "x.ckpt", "--format", "onnx", "--quantize", "int8",
-                        "--output", str(tmp_path / "m.onnx")]) == 2
+                        "--output", str(tmp_path / "m.onnx")]) == 1
     assert "--quantize int8 needs --calibration_images DIR" in capsys.readouterr().err
     from focaldet.export.formats import calibration_files
 

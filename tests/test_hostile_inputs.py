@@ -33,7 +33,7 @@ def test_export_checks_its_output_before_the_work(tmp_path, capsys):
     from focaldet.export.cli import main as export_main
 
     # a checkpoint that does not exist: the output is refused first, before reading it (the slow part)
-    assert export_main(["--ckpt_path", str(tmp_path / "none.ckpt"), "--output", str(tmp_path)]) == 2
+    assert export_main(["--ckpt_path", str(tmp_path / "none.ckpt"), "--output", str(tmp_path)]) == 1
     assert "is a folder" in _error_line(capsys)
 
 

@@ -115,8 +115,8 @@ def test_serve_answers_what_predict_returns(tmp_path, synth_coco):
 
 def test_serve_refuses_a_bad_checkpoint_in_one_line(tmp_path, capsys):
     (tmp_path / "bad.ckpt").write_bytes(b"garbage")
-    assert serve_main(["--ckpt_path", str(tmp_path / "bad.ckpt")]) == 2
+    assert serve_main(["--ckpt_path", str(tmp_path / "bad.ckpt")]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: checkpoint ") and "bad.ckpt" in err and "\n" not in err
+    assert err.startswith("focaldet serve: error: checkpoint ") and "bad.ckpt" in err and "\n" not in err
     with pytest.raises(WeightsError):
         focaldet.load(tmp_path / "bad.ckpt")

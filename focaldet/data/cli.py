@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from focaldet.errors import FocaldetError
+from focaldet.failures import report_errors
 from focaldet.data.sampling import REPEAT_RULES
 from focaldet.inputs import InputSettings
 
@@ -248,11 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"synth": _synth, "check": _check, "split": _split, "anchors": _anchors, "voc2coco": _voc2coco,
                "convert": _convert,
                "corrupt": _corrupt}[args.command]
-    try:
-        return handler(args)
-    except FocaldetError as e:
-        print(f"focaldet data {args.command}: error: {e}", file=sys.stderr)
-        return 1
+    return report_errors(handler, args, prog=f"focaldet data {args.command}")
 
 
 if __name__ == "__main__":

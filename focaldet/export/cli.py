@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from focaldet.errors import FocaldetError
+from focaldet.failures import report_errors
 from focaldet.export.core import FORMATS, ExportError, check_output, export
 
 
@@ -91,8 +92,4 @@ def _run(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return _run(list(sys.argv[1:] if argv is None else argv))
-    except FocaldetError as e:
-        print(f"focaldet export: {e}", file=sys.stderr)
-        return 2
+    return report_errors(_run, list(sys.argv[1:] if argv is None else argv), prog="focaldet export")
