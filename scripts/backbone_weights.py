@@ -7,7 +7,7 @@ backbone's tensors alone (``backbone.*``, focaldet's names) as a plain state dic
 ``--model.init_weights OUT.pth`` it starts the backbone from those weights and leaves the FPN
 and both subnets at their from-scratch initialisation (the prior-probability bias included),
 as the paper's RetinaNet starts from an ImageNet-pretrained ResNet. The loss studies of the
-README use it with a backbone trained on synthetic shapes of another seed and class set.
+docs/studies.md ("Studies on the synthetic set") use it with a backbone trained on synthetic shapes of another seed and class set.
 """
 
 from __future__ import annotations
