@@ -27,11 +27,11 @@ from torch import Tensor
 from focaldet.errors import ConfigError, WeightsError
 from focaldet.inference.predictor import Predictor, read_thresholds
 from focaldet.inference.slicing import Slicing
-from focaldet.inputs import InputSettings
+from focaldet.config.inputs import InputSettings
 from focaldet.modeling.retinanet import RetinaNet
 from focaldet.modeling.weights import read_weights_file
-from focaldet.recipe import instantiate
-from focaldet.safe_load import UnsafeFileError
+from focaldet.config.recipe import instantiate
+from focaldet.config.safe_load import UnsafeFileError
 
 __all__ = ["CheckpointContents", "Detector", "check_recipe", "checkpoint_config", "load", "read_checkpoint",
            "read_thresholds"]
@@ -83,8 +83,8 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointContents:
 
 def check_recipe(contents: CheckpointContents, trust_code: bool = False) -> None:
     """Refuses, naming the checkpoint, a recipe part whose ``class_path`` focaldet does not build
-    from a file (`focaldet.safe_load`): checked before anything is imported or built."""
-    from focaldet.safe_load import check_path, recipe_bases
+    from a file (`focaldet.config.safe_load`): checked before anything is imported or built."""
+    from focaldet.config.safe_load import check_path, recipe_bases
 
     bases = recipe_bases()
     for key, spec in contents.recipe.items():
@@ -115,7 +115,7 @@ def build_module(contents: CheckpointContents, trust_code: bool = False):
     whose class focaldet does not build from a file is refused (`check_recipe`) unless
     ``trust_code``."""
     from focaldet.engine.module import RetinaNetModule
-    from focaldet.safe_load import recipe_bases
+    from focaldet.config.safe_load import recipe_bases
 
     check_recipe(contents, trust_code)
     bases = recipe_bases()
@@ -138,7 +138,7 @@ def checkpoint_config(path: str | os.PathLike, trust_code: bool = False) -> str:
     eval input settings."""
     import yaml
 
-    from focaldet.recipe import plain
+    from focaldet.config.recipe import plain
 
     contents = read_checkpoint(path)
     check_recipe(contents, trust_code)

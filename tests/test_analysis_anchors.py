@@ -20,7 +20,7 @@ from focaldet.analysis.anchors import (
 from focaldet.data.cli import main as data_main
 from focaldet.data.doctor import _resized_size
 from focaldet.data.synth import write_synthetic_coco
-from focaldet.inputs import InputSettings
+from focaldet.config.inputs import InputSettings
 from focaldet.modeling.anchors import AnchorGenerator
 
 AT_256 = InputSettings(min_size=256, max_size=256)

@@ -16,7 +16,7 @@ from focaldet.cli import FocaldetCLI, main, trainer_defaults
 from focaldet.data import CocoDataModule, read_image
 from focaldet.errors import DataError, FocaldetError, WeightsError
 from focaldet.evaluation import detections_to_coco, evaluate_coco
-from focaldet.inputs import InputSettings
+from focaldet.config.inputs import InputSettings
 from focaldet.engine.module import RetinaNetModule
 
 from helpers import ckpt_dir, tiny_config

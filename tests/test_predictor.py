@@ -24,7 +24,7 @@ from focaldet.data.doctor import _resized_size
 from focaldet.data.transforms import build_pipeline
 from focaldet.export.graph import eval_size
 from focaldet.inference import Predictor, size_groups
-from focaldet.inputs import InputSettings, resized_size
+from focaldet.config.inputs import InputSettings, resized_size
 from focaldet.modeling import PostProcess, ResNetBackbone, RetinaNet
 from focaldet.engine.module import RetinaNetModule
 

@@ -23,8 +23,8 @@ from focaldet.cli import main
 from focaldet.errors import ConfigError, FocaldetError, WeightsError
 from focaldet.models import ResNetBackbone
 from focaldet.engine.module import RetinaNetModule
-from focaldet.recipe import describe, instantiate
-from focaldet.safe_load import UnsafeFileError, check_pt2, load_torch_file
+from focaldet.config.recipe import describe, instantiate
+from focaldet.config.safe_load import UnsafeFileError, check_pt2, load_torch_file
 
 from helpers import run_cli
 
@@ -149,7 +149,7 @@ def test_a_config_naming_an_arbitrary_module_is_never_imported(files, tmp_path):
 
 def test_the_parser_itself_refuses_unknown_modules(files, tmp_path, monkeypatch):
     """A class path typed on the command line is refused by jsonargparse before import."""
-    from focaldet.safe_load import import_policy
+    from focaldet.config.safe_load import import_policy
     from jsonargparse import ArgumentParser
 
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -16,7 +16,7 @@ from focaldet.data.synth import render_image
 from focaldet.errors import ConfigError
 from focaldet.evaluation import detections_to_coco
 from focaldet.inference import Slicing, merge_detections, shift_boxes, slice_windows
-from focaldet.inputs import InputSettings
+from focaldet.config.inputs import InputSettings
 from focaldet.models import PostProcess, ResNetBackbone, RetinaNet
 
 from helpers import tiny_config

@@ -10,7 +10,7 @@ import torch
 from focaldet.errors import ConfigError
 from focaldet.inference.slicing import merge_detections
 from focaldet.inference.tta import TTA, flip_boxes, tta_detections, view_settings
-from focaldet.inputs import InputSettings
+from focaldet.config.inputs import InputSettings
 from focaldet.structures.boxes import rescale_boxes
 
 # two objects: red (label 0) at x 10..49, y 20..59; green (label 1) at x 70..119, y 5..34 (inclusive)

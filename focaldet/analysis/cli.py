@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from focaldet.errors import ConfigError, WeightsError
-from focaldet.recipe import read_config_file
+from focaldet.config.recipe import read_config_file
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from focaldet.failures import report_errors
 from focaldet.data.sampling import REPEAT_RULES
-from focaldet.inputs import InputSettings
+from focaldet.config.inputs import InputSettings
 
 __all__ = ["build_parser", "main"]
 
@@ -219,7 +219,7 @@ def _convert(args: argparse.Namespace) -> int:
         print(f"wrote {yaml_path} and {args.out / 'labels' / args.split} (images linked, not copied)")
         return 0
     if args.source == "yolo":
-        from focaldet.recipe import read_config_file
+        from focaldet.config.recipe import read_config_file
 
         config = read_config_file(args.data)
         splits = {s: convert.yolo_to_coco(args.data, s) for s in convert.SPLITS if config.get(s)}

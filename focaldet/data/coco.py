@@ -39,7 +39,7 @@ from focaldet.data.images import IMAGE_EXTENSIONS, ImageError, list_images, read
 from focaldet.data.transforms import decode_reduction, leading_resize, reduction_for_scale
 from focaldet.data.validate import MIN_BOX_SIDE, clip_box, validate_coco
 from focaldet.errors import DataError
-from focaldet.inputs import shortest_edge_scale
+from focaldet.config.inputs import shortest_edge_scale
 
 __all__ = [
     "IMAGE_EXTENSIONS",

@@ -116,7 +116,7 @@ def _parse_label_line(line: str, where: str, num_classes: int, names: Sequence[s
 def yolo_to_coco(data_yaml: str | os.PathLike, split: str) -> dict[str, Any]:
     """One split of a YOLO dataset as a COCO instances dict (see the module docstring)."""
     from focaldet.data.images import read_header
-    from focaldet.recipe import read_config_file
+    from focaldet.config.recipe import read_config_file
 
     data_yaml = Path(data_yaml)
     config = read_config_file(data_yaml)

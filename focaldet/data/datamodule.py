@@ -23,7 +23,7 @@ from focaldet.data.sampling import REPEAT_THRESHOLD, RepeatFactorSampler, Repeat
 from focaldet.data.scan import release_cache_memory, scan_images
 from focaldet.data.transforms import build_transforms, collate_detection
 from focaldet.errors import ConfigError, DataError
-from focaldet.inputs import InputSettings
+from focaldet.config.inputs import InputSettings
 
 __all__ = ["CocoDataModule"]
 

@@ -25,7 +25,7 @@ from focaldet.data.sampling import class_repeat_factors, expected_class_frequenc
 from focaldet.data.scan import format_mismatch, scan_images
 from focaldet.data.validate import CocoValidation, Problems, validate_coco
 from focaldet.errors import DataError
-from focaldet.inputs import InputSettings, resized_size
+from focaldet.config.inputs import InputSettings, resized_size
 
 __all__ = ["Report", "check_dataset"]
 
@@ -154,7 +154,7 @@ def _pct(value: float | None) -> str:
 
 
 def _resized_size(h: int, w: int, min_size: int, max_size: int) -> tuple[int, int]:
-    """Image size after `ResizeShortestEdge` (`focaldet.inputs.resized_size`)."""
+    """Image size after `ResizeShortestEdge` (`focaldet.config.inputs.resized_size`)."""
     return resized_size(h, w, min_size, max_size)
 
 

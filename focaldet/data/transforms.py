@@ -32,7 +32,7 @@ import torch
 from albumentations.augmentations.geometric.resize import MaxSizeTransform
 
 from focaldet.errors import ConfigError
-from focaldet.inputs import InputSettings, resized_size, shortest_edge_scale
+from focaldet.config.inputs import InputSettings, resized_size, shortest_edge_scale
 
 __all__ = [
     "ResizeShortestEdge",
@@ -52,7 +52,7 @@ class ResizeShortestEdge(MaxSizeTransform):
 
     The scale is ``min(min_size / min(h, w), max_size / max(h, w))`` (detectron2's
     ``ResizeShortestEdge``, the RetinaNet paper's 800/1333); the output size is
-    `focaldet.inputs.resized_size` (each side rounded half up) and boxes follow the actual
+    `focaldet.config.inputs.resized_size` (each side rounded half up) and boxes follow the actual
     size ratio. Pixels are interpolated with OpenCV's bit-exact bilinear
     (``INTER_LINEAR_EXACT``: the same bytes on every machine), which the export graph
     re-expresses exactly (`focaldet.export.graph.resize_bilinear_exact`), so an exported
@@ -82,7 +82,7 @@ class ResizeShortestEdge(MaxSizeTransform):
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         h, w = params["shape"][:2]
         short = self.py_random.choice(self.min_size) if isinstance(self.min_size, list) else self.min_size
-        size = resized_size(h, w, short, self.max_size)  # the one rule (focaldet.inputs)
+        size = resized_size(h, w, short, self.max_size)  # the one rule (focaldet.config.inputs)
         return {"scale": size[0] / h, "size": size}
 
     def apply(self, img, scale: float, size: tuple[int, int] = None, **params: Any):

@@ -29,7 +29,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from focaldet.atomic import atomic_write, remove_stale_temporaries
 from focaldet.errors import CheckpointError, WeightsError
 from focaldet.modeling.weights import not_torch_save_reason
-from focaldet.safe_load import UnsafeFileError, load_torch_file
+from focaldet.config.safe_load import UnsafeFileError, load_torch_file
 
 # what Lightning's "last" matches (ModelCheckpoint.CHECKPOINT_NAME_LAST, with its "-vN" copies)
 LAST_NAME = "last"
@@ -46,7 +46,7 @@ def _is_remote(path: str | os.PathLike) -> bool:
 
 def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False,
                          weights_only: bool | None = True) -> dict:
-    """A Lightning checkpoint, read by `focaldet.safe_load.load_torch_file`: always weights
+    """A Lightning checkpoint, read by `focaldet.config.safe_load.load_torch_file`: always weights
     only (``weights_only`` is accepted for Lightning's signature and ignored), so a pickle that
     would run code is refused (``UnsafeFileError``); any unreadable file raises one
     ``CheckpointError`` naming it (zero bytes, truncated, random bytes, a damaged pickle, not

@@ -98,7 +98,7 @@ class FocaldetCLI(LightningCLI):
     """LightningCLI whose data module tells the model its classes (never typed twice).
 
     ``trust_code``: build classes a ``--ckpt_path`` recipe names outside focaldet's allow-list
-    (`focaldet.safe_load`); set by ``focaldet --trust_checkpoint_code``."""
+    (`focaldet.config.safe_load`); set by ``focaldet --trust_checkpoint_code``."""
 
     trust_code = False
 
@@ -202,7 +202,7 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 def run_lightning(args: list[str]) -> int:
     """``focaldet fit|validate|test|predict ARGS`` (and ``-c C fit ...``)."""
-    from focaldet.safe_load import check_config_file, import_policy
+    from focaldet.config.safe_load import check_config_file, import_policy
 
     trust = TRUST_FLAG in args
     args = [a for a in args if a != TRUST_FLAG]

@@ -23,13 +23,13 @@ from focaldet.evaluation.coco import DEFAULT_BACKEND
 from focaldet.inference.predictor import Predictor
 from focaldet.inference.slicing import Slicing
 from focaldet.inference.tta import TTA
-from focaldet.inputs import InputSettings
+from focaldet.config.inputs import InputSettings
 from focaldet.losses import RetinaNetCriterion
 from focaldet.losses.criterion import CROWD_IOA_THRESHOLD
 from focaldet.modeling import AnchorGenerator, Matcher, PostProcess, RetinaNet
 from focaldet.modeling.weights import init_weights as load_init_weights
 from focaldet.modeling.weights import print_report
-from focaldet.recipe import describe
+from focaldet.config.recipe import describe
 
 OBJECT_ARGS = ("backbone", "anchor_generator", "matcher", "postprocess", "cls_loss", "box_loss")
 CHECKPOINT_FORMAT = 2  # checkpoint["focaldet"]: 1 = {label_map, config}; 2 adds inputs, recipe in hyper_parameters
@@ -148,7 +148,7 @@ class RetinaNetModule(L.LightningModule):
         if crowd_ioa_threshold is not None and not 0 < crowd_ioa_threshold <= 1:
             raise ConfigError(f"model.crowd_ioa_threshold must be in (0, 1] or null (off), got {crowd_ioa_threshold!r}")
         # The checkpoint's recipe (hyper_parameters): every argument, parts as class_path trees
-        # (focaldet.recipe), so that focaldet.load and `--ckpt_path` rebuild this very model.
+        # (focaldet.config.recipe), so that focaldet.load and `--ckpt_path` rebuild this very model.
         # The label map and input settings are stored once each, in checkpoint["focaldet"].
         # Slicing is how this run evaluates, not part of the model: kept out of the recipe.
         self.save_hyperparameters(ignore=[*OBJECT_ARGS, "label_map", "inputs", "slicing", "tta"])
@@ -419,7 +419,7 @@ def _describe(obj: Any) -> dict | None:
         return describe(obj)
     except ConfigError as e:
         rank_zero_info(f"note: {e}")
-        from focaldet.safe_load import public_path
+        from focaldet.config.safe_load import public_path
 
         return {"class_path": public_path(type(obj)), "init_args": None}
 

@@ -68,7 +68,7 @@ def build_run(configs: Sequence[str], args: Sequence[str] = (), root_dir: str | 
         argv += ["--trainer.default_root_dir", str(root_dir)]
     # configured through LightningCLI(args=...), not through sys.argv
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-    from focaldet.safe_load import check_config_file, import_policy
+    from focaldet.config.safe_load import check_config_file, import_policy
 
     for config in configs:  # a class_path outside focaldet's allow-list: refused, never imported
         check_config_file(config)

@@ -107,9 +107,9 @@ def export_torch(model: RetinaNet, category_ids: Sequence[int], names: Sequence[
 def load_torch_export(path: str | os.PathLike, trust_code: bool = False) -> tuple[torch.nn.Module, dict[str, str]]:
     """``(module, metadata)`` of a ``.pt2`` written by `export_torch`; ``module(images)``
     returns ``(boxes, scores, labels, num_detections)``. An archive holding pickles that
-    would run code, or compiled code, is refused unless ``trust_code`` (`focaldet.safe_load.check_pt2`)."""
+    would run code, or compiled code, is refused unless ``trust_code`` (`focaldet.config.safe_load.check_pt2`)."""
     from focaldet.errors import WeightsError
-    from focaldet.safe_load import UnsafeFileError, check_pt2
+    from focaldet.config.safe_load import UnsafeFileError, check_pt2
 
     try:
         check_pt2(path, trust_code)

@@ -6,7 +6,7 @@ with the batch size, height and width left dynamic::
 
     images (N, 3, H, W) float32 RGB in [0, 1]
       -> resize: shorter side to min_size, longer side capped at max_size (the data
-         pipeline's eval rule, `focaldet.inputs.resized_size` itself), interpolated as the
+         pipeline's eval rule, `focaldet.config.inputs.resized_size` itself), interpolated as the
          pipeline's OpenCV INTER_LINEAR_EXACT to the bit (`resize_bilinear_exact`)
       -> normalise (pixel_mean, pixel_std) -> pad right/below to size_divisibility
       -> backbone, FPN, head; anchors from the feature shapes
@@ -26,14 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from focaldet.inputs import resized_size
+from focaldet.config.inputs import resized_size
 from focaldet.modeling.retinanet import RetinaNet
 
 OUTPUT_NAMES = ("boxes", "scores", "labels", "num_detections")
 
 
 def eval_size(h, w, min_size: int | None, max_size: int | None):
-    """``(oh, ow)``: the data pipeline's eval resize, `focaldet.inputs.resized_size` itself (exact
+    """``(oh, ow)``: the data pipeline's eval resize, `focaldet.config.inputs.resized_size` itself (exact
     integer arithmetic: plain ints for ints, symbolic ones under ``torch.export``)."""
     return resized_size(h, w, min_size, max_size)
 

@@ -116,7 +116,7 @@ class ExportedDetector:
         different ones on photos several times the model's input size.)"""
         from focaldet.data.images import read_header, read_image
         from focaldet.data.transforms import reduction_for_scale
-        from focaldet.inputs import shortest_edge_scale
+        from focaldet.config.inputs import shortest_edge_scale
 
         min_size, max_size = self.eval_size
         header = read_header(path)

@@ -7,7 +7,7 @@ detections whichever door it takes (detectron2's ``DefaultPredictor`` is the mod
 
     image (path, array, PIL, tensor)
       -> prepare: focaldet's decoder, the eval pipeline of `InputSettings` (the one resize
-         rule, `focaldet.inputs.shortest_edge_scale`), collate
+         rule, `focaldet.config.inputs.shortest_edge_scale`), collate
       -> detect_prepared: pad each image ALONE to size_divisibility, normalise, model, postprocess
       -> to_original: boxes back to the image's own pixels
       -> finish: score thresholds (a number or validate's thresholds.json), category ids, names
@@ -38,7 +38,7 @@ from focaldet.evaluation.thresholds import ALL, load_thresholds, per_label_thres
 from focaldet.errors import ConfigError
 from focaldet.inference.slicing import Slicing, sliced_detections
 from focaldet.inference.tta import TTA, tta_detections
-from focaldet.inputs import InputSettings
+from focaldet.config.inputs import InputSettings
 from focaldet.structures.boxes import rescale_boxes
 
 __all__ = ["Predictor", "read_thresholds", "size_groups"]

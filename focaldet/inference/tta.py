@@ -30,7 +30,7 @@ from torch import Tensor
 
 from focaldet.errors import ConfigError
 from focaldet.inference.slicing import merge_detections
-from focaldet.inputs import InputSettings
+from focaldet.config.inputs import InputSettings
 
 __all__ = ["TTA", "flip_boxes", "tta_detections", "view_settings"]
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from focaldet.inputs import InputSettings, shortest_edge_scale
+from focaldet.config.inputs import InputSettings, shortest_edge_scale
 from focaldet.modeling.anchors import AnchorGenerator
 from focaldet.modeling.backbone import ResNetBackbone, fuse_frozen_batchnorm
 from focaldet.modeling.box_coder import BoxCoder

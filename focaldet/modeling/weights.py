@@ -64,7 +64,7 @@ def read_weights_file(path: str | os.PathLike, what: str = "weights file") -> An
     reason = not_torch_save_reason(path)
     if reason:
         raise WeightsError(f"{what} {path}: {reason}")
-    from focaldet.safe_load import UnsafeFileError, load_torch_file
+    from focaldet.config.safe_load import UnsafeFileError, load_torch_file
 
     try:
         return load_torch_file(path, f"{what} {path}")

@@ -22,7 +22,7 @@ from focaldet.analysis.anchors.geometry import (
     relative_boxes,
     unreachable,
 )
-from focaldet.inputs import InputSettings
+from focaldet.config.inputs import InputSettings
 from focaldet.modeling.anchors import AnchorGenerator
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
-from focaldet.inputs import InputSettings
+from focaldet.config.inputs import InputSettings
 from focaldet.modeling.anchors import AnchorGenerator, cell_anchors, centred_on_nearest_anchor
 
 

@@ -16,9 +16,9 @@ from torch import Tensor
 from focaldet.analysis.anchors.fit import AnchorFit, fit_anchors, generator_args
 from focaldet.analysis.anchors.geometry import AnchorReport, best_possible_recall, input_boxes
 from focaldet.errors import ConfigError, DataError
-from focaldet.inputs import InputSettings
+from focaldet.config.inputs import InputSettings
 from focaldet.modeling.anchors import AnchorGenerator
-from focaldet.recipe import read_config_file
+from focaldet.config.recipe import read_config_file
 
 
 # --------------------------------------------------------------------------------------

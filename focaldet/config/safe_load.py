@@ -7,7 +7,7 @@ Nothing in such a file runs code here:
   always ``weights_only=True``; the only globals it allows beyond PyTorch's own tensor and
   container types are :data:`SAFE_GLOBALS`. A file that asks for anything else is refused in
   one line naming it (:class:`UnsafeFileError`).
-- **recipes** (a checkpoint's ``class_path`` trees, `focaldet.recipe`): :func:`resolve_class`
+- **recipes** (a checkpoint's ``class_path`` trees, `focaldet.config.recipe`): :func:`resolve_class`
   builds a class only if its path lies in :data:`TRUSTED_ROOTS` (checked *before* anything is
   imported) and it is a subclass of what the argument expects (:func:`recipe_bases`). Paths
   of earlier focaldet versions are read through :data:`ALIASES`.

@@ -7,7 +7,7 @@ The recipe has the form of the CLI's YAML, so a reader can copy it into a config
 
 `describe` writes it from a live object, recording a class by its public path (where
 ``focaldet.models`` / ``focaldet.losses`` re-export it); `instantiate` builds the object
-back, only from classes `focaldet.safe_load` allows (a subclass of what the argument
+back, only from classes `focaldet.config.safe_load` allows (a subclass of what the argument
 expects, from focaldet, ``torch.nn`` or torchvision, unless the file is trusted). The rule
 `describe` relies on: every constructor argument is kept on the object under its own name
 (``self.depth = depth``), as focaldet's parts do. Arguments named ``weights`` or
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from focaldet.errors import ConfigError
-from focaldet.safe_load import public_path, resolve_class
+from focaldet.config.safe_load import public_path, resolve_class
 
 __all__ = ["describe", "instantiate", "plain"]
 
@@ -66,7 +66,7 @@ def instantiate(spec: Any, expected_base: type | None = None, trust: bool = Fals
     """Build the object a `describe` output (or a CLI ``class_path`` dict) names.
 
     The class must be a subclass of ``expected_base`` and live in focaldet, ``torch.nn`` or
-    torchvision, checked before anything is imported (`focaldet.safe_load.resolve_class`);
+    torchvision, checked before anything is imported (`focaldet.config.safe_load.resolve_class`);
     ``expected_base=None`` accepts no class (plain values pass through). A ``class_path``
     nested in ``init_args`` must fit the annotation of that constructor argument.
     ``trust=True`` builds any class (a file the user made). ``ConfigError`` otherwise."""
