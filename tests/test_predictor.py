@@ -225,3 +225,17 @@ def test_predict_uses_and_records_the_typed_flags(checkpoint, synth_coco, tmp_pa
                                                          list(synth_coco.images.glob("*.jpg")))
     preds = json.loads(next(out.rglob("predictions.json")).read_text())
     assert min(p["score"] for p in preds) < 0.2  # the typed 0.0, not the checkpoint's 0.2
+
+
+@pytest.mark.parametrize(("command", "flags"), [("validate", "--data.val_ann and --data.val_images"),
+                                                 ("test", "--data.test_ann and --data.test_images"),
+                                                 ("predict", "--data.predict_images")])
+def test_a_checkpoint_without_data_is_a_one_line_error(checkpoint, command, flags, capsys):
+    """A checkpoint records no dataset: ``validate --ckpt_path X`` alone used to evaluate nothing
+    and exit 0, printing no mAP. Now it says what to give."""
+    from focaldet.cli import main
+
+    assert main([command, "--ckpt_path", str(checkpoint), "--trainer.enable_progress_bar", "false"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"focaldet: error: {command} has no data to run on: give {flags} (a checkpoint records the " \
+                      "recipe, label map and eval size, not the dataset)"
