@@ -14,7 +14,7 @@ Nothing in such a file runs code here:
 - **configs**: `import_policy` makes jsonargparse (the CLI's parser) refuse to import a
   ``class_path`` outside :data:`CLI_IMPORT_ROOTS`.
 - **.pt2** programs: :func:`check_pt2` refuses an archive whose payloads are pickles
-  ``torch.export.load`` would run (it falls back to ``weights_only=False``) or compiled code.
+  ``torch.export.load`` would run (it falls back to full unpickling, ``weights_only`` off) or compiled code.
 
 ``trust=True`` (``focaldet.load(path, trust_code=True)``, ``--trust_checkpoint_code``) lifts
 the class-path and ``.pt2`` rules for a file the user made: see docs/security.md. Pickles
@@ -130,7 +130,7 @@ def load_torch_file(source: str | os.PathLike | bytes, what: str, map_location: 
 
 
 def _detail(e: Exception) -> str:
-    """The gist of a load error, without PyTorch's advice to load with ``weights_only=False``."""
+    """The gist of a load error, without PyTorch's advice to turn ``weights_only`` off."""
     text = str(e)
     if "Weights only load failed" in text:
         parts = [p for p in re.split(r"\n\s*\n", text.split("WeightsUnpickler error:", 1)[-1])
@@ -261,7 +261,7 @@ _PT2_FILES = re.compile(r"(archive_format|archive_version|byteorder|\.data/versi
 def check_pt2(path: str | os.PathLike, trust: bool = False) -> None:
     """Refuses (one line naming ``path``) a ``.pt2`` that ``torch.export.load`` could not read
     without running code from it: a pickled payload that needs more than weights-only
-    unpickling (torch retries those with ``weights_only=False``), a pickled custom object,
+    unpickling (torch retries those with ``weights_only`` off), a pickled custom object,
     compiled code (AOTInductor), or any file outside the layout ``torch.export.save`` writes."""
     if trust:
         return
@@ -309,7 +309,7 @@ def _check_payloads(archive: zipfile.ZipFile, name: str, inner: str, what: str) 
 
 def _weights_only_payload(data: bytes, what: str, name: str) -> None:
     """A payload torch.export.load would unpickle: it must load as weights only (torch would
-    retry a failure with ``weights_only=False``, running the pickle)."""
+    retry a failure with ``weights_only`` off, running the pickle)."""
     try:
         load_torch_file(data, f"{what} ({name})")
     except UnsafeFileError:
