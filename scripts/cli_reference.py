@@ -101,10 +101,12 @@ def _subcommands(text: str, prefix: str = "") -> list[str]:
 
 def _normalise(text: str) -> str:
     """Fixed-width help with the environment-dependent parts replaced: the "known subclasses" lists
-    cut down, and paths of this checkout written as ``<repo>`` (defaults such as
-    ``<repo>/../shared/data/bccd`` are computed from where the package lies)."""
-    for path, name in ((ROOT, "<repo>"), (ROOT.parent, "<repo>/.."), (Path.home(), "~")):
-        text = text.replace(str(path), name)
+    cut down. A help text must not print a path of this checkout or of the home folder: argparse
+    wraps before anything could replace it, so the page would depend on where the clone lies."""
+    for path in (ROOT.parent, Path.home()):
+        if str(path) != "/" and str(path) in text:
+            line = next(li for li in text.splitlines() if str(path) in li)
+            raise RuntimeError(f"a --help prints the local path {path} (write it relative): {line.strip()}")
     # typing caches Union[int, float] and Union[float, int] as one object, printed in the order
     # the process first built it: write the two in one order
     text = re.sub(r"Union\[float,(\s+)int\b", r"Union[int,\1float", text)

@@ -105,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, help="untimed calls per side first (default 1)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--workers", type=int, help="data loader workers for the data case (default 2)")
-    p.add_argument("--data-dir", type=Path, help=f"COCO-layout dataset for the data case (default {BCCD_DIR})")
+    p.add_argument("--data-dir", type=Path, help="COCO-layout dataset for the data case (default: shared/data/bccd beside the checkout)")
     p.add_argument("--eval-images", type=int, help="images of the eval case (default 2000)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     return p
