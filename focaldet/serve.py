@@ -32,25 +32,17 @@ from collections.abc import Callable
 from typing import Any
 
 import litserve as ls  # the `serve` extra
-import numpy as np
 from fastapi import HTTPException
 
-from focaldet.data.images import MAX_PIXELS, image_from_bytes
+from focaldet.data.images import MAX_PIXELS
 from focaldet.errors import FocaldetError
 from focaldet.failures import report_errors
 
-__all__ = ["DetectorAPI", "decode_image", "main", "to_json"]
+__all__ = ["DetectorAPI", "main", "to_json"]
 
 
 MAX_UPLOAD_MB = 32.0  # default --max_upload_mb
 _HOW = "post a multipart field 'image' or JSON {\"image\": <base64 of the file>}"
-
-
-def decode_image(data: bytes, what: str = "the posted file", max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """``(H, W, 3)`` uint8 RGB from an encoded image: `focaldet.data.images.image_from_bytes`,
-    the decoder ``Detector.predict`` reads files with (a truncated JPEG decoded, EXIF
-    orientation applied, over ``max_pixels`` refused before decoding)."""
-    return image_from_bytes(data, what, max_pixels=max_pixels)
 
 
 async def body_problem(body: bytes, content_type: str) -> str | None:

@@ -236,16 +236,21 @@ def test_decode_reduction_follows_the_leading_resize():
 
 def _reduced_and_full_samples(dataset, monkeypatch):
     """``(reduced, full, reads)``: every sample as ``dataset`` reads it, then with every image
-    decoded in full, and the ``reduce`` of each ``read_image`` call, in order."""
+    decoded in full, and the ``reduce`` of each decode (a file's or its bytes'), in order."""
     from focaldet.data import coco as coco_module
     reads = []
-    read_image = coco_module.read_image
+    read_image, image_from_bytes = coco_module.read_image, coco_module.image_from_bytes
 
     def counting_read(path, image_id=None, reduce=1):
         reads.append(reduce)
         return read_image(path, image_id, reduce)
 
+    def counting_decode(buffer, what, reduce=1, max_pixels=coco_module.MAX_PIXELS):
+        reads.append(reduce)
+        return image_from_bytes(buffer, what, reduce, max_pixels)
+
     monkeypatch.setattr(coco_module, "read_image", counting_read)
+    monkeypatch.setattr(coco_module, "image_from_bytes", counting_decode)
     reduced = [dataset[i] for i in range(len(dataset))]
     monkeypatch.setattr(coco_module, "decode_reduction", lambda *a: 1)
     full = [dataset[i] for i in range(len(dataset))]

@@ -35,11 +35,19 @@ from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from focaldet.data.images import IMAGE_EXTENSIONS, ImageError, list_images, read_header, read_image
-from focaldet.data.transforms import decode_reduction, leading_resize, reduction_for_scale
+from focaldet.data.images import (
+    IMAGE_EXTENSIONS,
+    MAX_PIXELS,
+    ImageError,
+    image_from_bytes,
+    list_images,
+    read_bytes,
+    read_header,
+    read_image,
+)
+from focaldet.data.transforms import decode_reduction, leading_resize, reduction_for_resize
 from focaldet.data.validate import MIN_BOX_SIDE, clip_box, validate_coco
 from focaldet.errors import DataError
-from focaldet.config.inputs import shortest_edge_scale
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -388,8 +396,8 @@ class CocoDetection(Dataset):
         """The record's image, decoded as small as the transforms allow (`decode_reduction`),
         and the ``(4,)`` factor that scales its boxes to the decoded image (``None``: 1)."""
         path, height, width = self.image_dir / rec["file_name"], rec["height"], rec["width"]
-        if self.resize_after is not None and self.resize_after[0] is not None:
-            reduce = reduction_for_scale(shortest_edge_scale(height, width, *self.resize_after))
+        if self.resize_after is not None:
+            reduce = reduction_for_resize(height, width, *self.resize_after)
         else:
             reduce = decode_reduction(self.transforms, height, width)
         image = read_image(path, rec["image_id"], reduce)
@@ -432,13 +440,32 @@ class ImageFolderDataset(Dataset):
 
     def _read(self, path: Path, index: int) -> tuple[np.ndarray, tuple[int, int]]:
         """The image, decoded as small as the transforms allow, and the full image's ``(h, w)``."""
-        header = read_header(path) if leading_resize(self.transforms) is not None else None
-        size = header.size if header is not None and header.format == "JPEG" else None
-        reduce = decode_reduction(self.transforms, *size) if size is not None else 1
-        image = read_image(path, index, reduce)
-        if reduce == 1:
-            return image, image.shape[:2]
-        if _decoded_from(image, reduce, *size):
-            return image, size
-        image = read_image(path, index)  # the header and the decoder disagree: trust the pixels
+        what = f"image {path} (image id {index})"
+        return decode_for_pipeline(read_bytes(path, what), what, pipeline_reduction(self.transforms))
+
+
+def pipeline_reduction(transforms: Any) -> Callable[[int, int], int] | None:
+    """``(h, w) -> decode reduction`` of an eval pipeline (`decode_reduction`); ``None`` when it
+    does not start with a resize (nothing to reduce)."""
+    if leading_resize(transforms) is None:
+        return None
+    return lambda height, width: decode_reduction(transforms, height, width)
+
+
+def decode_for_pipeline(buffer: np.ndarray, what: str, reduction: Callable[[int, int], int] | None,
+                        max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int]]:
+    """An encoded image's bytes (a file's, or an upload's) as a resize that follows takes them:
+    ``(image, (h, w))``, the image decoded ``reduction(h, w)`` times smaller (`pipeline_reduction`
+    of an eval pipeline; ``None``: whole; JPEG only, whose header gives the size first) and the
+    full image's ``(h, w)``. `ImageError` naming ``what`` for bytes that are empty, over
+    ``max_pixels`` or not a decodable image."""
+    header = read_header(buffer) if reduction is not None and buffer.size else None
+    size = header.size if header is not None and header.format == "JPEG" else None
+    reduce = reduction(*size) if size is not None else 1
+    image = image_from_bytes(buffer, what, reduce, max_pixels)
+    if reduce == 1:
         return image, image.shape[:2]
+    if _decoded_from(image, reduce, *size):
+        return image, size
+    image = image_from_bytes(buffer, what, 1, max_pixels)  # the header and the decoder disagree: trust the pixels
+    return image, image.shape[:2]

@@ -255,14 +255,12 @@ class CocoDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets a stage needs (all available ones for ``stage=None``)."""
         splits = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}
-        needed = {"validate": ("val", "--data.val_ann and --data.val_images"),
-                  "test": ("test", "--data.test_ann and --data.test_images"),
-                  "predict": ("predict", "--data.predict_images")}
-        if stage in needed:  # never a silent run over nothing (fit may train without validation)
-            split, flags = needed[stage]
+        if stage in ("validate", "test", "predict"):  # never a silent run over nothing (fit may skip validation)
+            (split,) = splits[stage]
             if (self.predict_images if split == "predict" else self.paths[split][0]) is None:
-                raise ConfigError(f"{getattr(stage, 'value', stage)} has no data to run on: give {flags} (a checkpoint records the "
-                                  "recipe, label map and eval size, not the dataset)")
+                flags = "--data.predict_images" if split == "predict" else f"--data.{split}_ann and --data.{split}_images"
+                raise ConfigError(f"{getattr(stage, 'value', stage)} has no data to run on: give {flags} "
+                                  "(a checkpoint records the recipe, label map and eval size, not the dataset)")
         for split in splits.get(stage, ["train", "val", "test", "predict"]):
             if split in self.datasets:
                 continue

@@ -41,7 +41,7 @@ __all__ = [
     "build_transforms",
     "collate_detection",
     "decode_reduction",
-    "reduction_for_scale",
+    "reduction_for_resize",
     "leading_resize",
     "shortest_edge_scale",
 ]
@@ -109,15 +109,18 @@ def decode_reduction(transforms: Any, height: int, width: int) -> int:
     resized by OpenCV). E.g. a 4032x3024 photo trained at 800 px decodes at 1/2. Otherwise 1.
     """
     first = leading_resize(transforms)
-    if first is None:
+    return 1 if first is None else reduction_for_resize(height, width, first.min_size, first.max_size)
+
+
+def reduction_for_resize(height: int, width: int, min_size: int | Sequence[int] | None, max_size: int) -> int:
+    """The largest ``f`` in (8, 4, 2) with ``f * s <= 1``, else 1, where ``s`` is the largest scale
+    a `ResizeShortestEdge(min_size, max_size)` applies to a ``height x width`` image (a list of
+    ``min_size``: multi-scale, the largest; ``None``: no resize, 1). The rule of
+    `decode_reduction`, for a resize outside a pipeline too (an exported graph's)."""
+    if min_size is None:
         return 1
-    sizes = first.min_size if isinstance(first.min_size, list) else [first.min_size]
-    return reduction_for_scale(max(shortest_edge_scale(height, width, size, first.max_size) for size in sizes))
-
-
-def reduction_for_scale(scale: float) -> int:
-    """The largest decode reduction ``f`` in (8, 4, 2) with ``f * scale <= 1``, else 1: how much
-    smaller an image that is resized by ``scale`` next may be decoded (`decode_reduction`)."""
+    sizes = list(min_size) if isinstance(min_size, (list, tuple)) else [min_size]
+    scale = max(shortest_edge_scale(height, width, size, max_size) for size in sizes)
     return next((f for f in (8, 4, 2) if f * scale <= 1), 1)
 
 

@@ -123,7 +123,6 @@ class FocaldetCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         target = Path(path)
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(target)  # left by a process killed mid-save
             with atomic_write(target, "wb", fsync=True) as f:  # readers see the old file or the new one
                 torch.save(checkpoint, f)

@@ -17,6 +17,7 @@ from focaldet.errors import DataError
 from focaldet.evaluation import evaluate_coco
 from focaldet.evaluation.coco import DEFAULT_BACKEND, CocoEvalResult, detections_to_coco
 from focaldet.export.runtime import ExportedDetector
+from focaldet.structures.boxes import rescale_boxes
 
 
 def exported_results(detector: ExportedDetector, dataset: CocoDetection, progress: bool = False) -> list[dict[str, Any]]:
@@ -30,9 +31,7 @@ def exported_results(detector: ExportedDetector, dataset: CocoDetection, progres
         sample = dataset[i]
         image = sample["image"]  # (3, h, w) uint8, decoded at 1/reduce of the original size
         det = detector(image[None].float() / 255)[0]  # (1, 3, h, w) in [0, 1]
-        (oh, ow), (h, w) = sample["orig_size"], image.shape[-2:]
-        if (h, w) != (oh, ow):  # a reduced decode: back to the original pixels
-            det["boxes"] = det["boxes"] * torch.tensor([ow / w, oh / h, ow / w, oh / h])
+        det["boxes"] = rescale_boxes(det["boxes"], image.shape[-2:], sample["orig_size"])  # original pixels
         labels = torch.tensor([label_of[int(c)] for c in det["category_ids"]], dtype=torch.int64)
         results += detections_to_coco([sample["image_id"]], [{**det, "labels": labels}], detector.category_ids)
         if progress and (i + 1) % 20 == 0:

@@ -108,23 +108,21 @@ class ExportedDetector:
         return self(image.transpose(2, 0, 1)[None].astype(np.float32) / 255)[0]
 
     def predict_file(self, path: str | os.PathLike) -> dict[str, Tensor]:
-        """Detections of an image file, in its pixels, read as focaldet's eval pipeline reads it:
-        a large JPEG decoded at 1/2, 1/4 or 1/8 when the graph's resize shrinks it at least
-        that much (`focaldet.data.transforms.decode_reduction`), so the answer is ``focaldet
-        predict``'s to the bit. (``predict_image`` on the full-size pixels interpolates from
-        those instead: the same boxes to a fraction of a pixel on small images, slightly
-        different ones on photos several times the model's input size.)"""
-        from focaldet.data.images import read_header, read_image
-        from focaldet.data.transforms import reduction_for_scale
-        from focaldet.config.inputs import shortest_edge_scale
+        """Detections of an image file, in its pixels, read as ``focaldet predict`` reads it
+        (`focaldet.data.coco.decode_for_pipeline`): a large JPEG decoded at 1/2, 1/4 or 1/8 when
+        the graph's resize shrinks it at least that much, so the answer is ``predict``'s to the
+        bit. (``predict_image`` on the full-size pixels interpolates from those instead: the same
+        boxes to a fraction of a pixel on small images, slightly different ones on photos several
+        times the model's input size.)"""
+        from focaldet.data.coco import decode_for_pipeline
+        from focaldet.data.images import read_bytes
+        from focaldet.data.transforms import reduction_for_resize
+        from focaldet.structures.boxes import rescale_boxes
 
+        what = f"image {path}"
         min_size, max_size = self.eval_size
-        header = read_header(path)
-        h, w = header.size if header is not None else read_image(path).shape[:2]
-        reduce = 1 if min_size is None else reduction_for_scale(shortest_edge_scale(h, w, min_size, max_size))
-        image = read_image(path, reduce=reduce)  # (h / reduce, w / reduce, 3)
+        image, size = decode_for_pipeline(read_bytes(path, what), what,
+                                          lambda h, w: reduction_for_resize(h, w, min_size, max_size))
         det = self.predict_image(image)
-        ih, iw = image.shape[:2]
-        if (ih, iw) != (h, w):  # back to the file's pixels
-            det["boxes"] = det["boxes"] * torch.tensor([w / iw, h / ih, w / iw, h / ih])
+        det["boxes"] = rescale_boxes(det["boxes"], image.shape[:2], size)  # back to the file's pixels
         return det

@@ -13,9 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from focaldet.data.coco import ImageFolderDataset, _apply_transforms, _decoded_from
-from focaldet.data.images import MAX_PIXELS, check_pixels, image_from_bytes, list_images, read_header
-from focaldet.data.transforms import decode_reduction, leading_resize
+from focaldet.data.coco import ImageFolderDataset, _apply_transforms, decode_for_pipeline, pipeline_reduction
+from focaldet.data.images import MAX_PIXELS, check_pixels, list_images
 from focaldet.errors import DataError
 
 __all__ = ["DecodedImage", "Images", "decode_bytes", "expand"]
@@ -34,17 +33,12 @@ class DecodedImage:
 
 
 def decode_bytes(data: bytes | np.ndarray, what: str, transforms, max_pixels: int = MAX_PIXELS) -> DecodedImage:
-    """An encoded image's bytes as `ImageFolderDataset` reads a file of them (``transforms``: the
-    eval pipeline, which says how small the decode may be); `ImageError` naming ``what`` when
-    they are empty, over ``max_pixels`` or not a decodable image."""
+    """An encoded image's bytes as `ImageFolderDataset` reads a file of them
+    (`focaldet.data.coco.decode_for_pipeline`; ``transforms``: the eval pipeline, which says how
+    small the decode may be)."""
     buffer = np.frombuffer(data, np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
-    header = read_header(buffer) if leading_resize(transforms) is not None and buffer.size else None
-    size = header.size if header is not None and header.format == "JPEG" else None
-    reduce = decode_reduction(transforms, *size) if size is not None else 1
-    image = image_from_bytes(buffer, what, reduce, max_pixels)
-    if reduce > 1 and not _decoded_from(image, reduce, *size):  # header and decoder disagree: the pixels win
-        image, size = image_from_bytes(buffer, what, 1, max_pixels), None
-    return DecodedImage(image, tuple(size) if size is not None else image.shape[:2], what)
+    image, size = decode_for_pipeline(buffer, what, pipeline_reduction(transforms), max_pixels)
+    return DecodedImage(image, tuple(size), what)
 
 
 class Images(ImageFolderDataset):

@@ -113,13 +113,12 @@ class Predictor:
         return self._pipeline
 
     # ------------------------------------------------------------------ prepare
-    def decode(self, data: bytes, what: str, max_pixels: int | None = None):
+    def decode(self, data: bytes, what: str, max_pixels: int):
         """An encoded image's bytes (an upload) decoded as a file of them is (reduced decoding
         included), for ``__call__``: the same detections as the file's (`_images.decode_bytes`)."""
-        from focaldet.data.images import MAX_PIXELS
         from focaldet.inference._images import decode_bytes
 
-        return decode_bytes(data, what, self.transforms, MAX_PIXELS if max_pixels is None else max_pixels)
+        return decode_bytes(data, what, self.transforms, max_pixels)
 
     def prepare(self, inputs: Any, original_size: bool = False):
         """A dataset of samples (as ``CocoDetection`` makes them) of a path, a folder, a list
