@@ -53,11 +53,12 @@ class ExportableDetector(nn.Module):
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         m = self.model
         n, _, h, w = images.shape
-        oh, ow = eval_size(h, w, m.min_size, m.max_size)
+        oh, ow = (_opaque(v) for v in eval_size(h, w, m.min_size, m.max_size))  # fresh symbols under export
         x = resize_bilinear_exact((images * 255).round(), oh, ow) / 255  # (N, 3, oh, ow), the pipeline's pixels
         x = (x - m.pixel_mean) / m.pixel_std
         d = m.size_divisibility
-        x = F.pad(x, (0, (ow + d - 1) // d * d - ow, 0, (oh + d - 1) // d * d - oh))  # zeros right/below
+        ph, pw = _opaque((oh + d - 1) // d) * d, _opaque((ow + d - 1) // d) * d  # the padded size
+        x = F.pad(x, (0, pw - ow, 0, ph - oh))  # zeros right/below: (N, 3, ph, pw)
         x = x.contiguous(memory_format=m.memory_format)
         features = m.fpn(m.backbone(x))
         cls_logits, box_deltas = m.head(features)  # per level (N, Hi*Wi*A, C), (N, Hi*Wi*A, 4)
@@ -70,6 +71,22 @@ class ExportableDetector(nn.Module):
         scale = torch.tensor([w / ow, h / oh, w / ow, h / oh], device=x.device)  # back to input pixels
         labels = torch.where(dets["labels"] >= 0, self.category_ids[dets["labels"].clamp(min=0)], -1)
         return dets["boxes"] * scale, dets["scores"], labels, dets["num_detections"]
+
+
+def _opaque(n):
+    """``n`` itself; under ``torch.export``, a symbolic ``n`` becomes a fresh symbol of the same
+    value (runtime checks: ``u >= 1`` and ``u == n``). The resized size is a Min/Max/floor
+    expression of the input size, which the tracer would otherwise carry through the shape of
+    every node after it; as fresh symbols ``oh`` and ``ow``, and the padded size as ``d * u``,
+    the backbone's shapes are short (``16 * u``, ...). Measured with ResNet-50 on 2 cores: a
+    .pt2 loads in 10 s instead of 77 s (the load parses every shape with sympy), writing it
+    takes 9 s instead of 22 s and an ONNX file 31 s instead of 55 s; the outputs are bit-equal."""
+    if isinstance(n, int):
+        return n
+    u = torch.scalar_tensor(n, dtype=torch.int64).item()
+    torch._check(u >= 1)
+    torch._check(u == n)
+    return u
 
 
 def _linear_exact_taps(src: int, dst: int, device) -> tuple[Tensor, Tensor, Tensor]:
