@@ -70,7 +70,7 @@ def trained(tmp_path_factory):
     dm = CocoDataModule(train_ann=str(data.train_ann), train_images=str(data.images), val_ann=str(data.val_ann),
                         val_images=str(data.images), batch_size=2, num_workers=0, min_size=SIZE, max_size=SIZE)
     dm.setup("fit")
-    torch.manual_seed(0)
+    L.seed_everything(0, verbose=False)  # the data's augmentation draws too: the same model whatever ran before
     module = RetinaNetModule(num_classes=dm.num_classes, fpn_channels=32, num_convs=1, warmup_iters=2, batch_size=2,
                              backbone=ResNetBackbone(depth=18, norm="frozen_bn", freeze_at=0), optimizer="adamw",
                              base_lr=1e-3, base_batch_size=2, label_map=dm.label_map.to_dict())
@@ -199,7 +199,7 @@ def test_onnx_map_equals_validate(trained, onnx_file, tmp_path):
                   default_root_dir=str(tmp_path)).validate(module, vdm, verbose=False)
     validate_map = module.last_eval.stats["mAP"]
     exported_map = evaluate_exported(onnx_file, ann, val.image_dir).stats["mAP"]
-    assert validate_map > 0.5
+    assert 0.2 < validate_map < 0.95  # far from 0 and 1, so that boxes and scores move it (measured 0.46-0.48)
     assert exported_map == pytest.approx(validate_map, abs=0.002)
 
 
@@ -269,24 +269,19 @@ def test_exportable_graph_on_cuda_gives_predicts_detections(trained):
 
 
 @pytest.mark.slow
-def test_export_command_writes_a_program_with_the_graphs_outputs(tmp_path, synth_coco, capsys):
+def test_export_command_writes_a_program_with_the_graphs_outputs(tiny_run, tiny_pt2, tiny_pt2_detector, synth_coco):
     """``focaldet export --ckpt_path X --format torch_export --output Y.pt2`` on a checkpoint of
-    ``focaldet fit`` (tiny config): the saved program gives the graph's outputs at two shapes,
-    and its detections are those of ``focaldet.load(X)``'s model. One export (each costs
-    1-2 minutes of symbolic-shape tracing on 2 cores) covers the command and the ``.pt2``
-    writer; the ``.onnx`` writer is tested through ``export_onnx`` above, and the command's
-    format handling by the one-line-error test below."""
+    ``focaldet fit`` (the session's `tiny_pt2` of `tiny_run`): the saved program gives the graph's
+    outputs at two shapes, and its detections are those of ``focaldet.load(X)``'s model. The
+    session's one .pt2 export covers the command and the ``.pt2`` writer; the ``.onnx`` writer
+    is tested through ``export_onnx`` above, and the command's format handling by the
+    one-line-error test below."""
     import focaldet
-    from tests.helpers import ckpt_dir, run_cli, tiny_config
 
-    cfg = tiny_config(tmp_path, synth_coco)
-    assert run_cli("fit", "-c", str(cfg)).returncode == 0
-    ckpt = next(ckpt_dir(tmp_path / "run").glob("last*.ckpt"))
-    out = tmp_path / "model.pt2"
-    assert export_main(["--ckpt_path", str(ckpt), "--format", "torch_export", "--output", str(out)]) == 0
-    assert f"wrote {out}" in capsys.readouterr().out
+    ckpt, out = tiny_run["ckpt"], tiny_pt2["path"]
+    assert tiny_pt2["status"] == 0 and f"wrote {out}" in tiny_pt2["stdout"]
     det = focaldet.load(str(ckpt))
-    exported = ExportedDetector(out)
+    exported = tiny_pt2_detector  # ExportedDetector(out), loaded once for the session
     assert exported.category_ids == list(det.category_ids) and exported.names == list(det.names)
     graph = ExportableDetector(det.model, list(det.category_ids)).eval()
     for shape in ((1, 3, 160, 160), (2, 3, 97, 211)):
@@ -297,10 +292,8 @@ def test_export_command_writes_a_program_with_the_graphs_outputs(tmp_path, synth
     image = read_image(next(synth_coco.images.iterdir()))
     ref = det.model.predict([torch.from_numpy(image).permute(2, 0, 1).float() / 255])[0]
     got = exported.predict_image(image)
-    if len(ref["scores"]):
-        _assert_same_top_detections(got, ref, list(det.category_ids))
-    else:
-        assert len(got["scores"]) == 0
+    assert len(ref["scores"]) >= 5  # the run keeps detections down to score 0.02: something to compare
+    _assert_same_top_detections(got, ref, list(det.category_ids))
 
 
 # ----------------------------------------------------------------------------- int8 and OpenVINO

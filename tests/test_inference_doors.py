@@ -20,11 +20,8 @@ from focaldet.data import read_image
 from focaldet.evaluation import detections_to_coco, evaluate_coco
 from focaldet.export.evaluate import evaluate_exported
 
-from helpers import ckpt_dir, tiny_config
-
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
 
-LOW_THRESH = {"class_path": "focaldet.models.PostProcess", "init_args": {"score_thresh": 0.02, "detections_per_img": 30}}
 # (h, w) of the mixed val set; the last is decoded at 1/2 by every door (the eval resize shrinks it 3x)
 SIZES = [(128, 128), (96, 160), (150, 100), (110, 90), (128, 200), (72, 128), (260, 400)]
 TOP = 10  # detections per image compared box by box (the tail near score_thresh may come and go)
@@ -54,18 +51,14 @@ def _mixed_size_set(synth, out: Path) -> tuple[Path, Path]:
     return ann, images_dir
 
 
-@pytest.fixture(scope="session")
-def doors_model(tmp_path_factory, synth_coco):
-    """A tiny model trained once (40 steps at 96/128 px) and a mixed-size val set."""
+@pytest.fixture(scope="module")
+def doors_model(tmp_path_factory, synth_coco, tiny_run, tiny_onnx, tiny_pt2_detector):
+    """The session's tiny trained run (`tiny_run`: 40 steps at 96/128 px), its ONNX and .pt2
+    files (`focaldet export`), and a mixed-size val set."""
     tmp = tmp_path_factory.mktemp("doors")
-    cfg = tiny_config(tmp, synth_coco, **{"trainer.max_steps": 40, "trainer.val_check_interval": 40,
-                                          "model.optimizer": "adamw", "model.base_lr": 0.001,
-                                          "model.base_batch_size": 2, "model.warmup_iters": 5,
-                                          "model.postprocess": LOW_THRESH,
-                                          "data.min_size": 96, "data.max_size": 128, "data.batch_size": 3})
-    assert main(["fit", "-c", str(cfg)]) == 0
     ann, images = _mixed_size_set(synth_coco, tmp / "mixed")
-    return {"cfg": cfg, "ckpt": ckpt_dir(tmp / "run") / "last.ckpt", "tmp": tmp, "ann": ann, "images": images}
+    return {"cfg": tiny_run["cfg"], "ckpt": tiny_run["ckpt"], "tmp": tmp, "ann": ann, "images": images,
+            "onnx": tiny_onnx["path"], "torch_export": tiny_pt2_detector}
 
 
 def _newest(root: Path, name: str) -> Path:
@@ -158,12 +151,10 @@ def test_every_door_gives_the_same_answer(doors_model):
     doors["serve"] = served
 
     # the exported files, image by image
-    from focaldet.export import export
     from focaldet.export.runtime import ExportedDetector
 
-    for fmt, suffix in (("onnx", ".onnx"), ("torch_export", ".pt2")):
-        path = export(det.model, det.category_ids, det.names, tmp / f"model{suffix}", fmt)
-        exported = ExportedDetector(path)
+    for fmt in ("onnx", "torch_export"):  # written by `focaldet export` from the checkpoint
+        exported = ExportedDetector(m[fmt]) if fmt == "onnx" else m[fmt]
         label_of = {c: k for k, c in enumerate(det.category_ids)}
         found = []
         for i in ids:
@@ -175,7 +166,7 @@ def test_every_door_gives_the_same_answer(doors_model):
                 arr = exported.predict_image(small)
                 torch.testing.assert_close(arr["scores"], d["scores"], rtol=0, atol=1e-4)
         doors[fmt] = found
-    onnx_map = evaluate_exported(tmp / "model.onnx", ann, images).stats["mAP"]  # focaldet export evaluate
+    onnx_map = evaluate_exported(m["onnx"], ann, images).stats["mAP"]  # focaldet export evaluate
 
     ref = doors["load one by one"]
     ref_map = evaluate_coco(gt, ref).stats["mAP"]
