@@ -10,24 +10,32 @@ trained model (``focaldet.analysis``).
 
 from __future__ import annotations
 
+import importlib
+import os
 import sys
 
 from focaldet.failures import report_errors
 
-# every command of `focaldet`, with the one line `focaldet --help` shows
+# every command of `focaldet`: the function that runs it ("module:function", imported only when
+# the command runs) and the one line `focaldet --help` shows
 COMMANDS = {
-    "fit": "train a model (-c CONFIG.yaml; see configs/)",
-    "validate": "COCO mAP of a checkpoint on data.val_ann (--ckpt_path)",
-    "test": "COCO mAP of a checkpoint on data.test_ann (--ckpt_path)",
-    "predict": "detections of a checkpoint on a folder of images (--ckpt_path, --data.predict_images)",
-    "data": "dataset tools: synth, check, split, convert, anchors, voc2coco, corrupt",
-    "export": "a checkpoint as an ONNX or torch.export (.pt2) file; `export evaluate`: its COCO mAP",
-    "serve": "a checkpoint behind an HTTP server: POST an image, get its detections",
-    "bench": "speed and memory of focaldet against torchvision's RetinaNet, side by side",
-    "sweep": "one training run per cell of a parameter grid (--param KEY=V1,V2)",
-    "analyze": "studies of a trained model (loss-distribution)",
-    "equal-budget": "focaldet and torchvision RetinaNet trained side by side on the same budget",
+    "fit": ("focaldet.engine.lightning_cli:run_lightning", "train a model (-c CONFIG.yaml; see configs/)"),
+    "validate": ("focaldet.engine.lightning_cli:run_lightning", "COCO mAP of a checkpoint on data.val_ann (--ckpt_path)"),
+    "test": ("focaldet.engine.lightning_cli:run_lightning", "COCO mAP of a checkpoint on data.test_ann (--ckpt_path)"),
+    "predict": ("focaldet.engine.lightning_cli:run_lightning",
+                "detections of a checkpoint on a folder of images (--ckpt_path, --data.predict_images)"),
+    "data": ("focaldet.data.cli:main", "dataset tools: synth, check, split, convert, anchors, voc2coco, corrupt"),
+    "export": ("focaldet.export.cli:main",
+               "a checkpoint as an ONNX or torch.export (.pt2) file; `export evaluate`: its COCO mAP"),
+    "serve": ("focaldet.serve:main", "a checkpoint behind an HTTP server: POST an image, get its detections"),
+    "bench": ("focaldet.bench:main", "speed and memory of focaldet against torchvision's RetinaNet, side by side"),
+    "sweep": ("focaldet.tools.sweep:main", "one training run per cell of a parameter grid (--param KEY=V1,V2)"),
+    "analyze": ("focaldet.analysis.cli:main", "studies of a trained model (loss-distribution)"),
+    "equal-budget": ("focaldet.tools.equal_budget:main",
+                     "focaldet and torchvision RetinaNet trained side by side on the same budget"),
 }
+# LightningCLI's subcommands: their function parses the whole command line, the command included
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
 def usage() -> str:
@@ -35,13 +43,20 @@ def usage() -> str:
     width = max(len(c) for c in COMMANDS)
     lines = ["usage: focaldet COMMAND [options]   (focaldet COMMAND --help: the command's options)", "",
              "commands:"]
-    lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     """The ``focaldet`` command: :func:`run`, with focaldet errors printed as one line (exit 1)."""
-    return report_errors(run, argv)
+    try:
+        try:
+            return report_errors(run, argv)
+        finally:  # (also when argparse exits after --help)
+            sys.stdout.flush()
+    except BrokenPipeError:  # `focaldet fit --help | head`: the reader left; no traceback (Python's recipe)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -50,41 +65,16 @@ def run(argv: list[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(usage())
         return 0 if args else 2
-    if args[0] not in COMMANDS and not args[0].startswith("-"):  # (Lightning parses e.g. `-c C fit`)
+    name = args[0]
+    if name.startswith("-"):  # Lightning parses e.g. `-c C fit`
+        name = LIGHTNING_COMMANDS[0]
+    elif name not in COMMANDS:
         from focaldet.errors import ConfigError
 
-        raise ConfigError(f"unknown command {args[0]!r}; the commands: {', '.join(COMMANDS)} (focaldet --help)")
-    if args and args[0] == "data":
-        from focaldet.data.cli import main as data_main
-
-        return data_main(args[1:])
-    if args and args[0] == "bench":
-        from focaldet.bench import main as bench_main
-
-        return bench_main(args[1:])
-    if args and args[0] == "serve":
-        from focaldet.serve import main as serve_main
-
-        return serve_main(args[1:])
-    if args and args[0] == "export":
-        from focaldet.export.cli import main as export_main
-
-        return export_main(args[1:])
-    if args and args[0] == "analyze":
-        from focaldet.analysis.cli import main as analyze_main
-
-        return analyze_main(args[1:])
-    if args and args[0] == "equal-budget":
-        from focaldet.tools.equal_budget import main as equal_budget_main
-
-        return equal_budget_main(args[1:])
-    if args and args[0] == "sweep":
-        from focaldet.tools.sweep import main as sweep_main
-
-        return sweep_main(args[1:])
-    from focaldet.engine.lightning_cli import run_lightning
-
-    return run_lightning(args)
+        raise ConfigError(f"unknown command {name!r}; the commands: {', '.join(COMMANDS)} (focaldet --help)")
+    module, function = COMMANDS[name][0].split(":")
+    command = getattr(importlib.import_module(module), function)
+    return command(args if name in LIGHTNING_COMMANDS else args[1:])
 
 
 def __getattr__(name: str):

@@ -36,6 +36,26 @@ def test_an_unknown_command_is_one_line(capsys):
                    + " (focaldet --help)"]
 
 
+def test_the_table_names_a_function_for_every_command():
+    import importlib
+
+    for name, (target, _) in COMMANDS.items():
+        module, function = target.split(":")
+        assert callable(getattr(importlib.import_module(module), function)), name
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    """``focaldet --help | head -0``: the pipe closes before the help is written."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "focaldet.cli", "--help"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) in (0, 1) and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
 @pytest.mark.parametrize("command", ["data", "export", "serve", "bench", "sweep", "analyze", "equal-budget"])
 def test_every_command_answers_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
