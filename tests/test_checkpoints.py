@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from focaldet.engine import checkpoints
 from focaldet.engine.checkpoints import (CheckpointWarning, FocaldetCheckpointIO, check_checkpoint, load_checkpoint_file,
                                   resolve_ckpt_path)
 from focaldet.cli import main

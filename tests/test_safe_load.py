@@ -5,8 +5,6 @@ payload would write never appears. Recipes record public class paths; old ones s
 
 from __future__ import annotations
 
-import io
-import os
 import sys
 import zipfile
 from pathlib import Path
@@ -19,8 +17,7 @@ import yaml
 import focaldet
 from focaldet.api import read_checkpoint
 from focaldet.engine.checkpoints import FocaldetCheckpointIO, check_checkpoint, resolve_ckpt_path
-from focaldet.cli import main
-from focaldet.errors import ConfigError, FocaldetError, WeightsError
+from focaldet.errors import ConfigError
 from focaldet.models import ResNetBackbone
 from focaldet.engine.module import RetinaNetModule
 from focaldet.config.recipe import describe, instantiate

@@ -89,7 +89,7 @@ def test_focaldet_checkpoint_of_another_class_count(tmp_path):
     text = report.summary()
     total = len([k for k in dst.state_dict() if not k.endswith("num_batches_tracked")])
     assert text.startswith(f"init_weights: loaded {total - 2} of {total} tensors from {ckpt}")
-    assert f"skipped head.cls_logits.weight: source [45, 32, 3, 3] vs model [27, 32, 3, 3]" in text
+    assert "skipped head.cls_logits.weight: source [45, 32, 3, 3] vs model [27, 32, 3, 3]" in text
     assert "skipped head.cls_logits.bias: source [45] vs model [27]" in text
     assert "re-initialised head.cls_logits" in text
     torch.testing.assert_close(dst.head.cls_logits.bias, torch.full((27,), prior_bias(0.01)))
@@ -136,7 +136,7 @@ def test_finetune_from_torchvision_file_keeps_frozen_backbone_exact(tmp_path, sy
     capsys.readouterr()
     main(["fit", "-c", str(cfg)])
     out = capsys.readouterr().out
-    assert out.count(f"init_weights: loaded ") == 1 and "skipped head.cls_logits.weight: source [819, 256, 3, 3]" in out
+    assert out.count("init_weights: loaded ") == 1 and "skipped head.cls_logits.weight: source [819, 256, 3, 3]" in out
     state = torch.load(tv_retinanet_file, weights_only=True)
     ckpt = torch.load(ckpt_dir(tmp_path / "run") / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 2 and ckpt["focaldet"]["init_weights"] == str(tv_retinanet_file)

@@ -42,7 +42,7 @@ import torch
 
 from focaldet.bench import coco_eval, data, export, inference, loss, loss_scaling, memory, postprocess, train_step
 from focaldet.bench import harness, plot
-from focaldet.bench.harness import BCCD_DIR, Case, Settings, log, _warn_if_busy, write_json
+from focaldet.bench.harness import Case, Settings, log, _warn_if_busy, write_json
 
 __all__ = ["CASES", "Case", "Settings", "main", "run_cases"]
 
