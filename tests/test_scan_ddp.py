@@ -26,10 +26,14 @@ def _worker(rank, world, init_file, synth, cache, out_dir):
     scan.scan_image = counting
     saves, real_save = [], scan._save_cache
     scan._save_cache = lambda root, files: (saves.append(len(files)), real_save(root, files))
+    # Lightning (and torchmetrics) first: imported after init, their `group=dist.group.WORLD`
+    # defaults would keep the process group (and gloo's threads) alive past destroy_process_group,
+    # into interpreter shutdown, where a gloo thread freeing a finished collective aborts the
+    # process about one run in ten ("terminate called without an active exception").
+    from focaldet.data import CocoDataModule
+
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        from focaldet.data import CocoDataModule
-
         dm = CocoDataModule(train_ann=str(synth.train_ann), train_images=str(synth.images),
                             val_ann=str(synth.val_ann), val_images=str(synth.images), num_workers=0)
         dm.setup("fit")
