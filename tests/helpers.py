@@ -49,6 +49,45 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict
                           capture_output=True, text=True, timeout=timeout)
 
 
+_SEQUENCE_DRIVER = """
+import contextlib, io, json, sys, traceback
+from focaldet.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    results.append({"args": argv, "returncode": code, "stdout": out.getvalue(), "stderr": err.getvalue()})
+with open(sys.argv[2], "w") as f:
+    json.dump(results, f)
+"""
+
+
+def run_cli_sequence(argvs: list[list[str]], cwd: Path | None = None, timeout: float = 600
+                     ) -> list[subprocess.CompletedProcess]:
+    """``focaldet ARGS`` for each of ``argvs`` in turn, in ONE fresh process (imports paid
+    once: for commands that must not run in the test process but need no process each).
+    Each result carries the command's exit code and what it printed; a command that raises
+    prints its traceback to its stderr and counts as exit 1."""
+    import json
+    import tempfile
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore"}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "results.json"
+        proc = subprocess.run([sys.executable, "-c", _SEQUENCE_DRIVER, json.dumps(argvs), str(out)],
+                              cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0 and out.exists(), proc.stderr[-3000:]
+        return [subprocess.CompletedProcess(r["args"], r["returncode"], r["stdout"], r["stderr"])
+                for r in json.loads(out.read_text())]
+
+
 def ckpt_dir(run_dir: Path) -> Path:
     """The checkpoint folder of the newest run under ``run_dir`` (``trainer.default_root_dir``):
     each run writes its own, ``lightning_logs/version_N/checkpoints``."""

@@ -23,7 +23,7 @@ from focaldet.engine.module import RetinaNetModule
 from focaldet.config.recipe import describe, instantiate
 from focaldet.config.safe_load import UnsafeFileError, check_pt2, load_torch_file
 
-from helpers import run_cli
+from helpers import run_cli, run_cli_sequence
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -100,32 +100,43 @@ def test_a_recipe_naming_subprocess_is_refused_before_import(files):
     assert not marker.exists()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("entry", ["validate", "predict", "predict_no_config", "export", "analyze", "serve"])
-def test_every_command_refuses_the_crafted_files(files, synth_coco, entry, tmp_path):
-    """Each command, in a fresh process, on the pickle payload and the hostile recipe."""
-    marker = files["marker"]
-    cfg = tmp_path / "cfg.yaml"
+ENTRIES = ["validate", "predict", "predict_no_config", "export", "analyze", "serve"]
+
+
+@pytest.fixture(scope="module")
+def refusals(files, synth_coco, tmp_path_factory):
+    """Each command on the pickle payload and on the hostile recipe, all in one fresh process
+    (the marker would appear whichever process ran the payload): {entry: [result per file]}."""
+    tmp = tmp_path_factory.mktemp("commands")
+    cfg = tmp / "cfg.yaml"
     cfg.write_text(yaml.safe_dump({"trainer": {"accelerator": "cpu", "logger": False,
-                                               "default_root_dir": str(tmp_path / "run")},
+                                               "default_root_dir": str(tmp / "run")},
                                    "data": {"val_ann": str(synth_coco.val_ann), "val_images": str(synth_coco.images),
                                             "train_ann": str(synth_coco.train_ann),
                                             "train_images": str(synth_coco.images), "num_workers": 0}}))
-    for bad in (files["evil_pickle"], files["evil_recipe"]):
-        args = {
-            "validate": ["validate", "-c", str(cfg), "--ckpt_path", str(bad), "--weights_only", "true"],
-            "predict": ["predict", "-c", str(cfg), "--ckpt_path", str(bad)],
-            "predict_no_config": ["predict", "--ckpt_path", str(bad), "--data.predict_images", str(synth_coco.images)],
-            "export": ["export", "--ckpt_path", str(bad), "--output", str(tmp_path / "m.onnx")],
-            "analyze": ["analyze", "loss-distribution", "--ckpt_path", str(bad), "-c", str(cfg),
-                        "--out", str(tmp_path / "ld.png")],
-            "serve": ["serve", "--ckpt_path", str(bad), "--port", "0"],
-        }[entry]
-        proc = run_cli(*args, timeout=300)
+    bads = (files["evil_pickle"], files["evil_recipe"])
+    argvs = {entry: [{
+        "validate": ["validate", "-c", str(cfg), "--ckpt_path", str(bad), "--weights_only", "true"],
+        "predict": ["predict", "-c", str(cfg), "--ckpt_path", str(bad)],
+        "predict_no_config": ["predict", "--ckpt_path", str(bad), "--data.predict_images", str(synth_coco.images)],
+        "export": ["export", "--ckpt_path", str(bad), "--output", str(tmp / "m.onnx")],
+        "analyze": ["analyze", "loss-distribution", "--ckpt_path", str(bad), "-c", str(cfg),
+                    "--out", str(tmp / "ld.png")],
+        "serve": ["serve", "--ckpt_path", str(bad), "--port", "0"],
+    }[entry] for bad in bads] for entry in ENTRIES}
+    results = iter(run_cli_sequence([a for entry in ENTRIES for a in argvs[entry]], timeout=300))
+    return {entry: [(bad, next(results)) for bad in bads] for entry in ENTRIES}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_every_command_refuses_the_crafted_files(files, refusals, entry):
+    """Each command refuses the pickle payload and the hostile recipe in one line naming the file."""
+    for bad, proc in refusals[entry]:
         lines = [line for line in proc.stderr.splitlines() if "refused" in line]
         assert proc.returncode != 0 and lines, proc.stderr[-2000:]
         assert str(bad) in lines[0] and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert not marker.exists()
+    assert not files["marker"].exists()
 
 
 @pytest.mark.slow
@@ -136,8 +147,9 @@ def test_a_config_naming_an_arbitrary_module_is_never_imported(files, tmp_path):
     (tmp_path / "evil_module.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
     cfg = tmp_path / "evil2.yaml"
     cfg.write_text("model:\n  backbone:\n    class_path: evil_module.Backbone\n")
-    for config in (files["evil_config"], cfg):
-        proc = run_cli("validate", "-c", str(config), cwd=tmp_path, timeout=120)
+    configs = (files["evil_config"], cfg)
+    for config, proc in zip(configs, run_cli_sequence([["validate", "-c", str(c)] for c in configs], cwd=tmp_path,
+                                                      timeout=120)):
         assert proc.returncode == 1, proc.stderr[-2000:]
         error = proc.stderr.strip().splitlines()[-1]
         assert error.startswith("focaldet: error: config ") and str(config) in error and "is not a class" in error
