@@ -430,7 +430,7 @@ def run_sweep(configs: Sequence[str], params: Sequence[tuple[str, Any]], out: st
                 log(f"sweep: cell {cell_name}: failed earlier, queued again")
 
     objective = search_objective if search else grid_objective
-    waited = False
+    polls = 0  # looks at the study while waiting for other workers' cells
     with quiet_optuna():
         while True:
             fail_stale_trials(study)
@@ -444,15 +444,16 @@ def run_sweep(configs: Sequence[str], params: Sequence[tuple[str, Any]], out: st
                 todo = any(c not in started for c in names)
             if todo or waiting:
                 study.optimize(objective, n_trials=1, catch=(Exception,))
+                polls = 0
                 write_outputs(out, keys, outcomes_now(), heatmap=False, grid=not search)  # the heatmap once, at the end
                 continue
             running = [t for t in live if t.state == TrialState.RUNNING]
             if running:
-                if not waited:
+                if not polls:
                     log(f"sweep: waiting for {len(running)} cell(s) that other workers are running "
                         f"(trials {', '.join(str(t.number) for t in running)})")
-                    waited = True
-                time.sleep(wait_poll(heartbeat))
+                time.sleep(wait_poll(heartbeat, polls))
+                polls += 1
                 continue
             break
     outcomes = outcomes_now()

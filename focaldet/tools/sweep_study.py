@@ -151,8 +151,11 @@ class PruneOnValMAP:
         return _Prune()
 
 
-def wait_poll(heartbeat: int) -> float:
-    return max(0.5, min(heartbeat, 30))
+def wait_poll(heartbeat: int, polls: int) -> float:
+    """Seconds before a waiting worker looks at the study again, its ``polls``-th look:
+    0.5, 1, 2, 4 ... s (another worker's cell may end any moment), at most the heartbeat
+    and 30 s."""
+    return min(0.5 * 2 ** min(polls, 6), max(0.5, min(heartbeat, 30)))
 
 
 def sleep(seconds: float) -> None:
