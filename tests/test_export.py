@@ -1,9 +1,9 @@
 """Export: the fixed-shape detection path, ONNX (onnxruntime) and torch.export files
 against the PyTorch model, their mAP, metadata and bad input.
 
-The model is tiny (ResNet-18, FPN 32, one head conv) and trained 4 steps on a synthetic
-set; its class bias is then raised so that every image has many detections (a few steps
-leave the scores near the 0.01 prior, below the 0.05 threshold).
+The model is the session's tiny run (tests/conftest.py `tiny_run`: ResNet-18, FPN 32, one head
+conv, 40 steps on the synthetic set, detections kept down to score 0.02) and its one ONNX file
+(`tiny_onnx`), shared with the doors test.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from focaldet.export import ExportableDetector, ExportedDetector, ExportError, e
 from focaldet.export.cli import main as export_main
 from focaldet.modeling import BoxCoder, PostProcess
 
-SIZE = 128  # eval min_size = max_size
+SIZE = 128  # the synthetic images' side
 
 
 # ----------------------------------------------------------------------------- the two paths
@@ -55,40 +55,27 @@ def test_padded_path_gives_the_fast_paths_detections(n, r, k, bias):
 
 # ----------------------------------------------------------------------------- a small trained model
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """``(module, datamodule, folder)``: the tiny model after 4 AdamW steps on 128 px
-    synthetic images (the eval size: validate's pipeline and the graph resize nothing), class
-    bias raised to -2."""
-    import lightning as L
+def trained(tiny_run, synth_coco, tmp_path_factory):
+    """``(module, datamodule, folder)``: the session's tiny run (ResNet-18, FPN 32, one head
+    conv, 40 AdamW steps, eval size 96/128, detections down to score 0.02) rebuilt from its
+    checkpoint as every door does, and a data module at its eval size."""
+    from focaldet.api import build_module, read_checkpoint
 
-    from focaldet.models import ResNetBackbone
-    from focaldet.engine.module import RetinaNetModule
-
-    root = tmp_path_factory.mktemp("export")
-    data = write_synthetic_coco(root / "data", num_images=12, seed=1, num_classes=3, image_size=SIZE,
-                                val_fraction=0.34)
-    dm = CocoDataModule(train_ann=str(data.train_ann), train_images=str(data.images), val_ann=str(data.val_ann),
-                        val_images=str(data.images), batch_size=2, num_workers=0, min_size=SIZE, max_size=SIZE)
+    contents = read_checkpoint(tiny_run["ckpt"])
+    module = build_module(contents)
+    dm = CocoDataModule(train_ann=str(synth_coco.train_ann), train_images=str(synth_coco.images),
+                        val_ann=str(synth_coco.val_ann), val_images=str(synth_coco.images), batch_size=2,
+                        num_workers=0, min_size=contents.inputs.min_size, max_size=contents.inputs.max_size)
     dm.setup("fit")
-    L.seed_everything(0, verbose=False)  # the data's augmentation draws too: the same model whatever ran before
-    module = RetinaNetModule(num_classes=dm.num_classes, fpn_channels=32, num_convs=1, warmup_iters=2, batch_size=2,
-                             backbone=ResNetBackbone(depth=18, norm="frozen_bn", freeze_at=0), optimizer="adamw",
-                             base_lr=1e-3, base_batch_size=2, label_map=dm.label_map.to_dict())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False, limit_val_batches=0,
-                  enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root)).fit(module, dm)
-    model = module.model.eval()
-    model.min_size, model.max_size = SIZE, SIZE  # the data's eval size (the CLI passes it; built by hand here)
-    with torch.no_grad():
-        model.head.cls_logits.bias.fill_(-2.0)
-    return module, dm, root
+    module.model.eval()
+    return module, dm, tmp_path_factory.mktemp("export")
 
 
 @pytest.fixture(scope="module")
-def onnx_file(trained):
-    module, dm, root = trained
-    return export_onnx(module.model, dm.label_map.cat_ids, dm.label_map.names, root / "model.onnx")
+def onnx_file(tiny_onnx):
+    """The session's one ONNX file (`tiny_onnx`: ``focaldet export`` of `tiny_run`)."""
+    assert tiny_onnx["status"] == 0
+    return tiny_onnx["path"]
 
 
 def _images(bccd_root, synth_dm, count=3) -> list[np.ndarray]:
@@ -147,7 +134,7 @@ def test_onnx_batches_of_any_size_and_shape(trained, onnx_file):
     with torch.no_grad():
         ref = graph(x)
     got = ExportedDetector(onnx_file).run(x)
-    assert got[0].shape == (3, 100, 4) and got[2].dtype == np.int64 and got[3].dtype == np.int64
+    assert got[0].shape == (3, module.model.postprocess.detections_per_img, 4) and got[2].dtype == np.int64 and got[3].dtype == np.int64
     assert set(np.unique(got[2])) <= set(dm.label_map.cat_ids) | {-1}
     _assert_same_outputs(got, ref)
 
@@ -192,7 +179,7 @@ def test_onnx_map_equals_validate(trained, onnx_file, tmp_path):
     ann = tmp_path / "pseudo_val.json"
     ann.write_text(json.dumps(gt))
     vdm = CocoDataModule(val_ann=str(ann), val_images=str(val.image_dir), batch_size=2, num_workers=0,
-                         min_size=SIZE, max_size=SIZE)
+                         min_size=dm.inputs.min_size, max_size=dm.inputs.max_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -211,7 +198,7 @@ def test_onnx_metadata(onnx_file, trained):
     meta = {p.key: p.value for p in onnx.load(str(onnx_file)).metadata_props}
     assert json.loads(meta["category_ids"]) == dm.label_map.cat_ids
     assert json.loads(meta["names"]) == dm.label_map.names
-    assert json.loads(meta["min_size"]) == SIZE and json.loads(meta["size_divisibility"]) == 128
+    assert json.loads(meta["min_size"]) == dm.inputs.min_size == 96 and json.loads(meta["size_divisibility"]) == 128
     assert meta["focaldet_version"]
     model = onnx.load(str(onnx_file))
     assert [i.name for i in model.graph.input] == ["images"]
@@ -313,11 +300,21 @@ def _matched_fraction(got, ref, category_ids, top=20, min_iou=0.7, score_atol=0.
 
 
 @pytest.fixture(scope="module")
-def int8_file(trained, onnx_file):
+def int8_file(trained, onnx_file, bccd_or_none):
+    """Calibrated, as a user would, on images like those it is then run on: 8 synthetic
+    training images and, when present, 4 BCCD training photos (on which the synthetic-trained
+    model's activations run far outside the synthetic images' ranges)."""
     from focaldet.export.formats import quantize_int8
 
     module, dm, root = trained
-    return quantize_int8(onnx_file, root / "model.int8.onnx", dm.datasets["train"].image_dir, count=8)
+    folder = root / "calibration"
+    folder.mkdir()
+    sources = sorted(dm.datasets["train"].image_dir.glob("*.jpg"))[:8]
+    if bccd_or_none is not None:
+        sources += sorted((bccd_or_none / "images").glob("*.jpg"))[-4:]
+    for i, src in enumerate(sources):
+        (folder / f"{i:02d}{src.suffix}").symlink_to(src)
+    return quantize_int8(onnx_file, root / "model.int8.onnx", folder, count=len(sources))
 
 
 @pytest.mark.slow
