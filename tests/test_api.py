@@ -19,26 +19,15 @@ from focaldet.evaluation import detections_to_coco, evaluate_coco
 from focaldet.config.inputs import InputSettings
 from focaldet.engine.module import RetinaNetModule
 
-from helpers import ckpt_dir, tiny_config
+from conftest import TINY_LOW_THRESH
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
-LOW_THRESH = "model:\n  postprocess:\n    class_path: focaldet.models.PostProcess\n" \
-             "    init_args: {score_thresh: 0.0, detections_per_img: 20}\n"
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, synth_coco):
-    """A tiny model trained 40 steps at 96 px (not the 800 px default), keeping every candidate."""
-    tmp = tmp_path_factory.mktemp("api")
-    cfg = tiny_config(tmp, synth_coco, **{"trainer.max_steps": 40, "trainer.val_check_interval": 40,
-                                          "model.optimizer": "adamw", "model.base_lr": 0.003,
-                                          "model.base_batch_size": 2, "model.warmup_iters": 5,
-                                          "data.min_size": 96, "data.max_size": 128})
-    low = tmp / "low.yaml"
-    low.write_text(LOW_THRESH)
-    main(["fit", "-c", str(cfg), "-c", str(low)])
-    return {"cfg": cfg, "low": low, "ckpt": ckpt_dir(tmp / "run") / "last.ckpt", "tmp": tmp}
+def trained(tiny_run):
+    """The session's tiny run (tests/conftest.py `tiny_run`): 40 AdamW steps at 96-128 px (not
+    the 800 px default), detections kept down to score 0.02 (30 per image). Read-only."""
+    return tiny_run
 
 
 def test_checkpoint_stores_recipe_label_map_and_inputs_once(trained):
@@ -46,7 +35,7 @@ def test_checkpoint_stores_recipe_label_map_and_inputs_once(trained):
     hp, meta = ckpt["hyper_parameters"], ckpt["focaldet"]
     assert hp["backbone"] == {"class_path": "focaldet.models.ResNetBackbone",
                               "init_args": {"depth": 18, "norm": "frozen_bn", "freeze_at": 0, "weights": None}}
-    assert hp["postprocess"]["init_args"]["score_thresh"] == 0.0
+    assert TINY_LOW_THRESH["init_args"].items() <= hp["postprocess"]["init_args"].items()
     assert hp["cls_loss"] is None  # the default (SigmoidFocalLoss)
     assert "label_map" not in hp and "inputs" not in hp
     assert meta["label_map"]["cat_ids"] == [1, 3, 7, 8]
@@ -74,12 +63,12 @@ def test_load_rebuilds_the_model(trained):
 
 
 @pytest.mark.slow
-def test_api_predictions_give_validate_map(trained, synth_coco, capsys):
+def test_api_predictions_give_validate_map(trained, synth_coco, tmp_path):
     """One preprocessing: the API's detections on the val set, through COCOeval, give the
     mAP that `focaldet validate` reports, to 1e-6."""
     cli = FocaldetCLI(RetinaNetModule, CocoDataModule, trainer_defaults=trainer_defaults(),
-                      args=["validate", "-c", str(trained["cfg"]), "-c", str(trained["low"]),
-                            "--ckpt_path", str(trained["ckpt"])])
+                      args=["validate", "-c", str(trained["cfg"]), "--ckpt_path", str(trained["ckpt"]),
+                            "--trainer.default_root_dir", str(tmp_path)])
     validate = cli.model.last_eval.stats
     det = focaldet.load(trained["ckpt"], device="cpu")
     gt = COCO(str(synth_coco.val_ann))
@@ -88,7 +77,7 @@ def test_api_predictions_give_validate_map(trained, synth_coco, capsys):
     out = det.predict(paths, batch_size=3)
     assert sum(len(r["scores"]) for r in out) > 0
     results = detections_to_coco(ids, out, det.category_ids)
-    version = max((trained["tmp"] / "run" / "lightning_logs").iterdir(), key=lambda p: int(p.name.split("_")[1]))
+    version = max((tmp_path / "lightning_logs").iterdir(), key=lambda p: int(p.name.split("_")[1]))
     logged = json.loads((version / "val_detections.json").read_text())
     # the same detections, entry by entry; validate batches the images in twos, the API in
     # threes, so the padding (and a last float bit of a box, rounded to 3 decimals) may differ
@@ -108,7 +97,7 @@ def test_api_predictions_give_validate_map(trained, synth_coco, capsys):
     assert r0["names"] == [det.names[i] for i in r0["labels"].tolist()]
 
 
-def test_predict_accepts_every_input_kind(trained, synth_coco):
+def test_predict_accepts_every_input_kind(trained, synth_coco, tmp_path):
     det = focaldet.load(trained["ckpt"], device="cpu")
     path = sorted(synth_coco.images.glob("*.jpg"))[0]
     rgb = read_image(path)
@@ -125,7 +114,7 @@ def test_predict_accepts_every_input_kind(trained, synth_coco):
     assert all((r["scores"] >= 0.5).all() for r in mixed)
     per_class = det.predict(path, score_threshold={"circle": 1.1})[0]  # no circle passes 1.1
     assert 0 not in per_class["labels"].tolist()
-    thresholds = trained["tmp"] / "thresholds.json"
+    thresholds = tmp_path / "thresholds.json"
     thresholds.write_text(json.dumps({name: {"score": 1.1} for name in det.names}))
     assert len(det.predict(path, score_threshold=thresholds)[0]["scores"]) == 0
 
@@ -160,12 +149,11 @@ def test_format_1_checkpoint_still_loads(trained, tmp_path):
         ckpt["hyper_parameters"].pop(key)
     ckpt["hyper_parameters"]["label_map"] = ckpt["focaldet"]["label_map"]
     config = yaml.safe_load(trained["cfg"].read_text())
-    config["model"].update(yaml.safe_load(trained["low"].read_text())["model"])
     ckpt["focaldet"] = {"label_map": ckpt["focaldet"]["label_map"], "config": yaml.safe_dump(config)}
     old = tmp_path / "old.ckpt"
     torch.save(ckpt, old)
     det = focaldet.load(old, device="cpu")
-    assert det.inputs.min_size == 96 and det.model.postprocess.score_thresh == 0.0
+    assert det.inputs.min_size == 96 and det.model.postprocess.score_thresh == TINY_LOW_THRESH["init_args"]["score_thresh"]
     assert det.model.backbone.depth == 18
 
 
