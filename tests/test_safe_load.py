@@ -156,6 +156,36 @@ def test_a_config_naming_an_arbitrary_module_is_never_imported(files, tmp_path):
     assert not marker.exists()
 
 
+def test_sweep_and_equal_budget_never_import_a_config_module(files, tmp_path, monkeypatch):
+    """A config naming an importable module that writes the marker when imported: ``sweep``
+    (which parses each cell's config to key it) and ``equal-budget`` refuse it in one line
+    naming the file; the module is never imported. With ``--trust_checkpoint_code`` it is."""
+    from focaldet.engine.runs import resolve_run_config
+    from focaldet.tools import equal_budget, sweep
+
+    marker = files["marker"]
+    (tmp_path / "evil_sweep_module.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # importable, as from the working directory
+    cfg = tmp_path / "evil3.yaml"
+    cfg.write_text("model:\n  backbone:\n    class_path: evil_sweep_module.Backbone\n")
+    calls = [lambda: resolve_run_config([str(cfg)], ["--model.fpn_channels", "32"]),
+             lambda: sweep.main(["-c", str(cfg), "--param", "model.fpn_channels=32,64", "--out", str(tmp_path / "sw")]),
+             lambda: equal_budget.main(["-c", str(cfg), "--out", str(tmp_path / "eb")])]
+    for call in calls:
+        with pytest.raises(ConfigError, match=r"evil3.yaml: model.backbone.class_path evil_sweep_module.Backbone "
+                                              r"is not a class focaldet imports"):
+            call()
+    assert not marker.exists() and "evil_sweep_module" not in sys.modules
+    assert not (tmp_path / "sw").exists()  # refused before any cell
+    # --trust_checkpoint_code (passed on to every run): the user's module is imported
+    mine = tmp_path / "MINE"
+    (tmp_path / "my_sweep_module.py").write_text(f"open({str(mine)!r}, 'w').close()\n")
+    cfg.write_text("model:\n  backbone:\n    class_path: my_sweep_module.Backbone\n")
+    with pytest.raises(ConfigError, match="bad run arguments"):  # (the module has no Backbone)
+        resolve_run_config([str(cfg)], ["--model.fpn_channels", "32", "--trust_checkpoint_code"])
+    assert mine.exists()
+
+
 def test_the_parser_itself_refuses_unknown_modules(files, tmp_path, monkeypatch):
     """A class path typed on the command line is refused by jsonargparse before import."""
     from focaldet.config.safe_load import import_policy

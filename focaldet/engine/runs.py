@@ -51,32 +51,43 @@ class RunResult:
         return cls(**{k: d[k] for k in ("stats", "per_class", "per_class_ap50", "steps", "train_s", "wall_s")})
 
 
+def trusted(args: Sequence[str]) -> tuple[list[str], bool]:
+    """``(args without --trust_checkpoint_code, whether it was given)``: a run's arguments may
+    say, as ``focaldet fit`` does, that its configs and checkpoints are trusted (docs/security.md)."""
+    from focaldet.engine.lightning_cli import TRUST_FLAG
+
+    return [str(a) for a in args if a != TRUST_FLAG], TRUST_FLAG in args
+
+
 def build_run(configs: Sequence[str], args: Sequence[str] = (), root_dir: str | Path | None = None,
               module_class: type | None = None):
     """The ``FocaldetCLI`` (model, datamodule, trainer) that ``focaldet fit -c C1 -c C2 ... ARGS``
     would run; ``root_dir`` overrides ``trainer.default_root_dir``. ``module_class`` (default
     ``RetinaNetModule``) may be a subclass with the same constructor, e.g. the torchvision twin.
-    A bad argument raises ``ConfigError`` (one line) instead of exiting."""
+    A bad argument raises ``ConfigError`` (one line) instead of exiting. ``args`` may hold
+    ``--trust_checkpoint_code`` (`trusted`)."""
     from jsonargparse import ArgumentError
 
     from focaldet.engine.lightning_cli import PARSER_KWARGS, FocaldetCLI, trainer_defaults
     from focaldet.data.datamodule import CocoDataModule
     from focaldet.engine.module import RetinaNetModule
 
+    from focaldet.config.safe_load import check_config_file, import_policy
+
+    args, trust = trusted(args)
     argv = [a for c in configs for a in ("-c", str(c))] + [str(a) for a in args]
     if root_dir is not None:
         argv += ["--trainer.default_root_dir", str(root_dir)]
     # configured through LightningCLI(args=...), not through sys.argv
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-    from focaldet.config.safe_load import check_config_file, import_policy
-
     for config in configs:  # a class_path outside focaldet's allow-list: refused, never imported
-        check_config_file(config)
+        check_config_file(config, trust)
+    cli_class = type("FocaldetCLI", (FocaldetCLI,), {"trust_code": True}) if trust else FocaldetCLI
     try:
-        with import_policy():
-            return FocaldetCLI(module_class or RetinaNetModule, CocoDataModule, trainer_defaults=trainer_defaults(),
-                               run=False, save_config_kwargs={"overwrite": True},
-                               parser_kwargs={"exit_on_error": False, **PARSER_KWARGS}, args=argv)
+        with import_policy(trust):
+            return cli_class(module_class or RetinaNetModule, CocoDataModule, trainer_defaults=trainer_defaults(),
+                             run=False, save_config_kwargs={"overwrite": True},
+                             parser_kwargs={"exit_on_error": False, **PARSER_KWARGS}, args=argv)
     except ArgumentError as e:
         raise ConfigError(f"bad run arguments: {' '.join(str(e).split())}") from None
 
@@ -98,11 +109,17 @@ def resolve_run_config(configs: Sequence[str], args: Sequence[str] = ()) -> str:
         def instantiate_classes(self) -> None:
             raise _Resolved(self._resolved)  # set by FocaldetCLI.before_instantiate_classes
 
+    from focaldet.config.safe_load import check_config_file, import_policy
+
+    args, trust = trusted(args)
     argv = [a for c in configs for a in ("-c", str(c))] + [str(a) for a in args]
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    for config in configs:  # as build_run: a class_path outside focaldet's allow-list is never imported
+        check_config_file(config, trust)
     try:
-        _ParseOnly(RetinaNetModule, CocoDataModule, trainer_defaults=trainer_defaults(), run=False,
-                   parser_kwargs={"exit_on_error": False}, args=argv)
+        with import_policy(trust):
+            _ParseOnly(RetinaNetModule, CocoDataModule, trainer_defaults=trainer_defaults(), run=False,
+                       parser_kwargs={"exit_on_error": False}, args=argv)
     except _Resolved as resolved:
         return resolved.args[0]
     except ArgumentError as e:

@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(
         allow_abbrev=False, prog="focaldet equal-budget", description=__doc__.split("\n\n")[0],
-        epilog="Other arguments (--trainer.*, --model.*, --data.*) are passed to both runs, as to `focaldet fit`.")
+        epilog="Other arguments (--trainer.*, --model.*, --data.*, --trust_checkpoint_code) are passed to both runs, "
+               "as to `focaldet fit`.")
     parser.add_argument("-c", "--config", default="configs/bccd.yaml", help="training config (default %(default)s)")
     parser.add_argument("--out", default="runs/equal_budget", help="output folder (default %(default)s)")
     args, rest = parser.parse_known_args(argv)

@@ -603,7 +603,8 @@ def write_outputs(out: Path, keys: Sequence[str], outcomes: Sequence[CellOutcome
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         allow_abbrev=False, prog="focaldet sweep", description="Train and evaluate one run per cell of a parameter grid.",
-        epilog="Other arguments (--trainer.*, --model.*, --data.*) go to every run, as to `focaldet fit`.")
+        epilog="Other arguments (--trainer.*, --model.*, --data.*, --trust_checkpoint_code) go to every run, as to "
+               "`focaldet fit`.")
     parser.add_argument("-c", "--config", action="append", required=True,
                         help="training config; repeat to layer configs as `fit -c A -c B` does")
     parser.add_argument("--param", action="append", required=True, metavar="KEY=V1,V2,...",
@@ -630,7 +631,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args, fit_args = build_parser().parse_known_args(argv)
     params = [parse_param(p) for p in args.param]
+    from focaldet.config.safe_load import check_config_file
+    from focaldet.engine.runs import trusted
     from focaldet.tools.sweep_study import SearchRange
+
+    for config in args.config:  # refused in one line before any cell starts (each run checks again)
+        check_config_file(config, trusted(fit_args)[1])
 
     if args.trials is not None and args.trials < 1:
         raise ConfigError(f"--trials {args.trials}: need at least 1")
