@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from focaldet.data import CocoDataModule, read_image, write_synthetic_coco
-from focaldet.export import ExportableDetector, ExportedDetector, ExportError, export_onnx
+from focaldet.data import CocoDataModule, read_image
+from focaldet.export import ExportableDetector, ExportedDetector, ExportError
 from focaldet.export.cli import main as export_main
 from focaldet.modeling import BoxCoder, PostProcess
 

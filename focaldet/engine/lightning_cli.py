@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -204,15 +205,13 @@ def run_lightning(args: list[str]) -> int:
     """``focaldet fit|validate|test|predict ARGS`` (and ``-c C fit ...``)."""
     from focaldet.config.safe_load import check_config_file, import_policy
 
-    trust = TRUST_FLAG in args
-    args = [a for a in args if a != TRUST_FLAG]
+    args, trust = trusted(args)
     for config in _config_files(args):  # one line naming the file, before the parser imports anything
         check_config_file(config, trust)
     if args and args[0] in CHECKPOINT_COMMANDS:
         args = _config_from_checkpoint(args, trust)
-    cli = type("FocaldetCLI", (FocaldetCLI,), {"trust_code": trust}) if trust else FocaldetCLI
     with import_policy(trust):  # a class_path outside focaldet's allow-list is never imported
-        cli(
+        cli_class(trust)(
             RetinaNetModule, CocoDataModule,
             trainer_defaults=trainer_defaults(),
             save_config_kwargs={"overwrite": True},
@@ -223,6 +222,17 @@ def run_lightning(args: list[str]) -> int:
 
 
 TRUST_FLAG = "--trust_checkpoint_code"  # see docs/security.md
+
+
+def trusted(args: Sequence[str]) -> tuple[list[str], bool]:
+    """``(args without --trust_checkpoint_code, whether it was given)``: a command's (or a
+    sweep's run's) arguments may say that its configs and checkpoints are trusted."""
+    return [str(a) for a in args if a != TRUST_FLAG], TRUST_FLAG in args
+
+
+def cli_class(trust: bool) -> type[FocaldetCLI]:
+    """`FocaldetCLI`, or its subclass that builds the classes a trusted checkpoint's recipe names."""
+    return type("FocaldetCLI", (FocaldetCLI,), {"trust_code": True}) if trust else FocaldetCLI
 
 
 def _config_files(args: list[str]) -> list[str]:

@@ -51,12 +51,16 @@ class RunResult:
         return cls(**{k: d[k] for k in ("stats", "per_class", "per_class_ap50", "steps", "train_s", "wall_s")})
 
 
-def trusted(args: Sequence[str]) -> tuple[list[str], bool]:
-    """``(args without --trust_checkpoint_code, whether it was given)``: a run's arguments may
-    say, as ``focaldet fit`` does, that its configs and checkpoints are trusted (docs/security.md)."""
-    from focaldet.engine.lightning_cli import TRUST_FLAG
+def _checked_argv(configs: Sequence[str], args: Sequence[str]) -> tuple[list[str], bool]:
+    """``(the command line of focaldet fit -c C1 ... ARGS, whether --trust_checkpoint_code was
+    given)``, after each config's class paths were checked (refused in one line, never imported)."""
+    from focaldet.config.safe_load import check_config_file
+    from focaldet.engine.lightning_cli import trusted
 
-    return [str(a) for a in args if a != TRUST_FLAG], TRUST_FLAG in args
+    args, trust = trusted(args)
+    for config in configs:
+        check_config_file(config, trust)
+    return [a for c in configs for a in ("-c", str(c))] + args, trust
 
 
 def build_run(configs: Sequence[str], args: Sequence[str] = (), root_dir: str | Path | None = None,
@@ -65,29 +69,25 @@ def build_run(configs: Sequence[str], args: Sequence[str] = (), root_dir: str | 
     would run; ``root_dir`` overrides ``trainer.default_root_dir``. ``module_class`` (default
     ``RetinaNetModule``) may be a subclass with the same constructor, e.g. the torchvision twin.
     A bad argument raises ``ConfigError`` (one line) instead of exiting. ``args`` may hold
-    ``--trust_checkpoint_code`` (`trusted`)."""
+    ``--trust_checkpoint_code``."""
     from jsonargparse import ArgumentError
 
-    from focaldet.engine.lightning_cli import PARSER_KWARGS, FocaldetCLI, trainer_defaults
+    from focaldet.config.safe_load import import_policy
     from focaldet.data.datamodule import CocoDataModule
+    from focaldet.engine.lightning_cli import PARSER_KWARGS, cli_class, trainer_defaults
     from focaldet.engine.module import RetinaNetModule
 
-    from focaldet.config.safe_load import check_config_file, import_policy
-
-    args, trust = trusted(args)
-    argv = [a for c in configs for a in ("-c", str(c))] + [str(a) for a in args]
+    argv, trust = _checked_argv(configs, args)
     if root_dir is not None:
         argv += ["--trainer.default_root_dir", str(root_dir)]
     # configured through LightningCLI(args=...), not through sys.argv
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-    for config in configs:  # a class_path outside focaldet's allow-list: refused, never imported
-        check_config_file(config, trust)
-    cli_class = type("FocaldetCLI", (FocaldetCLI,), {"trust_code": True}) if trust else FocaldetCLI
     try:
         with import_policy(trust):
-            return cli_class(module_class or RetinaNetModule, CocoDataModule, trainer_defaults=trainer_defaults(),
-                             run=False, save_config_kwargs={"overwrite": True},
-                             parser_kwargs={"exit_on_error": False, **PARSER_KWARGS}, args=argv)
+            return cli_class(trust)(module_class or RetinaNetModule, CocoDataModule,
+                                    trainer_defaults=trainer_defaults(), run=False,
+                                    save_config_kwargs={"overwrite": True},
+                                    parser_kwargs={"exit_on_error": False, **PARSER_KWARGS}, args=argv)
     except ArgumentError as e:
         raise ConfigError(f"bad run arguments: {' '.join(str(e).split())}") from None
 
@@ -109,13 +109,10 @@ def resolve_run_config(configs: Sequence[str], args: Sequence[str] = ()) -> str:
         def instantiate_classes(self) -> None:
             raise _Resolved(self._resolved)  # set by FocaldetCLI.before_instantiate_classes
 
-    from focaldet.config.safe_load import check_config_file, import_policy
+    from focaldet.config.safe_load import import_policy
 
-    args, trust = trusted(args)
-    argv = [a for c in configs for a in ("-c", str(c))] + [str(a) for a in args]
+    argv, trust = _checked_argv(configs, args)  # as build_run: a refused class path is never imported
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-    for config in configs:  # as build_run: a class_path outside focaldet's allow-list is never imported
-        check_config_file(config, trust)
     try:
         with import_policy(trust):
             _ParseOnly(RetinaNetModule, CocoDataModule, trainer_defaults=trainer_defaults(), run=False,

@@ -632,7 +632,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, fit_args = build_parser().parse_known_args(argv)
     params = [parse_param(p) for p in args.param]
     from focaldet.config.safe_load import check_config_file
-    from focaldet.engine.runs import trusted
+    from focaldet.engine.lightning_cli import trusted
     from focaldet.tools.sweep_study import SearchRange
 
     for config in args.config:  # refused in one line before any cell starts (each run checks again)
