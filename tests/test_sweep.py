@@ -266,3 +266,15 @@ def test_two_processes_on_one_sqlite_study_run_each_cell_once(tmp_path):
     assert sorted(cell for _, cell in ran) == sorted(c.name for c in expand_grid([(GAMMA, [0, 2]), (ALPHA, [0.25, 0.75])]))
     with (out / "results.csv").open() as f:
         assert [r["status"] for r in csv.DictReader(f)] == ["ok"] * 4
+
+
+def test_a_missing_or_malformed_config_is_one_line_before_any_cell(tmp_path):
+    from focaldet.errors import ConfigError
+    from focaldet.tools.sweep import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    for config, message in ((bad, r"bad.yaml: not valid YAML"), (tmp_path / "nope.yaml", r"nope.yaml: no such config")):
+        with pytest.raises(ConfigError, match=message):
+            main(["-c", str(config), "--param", "model.fpn_channels=32", "--out", str(tmp_path / "sw")])
+    assert not (tmp_path / "sw").exists()

@@ -51,14 +51,18 @@ class RunResult:
         return cls(**{k: d[k] for k in ("stats", "per_class", "per_class_ap50", "steps", "train_s", "wall_s")})
 
 
-def _checked_argv(configs: Sequence[str], args: Sequence[str]) -> tuple[list[str], bool]:
+def checked_argv(configs: Sequence[str], args: Sequence[str]) -> tuple[list[str], bool]:
     """``(the command line of focaldet fit -c C1 ... ARGS, whether --trust_checkpoint_code was
-    given)``, after each config's class paths were checked (refused in one line, never imported)."""
+    given)``, after each config was read and its class paths checked: a missing or malformed
+    config, or a class path outside the allow-list, is a one-line `ConfigError` naming the file
+    (a refused class is never imported)."""
+    from focaldet.config.recipe import read_config_file
     from focaldet.config.safe_load import check_config_file
     from focaldet.engine.lightning_cli import trusted
 
     args, trust = trusted(args)
     for config in configs:
+        read_config_file(config)
         check_config_file(config, trust)
     return [a for c in configs for a in ("-c", str(c))] + args, trust
 
@@ -77,7 +81,7 @@ def build_run(configs: Sequence[str], args: Sequence[str] = (), root_dir: str | 
     from focaldet.engine.lightning_cli import PARSER_KWARGS, cli_class, trainer_defaults
     from focaldet.engine.module import RetinaNetModule
 
-    argv, trust = _checked_argv(configs, args)
+    argv, trust = checked_argv(configs, args)
     if root_dir is not None:
         argv += ["--trainer.default_root_dir", str(root_dir)]
     # configured through LightningCLI(args=...), not through sys.argv
@@ -111,7 +115,7 @@ def resolve_run_config(configs: Sequence[str], args: Sequence[str] = ()) -> str:
 
     from focaldet.config.safe_load import import_policy
 
-    argv, trust = _checked_argv(configs, args)  # as build_run: a refused class path is never imported
+    argv, trust = checked_argv(configs, args)  # as build_run: a refused class path is never imported
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     try:
         with import_policy(trust):

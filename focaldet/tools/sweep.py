@@ -631,12 +631,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args, fit_args = build_parser().parse_known_args(argv)
     params = [parse_param(p) for p in args.param]
-    from focaldet.config.safe_load import check_config_file
-    from focaldet.engine.lightning_cli import trusted
+    from focaldet.engine.runs import checked_argv
     from focaldet.tools.sweep_study import SearchRange
 
-    for config in args.config:  # refused in one line before any cell starts (each run checks again)
-        check_config_file(config, trusted(fit_args)[1])
+    checked_argv(args.config, fit_args)  # a missing, malformed or refused config: one line, before any cell
 
     if args.trials is not None and args.trials < 1:
         raise ConfigError(f"--trials {args.trials}: need at least 1")
