@@ -30,6 +30,7 @@ from focaldet.inference.slicing import Slicing
 from focaldet.config.inputs import InputSettings
 from focaldet.modeling.retinanet import RetinaNet
 from focaldet.modeling.weights import read_weights_file
+from focaldet.config.migrate import upgrade_recipe
 from focaldet.config.recipe import instantiate
 from focaldet.config.safe_load import UnsafeFileError
 
@@ -74,6 +75,7 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointContents:
             inputs = InputSettings.from_data(**{k: data_cfg[k] for k in keys if data_cfg.get(k) is not None})
     for key in ("label_map", "inputs", "init_weights"):
         recipe.pop(key, None)
+    recipe = upgrade_recipe(recipe)  # format <= 2: flat arguments -> parts
     for key, spec in recipe.items():
         if isinstance(spec, Mapping) and "class_path" in spec and spec.get("init_args", {}) is None:
             raise WeightsError(f"checkpoint {path}: its {key} ({spec['class_path']}) did not record its "
@@ -115,12 +117,12 @@ def build_module(contents: CheckpointContents, trust_code: bool = False):
     whose class focaldet does not build from a file is refused (`check_recipe`) unless
     ``trust_code``."""
     from focaldet.engine.module import RetinaNetModule
-    from focaldet.config.safe_load import recipe_bases
+    from focaldet.config.safe_load import BOUND_ARGS, recipe_bases
 
     check_recipe(contents, trust_code)
     bases = recipe_bases()
     try:
-        kwargs = {k: instantiate(v, bases.get(k), trust_code) for k, v in contents.recipe.items()}
+        kwargs = {k: instantiate(v, bases.get(k), trust_code, bind=k in BOUND_ARGS) for k, v in contents.recipe.items()}
         module = RetinaNetModule(**kwargs, label_map=contents.label_map, inputs=contents.inputs.to_dict())
     except (ConfigError, TypeError) as e:
         raise WeightsError(f"checkpoint {contents.path}: cannot rebuild its model: {e}") from None

@@ -12,6 +12,8 @@ median time of a dataset item (decode, resize, flip) from either JSON. A study, 
 
 from __future__ import annotations
 
+from functools import partial
+
 import argparse
 import json
 import statistics
@@ -24,7 +26,7 @@ import torch
 from focaldet.data import CocoDetection, collate_detection
 from focaldet.data.synth import write_synthetic_coco
 from focaldet.data.transforms import build_transforms
-from focaldet.models import AnchorGenerator, ResNetBackbone
+from focaldet.models import AnchorGenerator, ResNetBackbone, RetinaNet
 from focaldet.engine.module import RetinaNetModule
 
 
@@ -57,9 +59,9 @@ def main() -> None:
 
     batches = [collate_detection([crowd_ds[i] for i in range(b, b + 4)]) for b in range(0, 40, 4)]
     torch.manual_seed(0)
-    module = RetinaNetModule(plain_ds.label_map.num_classes, backbone=ResNetBackbone(18, norm="bn", freeze_at=0),
-                             anchor_generator=AnchorGenerator(sizes=[16, 32, 64, 128, 256]), fpn_channels=64,
-                             num_convs=2).train()
+    model = partial(RetinaNet, backbone=ResNetBackbone(18, norm="bn", freeze_at=0),
+                    anchor_generator=AnchorGenerator(sizes=[16, 32, 64, 128, 256]), fpn_channels=64, num_convs=2)
+    module = RetinaNetModule(plain_ds.label_map.num_classes, model=model).train()
     opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
     with torch.no_grad():
         b0 = batches[0]

@@ -58,8 +58,8 @@ def fit_once(root: Path, data: Path, size: int, steps: int) -> dict:
              f"--data.min_size={size}", f"--data.max_size={size}", "--data.batch_size=2", "--data.num_workers=0",
              f"--trainer.max_steps={steps}", "--trainer.limit_val_batches=0",
              "--trainer.enable_progress_bar=false",
-             f"--trainer.default_root_dir={root}/run-{data.name}", "--model.lr_steps=[1000,2000]",
-             "--model.warmup_iters=1"])
+             f"--trainer.default_root_dir={root}/run-{data.name}", "--model.lr_scheduler.milestones=[1000,2000]",
+             "--model.lr_scheduler.warmup_iters=1"])
     finally:
         RetinaNetCriterion.forward, TrainingSpeed.on_train_end = original, original_end
     total = time.perf_counter() - start  # setup and data writing included

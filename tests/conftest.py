@@ -135,9 +135,9 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, synth_coco: SyntheticCoco
 
     root = tmp_path_factory.mktemp("tiny_run")
     cfg = tiny_config(root, synth_coco, **{"trainer.max_steps": 40, "trainer.val_check_interval": 40,
-                                           "model.optimizer": "adamw", "model.base_lr": 0.001,
-                                           "model.base_batch_size": 2, "model.warmup_iters": 5,
-                                           "model.postprocess": TINY_LOW_THRESH,
+                                           "model.optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.001}},
+                                           "model.base_batch_size": 2, "model.lr_scheduler.init_args.warmup_iters": 5,
+                                           "model.model.postprocess": TINY_LOW_THRESH,
                                            "data.min_size": 96, "data.max_size": 128, "data.batch_size": 3})
     assert main(["fit", "-c", str(cfg)]) == 0
     return {"cfg": cfg, "ckpt": ckpt_dir(root / "run") / "last.ckpt", "root": root}

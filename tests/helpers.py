@@ -22,9 +22,10 @@ def tiny_config(tmp_path: Path, data, **overrides) -> Path:
             "enable_model_summary": False, "default_root_dir": str(tmp_path / "run"),
         },
         "model": {
-            "backbone": {"class_path": "focaldet.models.ResNetBackbone",
-                         "init_args": {"depth": 18, "norm": "frozen_bn", "freeze_at": 0}},
-            "fpn_channels": 32, "num_convs": 1, "warmup_iters": 2,
+            "model": {"backbone": {"class_path": "focaldet.models.ResNetBackbone",
+                                   "init_args": {"depth": 18, "norm": "frozen_bn", "freeze_at": 0}},
+                      "fpn_channels": 32, "num_convs": 1},
+            "lr_scheduler": {"init_args": {"warmup_iters": 2}},
         },
         "data": {
             "train_ann": str(data.train_ann), "train_images": str(data.images),
@@ -32,9 +33,12 @@ def tiny_config(tmp_path: Path, data, **overrides) -> Path:
             "batch_size": 2, "num_workers": 0, "min_size": 128, "max_size": 128,
         },
     }
-    for key, value in overrides.items():
-        section, name = key.split(".", 1)
-        cfg[section][name] = value
+    for key, value in overrides.items():  # "model.model.fpn_channels": 64 sets cfg["model"]["model"]["fpn_channels"]
+        *parents, name = key.split(".")
+        node = cfg
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[name] = value
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -128,8 +128,8 @@ def test_cli_prints_yaml_that_reproduces_the_reported_bpr(small_synth, tmp_path,
     fitted = re.search(r"^  fitted +([\d.]+)% +([\d.]+)", text, re.M)
     current = re.search(r"^  current +([\d.]+)%", text, re.M)
     block = text[text.index("model:\n"):]
-    init_args = yaml.safe_load(block)["model"]["anchor_generator"]["init_args"]
-    assert yaml.safe_load(block)["model"]["anchor_generator"]["class_path"] == "focaldet.models.AnchorGenerator"
+    init_args = yaml.safe_load(block)["model"]["model"]["anchor_generator"]["init_args"]
+    assert yaml.safe_load(block)["model"]["model"]["anchor_generator"]["class_path"] == "focaldet.models.AnchorGenerator"
     data = read_boxes(small_synth.train_ann)
     report = best_possible_recall(data.boxes, data.image_sizes, AnchorGenerator(**init_args), AT_256)
     assert float(fitted.group(1)) == pytest.approx(100 * report.bpr, abs=0.005) and report.bpr >= 0.99
@@ -142,8 +142,8 @@ def test_cli_prints_yaml_that_reproduces_the_reported_bpr(small_synth, tmp_path,
 
 def test_cli_reads_the_current_anchors_and_sizes_from_a_config(small_synth, tmp_path, capsys):
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text("model:\n  anchor_generator:\n    class_path: focaldet.models.AnchorGenerator\n"
-                   "    init_args: {sizes: [16, 32, 64, 128, 256]}\ndata:\n  min_size: 256\n  max_size: 256\n")
+    cfg.write_text("model:\n  model:\n    anchor_generator:\n      class_path: focaldet.models.AnchorGenerator\n"
+                   "      init_args: {sizes: [16, 32, 64, 128, 256]}\ndata:\n  min_size: 256\n  max_size: 256\n")
     out = tmp_path / "anchors.json"
     assert data_main(["anchors", str(small_synth.train_ann), "-c", str(cfg), "--sample", "150",
                       "--json", str(out)]) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,10 +34,16 @@ def trained(tiny_run):
 def test_checkpoint_stores_recipe_label_map_and_inputs_once(trained):
     ckpt = torch.load(trained["ckpt"], map_location="cpu", weights_only=True)
     hp, meta = ckpt["hyper_parameters"], ckpt["focaldet"]
-    assert hp["backbone"] == {"class_path": "focaldet.models.ResNetBackbone",
-                              "init_args": {"depth": 18, "norm": "frozen_bn", "freeze_at": 0, "weights": None}}
-    assert TINY_LOW_THRESH["init_args"].items() <= hp["postprocess"]["init_args"].items()
-    assert hp["cls_loss"] is None  # the default (SigmoidFocalLoss)
+    model, criterion = hp["model"]["init_args"], hp["criterion"]["init_args"]
+    assert hp["model"]["class_path"] == "focaldet.models.RetinaNet"
+    assert model["backbone"] == {"class_path": "focaldet.models.ResNetBackbone",
+                                 "init_args": {"depth": 18, "norm": "frozen_bn", "freeze_at": 0, "weights": None}}
+    assert TINY_LOW_THRESH["init_args"].items() <= model["postprocess"]["init_args"].items()
+    assert not {"num_classes", "min_size", "background_logit"} & set(model)  # the module sets these
+    assert criterion["cls_loss"] == {"class_path": "focaldet.losses.SigmoidFocalLoss",
+                                     "init_args": {"alpha": 0.25, "gamma": 2.0, "compile": False, "normalizer": "num_pos"}}
+    assert hp["optimizer"] == {"class_path": "torch.optim.AdamW", "init_args": hp["optimizer"]["init_args"]}
+    assert hp["optimizer"]["init_args"]["lr"] == 0.001 and hp["lr_scheduler"]["init_args"]["warmup_iters"] == 5
     assert "label_map" not in hp and "inputs" not in hp
     assert meta["label_map"]["cat_ids"] == [1, 3, 7, 8]
     assert meta["inputs"] == {"min_size": 96, "max_size": 128, "size_divisibility": 128, "eval_transforms": None}
@@ -143,18 +150,29 @@ def test_bad_inputs_are_one_line_errors(trained, tmp_path):
 
 
 def test_format_1_checkpoint_still_loads(trained, tmp_path):
-    """Checkpoints written before the recipe was stored: parts and sizes come from the config."""
+    """Checkpoints written before the recipe was stored (format 1): flat arguments without the
+    parts; the parts and sizes come from the run's config (flat too, as then)."""
     ckpt = torch.load(trained["ckpt"], map_location="cpu", weights_only=True)
-    for key in ("backbone", "anchor_generator", "matcher", "postprocess", "cls_loss", "box_loss"):
-        ckpt["hyper_parameters"].pop(key)
-    ckpt["hyper_parameters"]["label_map"] = ckpt["focaldet"]["label_map"]
-    config = yaml.safe_load(trained["cfg"].read_text())
-    ckpt["focaldet"] = {"label_map": ckpt["focaldet"]["label_map"], "config": yaml.safe_dump(config)}
-    old = tmp_path / "old.ckpt"
-    torch.save(ckpt, old)
-    det = focaldet.load(old, device="cpu")
+    parts = ("backbone", "anchor_generator", "matcher", "postprocess", "cls_loss", "box_loss")
+    old = yaml.safe_load((Path(__file__).parent / "data" / "old_recipe.yaml").read_text())
+    label_map = ckpt["focaldet"]["label_map"]
+    ckpt["hyper_parameters"] = {**{k: v for k, v in old.items() if k not in parts},
+                                "num_classes": 4, "fpn_channels": 32, "num_convs": 1, "label_map": label_map}
+    backbone = {"class_path": "focaldet.modeling.backbone.ResNetBackbone",
+                "init_args": {"depth": 18, "norm": "frozen_bn", "freeze_at": 0}}
+    config = {"model": {"backbone": backbone, "postprocess": TINY_LOW_THRESH, "fpn_channels": 32, "num_convs": 1},
+              "data": {"min_size": 96, "max_size": 128}}
+    ckpt["focaldet"] = {"label_map": label_map, "config": yaml.safe_dump(config)}
+    old_file = tmp_path / "old.ckpt"
+    torch.save(ckpt, old_file)
+    det = focaldet.load(old_file, device="cpu")
     assert det.inputs.min_size == 96 and det.model.postprocess.score_thresh == TINY_LOW_THRESH["init_args"]["score_thresh"]
     assert det.model.backbone.depth == 18
+    reference = focaldet.load(trained["ckpt"], device="cpu")
+    image = torch.rand(3, 100, 120)
+    a, b = det.predict(image)[0], reference.predict(image)[0]
+    torch.testing.assert_close(a["boxes"], b["boxes"])
+    torch.testing.assert_close(a["scores"], b["scores"])
 
 
 def test_predict_cli_needs_only_the_checkpoint(trained, synth_coco, tmp_path):

@@ -160,8 +160,8 @@ def test_data_check_reports_anchor_coverage_at_the_configs_size(tmp_path, synth_
 
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump({
-        "model": {"anchor_generator": {"class_path": "focaldet.models.AnchorGenerator",
-                                       "init_args": {"sizes": [64, 128, 256, 512, 1024]}}},
+        "model": {"model": {"anchor_generator": {"class_path": "focaldet.models.AnchorGenerator",
+                                                 "init_args": {"sizes": [64, 128, 256, 512, 1024]}}}},
         "data": {"min_size": [96, 112, 128], "max_size": 128}}))
     out = tmp_path / "report.json"
     main(["data", "check", str(synth_coco.train_ann), "-c", str(cfg), "--json", str(out)])

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from focaldet.cli import FocaldetCLI
 from focaldet.data.datamodule import CocoDataModule
@@ -25,7 +26,7 @@ def _offline(config: Path) -> list[str]:
     """Overrides that keep a config from downloading weights (or reading files the test lacks)."""
     text, args = config.read_text(), []
     if "coco" in config.stem or "_Weights." in text:
-        args += ["--model.backbone.init_args.weights", "null"]  # never download in tests
+        args += ["--model.model.backbone.weights", "null"]  # never download in tests
     if "init_weights:" in text:  # a file or download the test does not have
         args += ["--model.init_weights", "null"]
     return args
@@ -46,18 +47,43 @@ def test_config_instantiates(config, synth_coco, tmp_path):
     assert cli.model.model.num_classes == 4
 
 
+@pytest.fixture(scope="module")
+def tiny_batch(synth_coco, tmp_path_factory):
+    """One training batch of the tiny config (2 images at 128 px), for the loss configs' steps."""
+    from helpers import tiny_config
+
+    cli = _instantiate(["-c", str(tiny_config(tmp_path_factory.mktemp("batch"), synth_coco))])
+    cli.datamodule.setup("fit")
+    return next(iter(cli.datamodule.train_dataloader()))
+
+
 @pytest.mark.parametrize("loss", LOSSES, ids=lambda p: p.stem)
-def test_loss_config_instantiates(loss, synth_coco, tmp_path):
+def test_loss_config_instantiates_and_trains(loss, synth_coco, tmp_path, tiny_batch):
+    """Each configs/losses/*.yaml stacks on the demo config, and two optimiser steps on a real
+    batch keep the loss and every weight finite (what one CLI fit per loss checked before; the
+    CLI's own fit is tested once, in test_cli.py)."""
     cli = _instantiate(["-c", str(REPO / "configs" / "synth.yaml"), "-c", str(loss), *_data_overrides(synth_coco),
                         "--trainer.default_root_dir", str(tmp_path)])
     crit = cli.model.criterion
     assert type(crit.cls_loss).__name__ in Path(loss).read_text() or type(crit.box_loss).__name__ in Path(loss).read_text()
+    module = cli.model.train()
+    optimizer = module.configure_optimizers()["optimizer"]
+    for _ in range(2):
+        losses = module._losses(tiny_batch)
+        assert all(torch.isfinite(v) for v in losses.values()), losses
+        optimizer.zero_grad()
+        losses["loss"].backward()
+        optimizer.step()
+    assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
 def test_coco_config_is_the_paper_recipe():
     import yaml
     cfg = yaml.safe_load((REPO / "configs" / "retinanet_r50_fpn_1x_coco.yaml").read_text())
-    assert cfg["trainer"]["max_steps"] == 90000 and cfg["model"]["lr_steps"] == [60000, 80000]
+    schedule, sgd = cfg["model"]["lr_scheduler"]["init_args"], cfg["model"]["optimizer"]
+    assert cfg["trainer"]["max_steps"] == 90000 and schedule["milestones"] == [60000, 80000]
+    assert schedule["warmup_iters"] == 1000 and sgd["class_path"] == "torch.optim.SGD"
+    assert sgd["init_args"] == {"lr": 0.01, "momentum": 0.9, "weight_decay": 0.0001}
     assert cfg["data"]["batch_size"] * cfg["trainer"]["devices"] == cfg["model"]["base_batch_size"] == 16
     assert cfg["data"]["min_size"] == 800 and cfg["data"]["max_size"] == 1333
 
@@ -69,12 +95,12 @@ def _cpu(config: Path, data, root: Path) -> list[str]:
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
 def test_every_config_tunes_the_default_loss_without_naming_it(config, synth_coco, tmp_path):
-    """``--model.cls_loss.init_args.gamma 0`` (and the box loss's beta) work on every shipped config:
+    """``--model.criterion.cls_loss.gamma 0`` (and the box loss's beta) work on every shipped config:
     the configs spell the default losses out."""
     from focaldet.losses import SigmoidFocalLoss, SmoothL1Loss
 
-    cli = _instantiate(["-c", str(config), *_cpu(config, synth_coco, tmp_path), "--model.cls_loss.init_args.gamma",
-                        "0", "--model.box_loss.init_args.beta", "0.5"])
+    cli = _instantiate(["-c", str(config), *_cpu(config, synth_coco, tmp_path), "--model.criterion.cls_loss.gamma",
+                        "0", "--model.criterion.box_loss.beta", "0.5"])
     cls_loss, box_loss = cli.model.criterion.cls_loss, cli.model.criterion.box_loss
     assert type(cls_loss) is SigmoidFocalLoss and (cls_loss.gamma, cls_loss.alpha) == (0.0, 0.25)
     assert type(box_loss) is SmoothL1Loss and box_loss.beta == 0.5
@@ -86,7 +112,7 @@ def test_every_config_tunes_the_default_loss_without_naming_it(config, synth_coc
 @pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
 def test_a_sweep_over_gamma_parses_on_every_config(config, synth_coco, tmp_path, monkeypatch):
-    """``focaldet sweep -c CONFIG --param model.cls_loss.init_args.gamma=0,2``: both cells build
+    """``focaldet sweep -c CONFIG --param model.criterion.cls_loss.gamma=0,2``: both cells build
     their run (the training itself is replaced by reading the built model's gamma)."""
     from focaldet.tools import sweep
     from focaldet.evaluation import STAT_NAMES
@@ -101,7 +127,7 @@ def test_a_sweep_over_gamma_parses_on_every_config(config, synth_coco, tmp_path,
                 "train_s": 0.0, "wall_s": 0.0}
 
     monkeypatch.setattr(sweep, "_default_run", build_only)
-    status = sweep.main(["-c", str(config), "--param", "model.cls_loss.init_args.gamma=0,2", "--out",
+    status = sweep.main(["-c", str(config), "--param", "model.criterion.cls_loss.gamma=0,2", "--out",
                          str(tmp_path / "sweep"), *_cpu(config, synth_coco, tmp_path)])
     assert status == 0 and built == [0.0, 2.0]
 
@@ -133,8 +159,8 @@ def test_the_photos_config_is_for_natural_images(synth_coco, tmp_path):
 
     config = REPO / "configs" / "photos.yaml"
     raw = yaml.safe_load(config.read_text())
-    assert raw["model"]["backbone"]["init_args"]["weights"] == "ResNet18_Weights.IMAGENET1K_V1"
-    assert raw["trainer"]["max_steps"] <= 3000 and raw["model"]["warmup_iters"] <= 200
+    assert raw["model"]["model"]["backbone"]["init_args"]["weights"] == "ResNet18_Weights.IMAGENET1K_V1"
+    assert raw["trainer"]["max_steps"] <= 3000 and raw["model"]["lr_scheduler"]["init_args"]["warmup_iters"] <= 200
     cli = _instantiate(["-c", str(config), *_cpu(config, synth_coco, tmp_path)])
     dm = cli.datamodule
     steps = dm._transforms(train=True).transforms

@@ -1,6 +1,7 @@
 """Crowd regions: background anchors mostly inside an ``iscrowd`` box are ignored (weight 0),
 from the COCO JSON through transforms, collate and the module to the criterion."""
 
+from functools import partial
 import warnings
 
 import pytest
@@ -187,12 +188,13 @@ def test_val_ground_truth_keeps_crowd_annotations(make_coco):
 
 
 def _tiny_module(**kwargs):
-    from focaldet.models import ResNetBackbone
+    from focaldet.losses import RetinaNetCriterion
+    from focaldet.models import ResNetBackbone, RetinaNet
     from focaldet.engine.module import RetinaNetModule
 
     torch.manual_seed(0)
-    return RetinaNetModule(2, backbone=ResNetBackbone(18, norm="frozen_bn", freeze_at=0), fpn_channels=32,
-                           num_convs=1, **kwargs)
+    model = partial(RetinaNet, backbone=ResNetBackbone(18, norm="frozen_bn", freeze_at=0), fpn_channels=32, num_convs=1)
+    return RetinaNetModule(2, model=model, criterion=RetinaNetCriterion(**kwargs))
 
 
 @pytest.fixture
@@ -243,11 +245,12 @@ def test_no_crowd_batch_and_off_switch_are_bit_identical(crowd_batches):
 def test_torchvision_twin_drops_crowd_boxes(crowd_batches):
     from focaldet.tools.equal_budget import TorchvisionRetinaNetModule
     from focaldet.losses import L1Loss
-    from focaldet.models import ResNetBackbone
+    from focaldet.losses import RetinaNetCriterion
+    from focaldet.models import ResNetBackbone, RetinaNet
 
     batch, _ = crowd_batches
-    twin = TorchvisionRetinaNetModule(2, backbone=ResNetBackbone(18, norm="frozen_bn", freeze_at=0),
-                                      fpn_channels=32, num_convs=1, box_loss=L1Loss())
+    model = partial(RetinaNet, backbone=ResNetBackbone(18, norm="frozen_bn", freeze_at=0), fpn_channels=32, num_convs=1)
+    twin = TorchvisionRetinaNetModule(2, model=model, criterion=RetinaNetCriterion(box_loss=L1Loss()))
     losses = twin._losses(batch)
     assert torch.isfinite(losses["loss"])
 
@@ -260,7 +263,7 @@ def test_threshold_from_yaml(synth_coco, tmp_path):
 
     def build(value):
         config = tiny_config(tmp_path, synth_coco)
-        text = config.read_text().replace("model:\n", f"model:\n  crowd_ioa_threshold: {value}\n", 1)
+        text = config.read_text().replace("model:\n", f"model:\n  criterion:\n    crowd_ioa_threshold: {value}\n", 1)
         config.write_text(text)
         return FocaldetCLI(RetinaNetModule, CocoDataModule, args=["-c", str(config)], run=False,
                            trainer_defaults={"logger": False}).model

@@ -35,8 +35,8 @@ def one_process_validation(tmp_path_factory):
     data = write_synthetic_coco(tmp_path / "data", num_images=20, seed=3, num_classes=3, image_size=128,
                                 val_fraction=0.25)
     low_thresh = tmp_path / "untrained.yaml"  # random weights: keep many candidates so metrics are > 0
-    low_thresh.write_text("model:\n  prior_prob: 0.2\n  postprocess:\n    class_path: focaldet.models.PostProcess\n"
-                          "    init_args: {score_thresh: 0.0}\n")
+    low_thresh.write_text("model:\n  model:\n    prior_prob: 0.2\n    postprocess:\n      class_path: focaldet.models.PostProcess\n"
+                          "      init_args: {score_thresh: 0.0}\n")
     cfg = tiny_config(tmp_path / "one", data)
     assert main(["validate", "-c", str(cfg), "-c", str(low_thresh)]) == 0  # the reference: in this process
     metrics = _val_metrics(tmp_path / "one" / "run")
@@ -94,8 +94,8 @@ def test_one_step_two_processes_equals_one_process_two_images(tmp_path):
     weights = {}
     for name, extra in [("one", ["--data.batch_size", "2"]), ("two", ["--data.batch_size", "1", *DDP])]:
         cfg = tiny_config(tmp_path / name, data, **{"trainer.max_steps": 1, "trainer.limit_val_batches": 0})
-        args = ["fit", "-c", str(cfg), "--data.hflip_prob", "0", "--model.warmup_iters", "0",
-                "--model.base_lr", "0.5", *extra]  # a large lr makes the update dominate
+        args = ["fit", "-c", str(cfg), "--data.hflip_prob", "0", "--model.lr_scheduler.warmup_iters", "0",
+                "--model.optimizer.lr", "0.5", *extra]  # a large lr makes the update dominate
         if name == "one":  # the reference: in this process
             assert main(args) == 0
         else:

@@ -123,7 +123,7 @@ def test_cli_reference_normalises_known_subclasses_and_finds_subcommands():
         "usage: focaldet data [-h] COMMAND ...\n\npositional arguments:\n  COMMAND\n"
         "    synth     write the synthetic shapes\n    check     validate a COCO dataset and report\n"
         "              statistics\n\noptions:\n  -h, --help  show this help message and exit\n"
-        "  --model.backbone BACKBONE\n"
+        "  --model.model.backbone BACKBONE\n"
         "                        (type: Module | null, default: null, known subclasses: torch.nn.Module,\n"
         "                        torch.nn.Identity, focaldet.modeling.ResNetBackbone,\n"
         "                        timm.layers.Foo, lightning.LightningModule)\n"

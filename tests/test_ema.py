@@ -39,11 +39,11 @@ def test_best_checkpoint_holds_the_average_that_validate_evaluates(synth_coco, t
     the raw ones are kept in current_model_state); `validate --ckpt_path best.ckpt` gives the
     val/mAP and val/loss logged during fit; the raw weights give another val/loss."""
     cfg = tiny_config(tmp_path, synth_coco, **{"trainer.max_steps": 20, "trainer.val_check_interval": 20,
-                                               "model.optimizer": "adamw", "model.base_lr": 0.003,
-                                               "model.base_batch_size": 2, "model.warmup_iters": 5,
+                                               "model.optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.003}},
+                                               "model.base_batch_size": 2, "model.lr_scheduler.init_args.warmup_iters": 5,
                                                "data.min_size": 96, "data.max_size": 128,
                                                # an undertrained model: keep every candidate (mAP > 0)
-                                               "model.postprocess": {"class_path": "focaldet.models.PostProcess",
+                                               "model.model.postprocess": {"class_path": "focaldet.models.PostProcess",
                                                                      "init_args": {"score_thresh": 0.0,
                                                                                    "detections_per_img": 20}}})
     fit = _cli("fit", "-c", str(cfg), "-c", str(EMA_CONFIG))

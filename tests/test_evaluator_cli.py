@@ -18,7 +18,7 @@ def _latest_version(run):
 @pytest.mark.slow
 def test_validate_writes_evaluation_files_and_predict_uses_thresholds(tmp_path, synth_coco, capsys):
     low = {"class_path": "focaldet.models.PostProcess", "init_args": {"score_thresh": 0.0, "detections_per_img": 20}}
-    cfg = tiny_config(tmp_path, synth_coco, **{"model.postprocess": low})
+    cfg = tiny_config(tmp_path, synth_coco, **{"model.model.postprocess": low})
     run = tmp_path / "run"
     main(["fit", "-c", str(cfg)])
     fit_dir = _latest_version(run)
@@ -30,7 +30,7 @@ def test_validate_writes_evaluation_files_and_predict_uses_thresholds(tmp_path, 
 
     capsys.readouterr()
     # an evaluation setting given to validate wins over the checkpoint's (fit's 100 replaced it)
-    assert main(["validate", "-c", str(cfg), "--ckpt_path", "last", "--model.max_dets", "5"]) == 1
+    assert main(["validate", "-c", str(cfg), "--ckpt_path", "last", "--model.evaluation.max_dets", "5"]) == 1
     assert "max_dets must be >= 10" in capsys.readouterr().err
     main(["validate", "-c", str(cfg), "--ckpt_path", "last"])
     out = capsys.readouterr().out
@@ -55,7 +55,7 @@ def test_validate_writes_evaluation_files_and_predict_uses_thresholds(tmp_path, 
         assert "val/loss" in next(csv.reader(f))
 
     main(["predict", "-c", str(cfg), "--ckpt_path", "last", "--data.predict_images", str(synth_coco.images),
-          "--model.score_threshold", str(version / "thresholds.json")])
+          "--model.prediction.score_threshold", str(version / "thresholds.json")])
     preds = json.loads((_latest_version(run) / "predictions.json").read_text())
     floor = {n: (t["score"] if t["score"] is not None else thresholds["all"]["score"]) for n, t in thresholds.items()}
     assert all(p["score"] >= floor[p["category_name"]] - 1e-5 for p in preds)
@@ -65,7 +65,7 @@ def test_validate_writes_evaluation_files_and_predict_uses_thresholds(tmp_path, 
     for r in detector.predict(str(synth_coco.images), score_threshold=str(version / "thresholds.json")):
         assert all(s >= floor[detector.names[k]] - 1e-5 for s, k in zip(r["scores"].tolist(), r["labels"].tolist()))
     main(["predict", "-c", str(cfg), "--ckpt_path", "last", "--data.predict_images", str(synth_coco.images),
-          "--model.score_threshold", "0.5"])
+          "--model.prediction.score_threshold", "0.5"])
     assert all(p["score"] >= 0.5 for p in json.loads((_latest_version(run) / "predictions.json").read_text()))
 
 

@@ -9,6 +9,8 @@ matcher, one-chunk focal kernel, fp64 ``batched_nms``) on CPU, against the CPU b
 
 from __future__ import annotations
 
+from functools import partial
+
 import json
 import os
 from pathlib import Path
@@ -224,8 +226,8 @@ def test_mixed_precision_training_step(device, synth_coco, amp):
 
     batch, num_classes = _batch(synth_coco, device)
     torch.manual_seed(0)
-    module = RetinaNetModule(num_classes, backbone=ResNetBackbone(18, norm="frozen_bn", freeze_at=0),
-                             fpn_channels=32, num_convs=1).to(device)
+    model = partial(RetinaNet, backbone=ResNetBackbone(18, norm="frozen_bn", freeze_at=0), fpn_channels=32, num_convs=1)
+    module = RetinaNetModule(num_classes, model=model).to(device)
     with torch.no_grad():
         fp32 = module._losses(batch)["loss"]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
@@ -272,8 +274,8 @@ def test_predict_on_the_device(tmp_path, synth_coco, device):
 
     cfg = tiny_config(tmp_path, synth_coco, **{"trainer.accelerator": _accelerator(device)})
     low = tmp_path / "low.yaml"
-    low.write_text("model:\n  prior_prob: 0.2\n  postprocess:\n    class_path: focaldet.models.PostProcess\n"
-                   "    init_args: {score_thresh: 0.0, detections_per_img: 5}\n")
+    low.write_text("model:\n  model:\n    prior_prob: 0.2\n    postprocess:\n      class_path: focaldet.models.PostProcess\n"
+                   "      init_args: {score_thresh: 0.0, detections_per_img: 5}\n")
     assert run(["predict", "-c", str(cfg), "-c", str(low), "--data.predict_images", str(synth_coco.images)]) == 0
     [path] = list((tmp_path / "run").rglob("predictions.json"))
     preds = json.loads(path.read_text())

@@ -70,9 +70,9 @@ def test_data_anchors_refuses_a_zero_size(synth_coco, capsys, flag):
 
 
 def test_a_module_that_is_no_loss_is_refused_at_construction():
-    with pytest.raises(ConfigError, match=r"model.cls_loss: torch.nn.modules.linear.Identity is not a class loss"):
+    with pytest.raises(ConfigError, match=r"model.criterion.cls_loss: torch.nn.modules.linear.Identity is not a class loss"):
         RetinaNetCriterion(torch.nn.Identity())
-    with pytest.raises(ConfigError, match=r"model.box_loss: .*ReLU is not a box loss"):
+    with pytest.raises(ConfigError, match=r"model.criterion.box_loss: .*ReLU is not a box loss"):
         RetinaNetCriterion(None, torch.nn.ReLU())
     RetinaNetCriterion(None, torch.nn.SmoothL1Loss())  # (input, target): fits a box loss call
 
@@ -84,8 +84,8 @@ def test_cli_errors_from_a_part_constructor_are_one_line(synth_coco, tmp_path, c
     cfg = tiny_config(tmp_path, synth_coco)
     bad = tmp_path / "bad.pth"
     bad.write_text("garbage")
-    assert main(["validate", "-c", str(cfg), "--model.backbone.init_args.weights", str(bad)]) == 1
+    assert main(["validate", "-c", str(cfg), "--model.model.backbone.weights", str(bad)]) == 1
     line = _error_line(capsys)
     assert line.startswith(f"focaldet: error: weights file {bad}: not a readable PyTorch file"), line
-    assert main(["validate", "-c", str(cfg), "--model.cls_loss", "torch.nn.Identity"]) == 1
-    assert "model.cls_loss: torch.nn.modules.linear.Identity is not a class loss" in _error_line(capsys)
+    assert main(["validate", "-c", str(cfg), "--model.criterion.cls_loss", "torch.nn.Identity"]) == 1
+    assert "model.criterion.cls_loss: torch.nn.modules.linear.Identity is not a class loss" in _error_line(capsys)

@@ -19,7 +19,7 @@ K = 4  # the synthetic set's classes: the configs' per-logit alphas have K + 1 v
 
 def _from_config(name):
     """The class loss a configs/losses/NAME.yaml builds (class_path + init_args, as jsonargparse)."""
-    spec = yaml.safe_load((REPO / "configs" / "losses" / f"{name}.yaml").read_text())["model"]["cls_loss"]
+    spec = yaml.safe_load((REPO / "configs" / "losses" / f"{name}.yaml").read_text())["model"]["criterion"]["cls_loss"]
     module, cls = spec["class_path"].rsplit(".", 1)
     return getattr(__import__(module, fromlist=[cls]), cls)(**spec.get("init_args", {}))
 
@@ -179,14 +179,14 @@ def test_mean_over_samples_through_the_criterion_skips_ignored_anchors():
 
 
 def test_loss_parameters_are_cli_flags_for_sweeps(synth_coco, tmp_path):
-    """``--model.cls_loss.init_args.gamma`` etc. override a stacked loss config (what a sweep sets)."""
+    """``--model.criterion.cls_loss.gamma`` etc. override a stacked loss config (what a sweep sets)."""
     from test_configs import _data_overrides, _instantiate
 
     cli = _instantiate(["-c", str(REPO / "configs" / "synth.yaml"), "-c", str(REPO / "configs" / "losses" / "varifocal.yaml"),
                         *_data_overrides(synth_coco), "--trainer.default_root_dir", str(tmp_path),
-                        "--model.cls_loss.init_args.gamma", "0.5", "--model.cls_loss.init_args.alpha", "0.6",
-                        "--model.cls_loss.init_args.normalizer", "num_samples",
-                        "--model.box_loss", "focaldet.losses.CIoULoss"])
+                        "--model.criterion.cls_loss.gamma", "0.5", "--model.criterion.cls_loss.alpha", "0.6",
+                        "--model.criterion.cls_loss.normalizer", "num_samples",
+                        "--model.criterion.box_loss", "focaldet.losses.CIoULoss"])
     loss = cli.model.criterion.cls_loss
     assert (type(loss).__name__, loss.gamma, loss.alpha, loss.normalizer) == ("VarifocalLoss", 0.5, 0.6, "num_samples")
     assert type(cli.model.criterion.box_loss).__name__ == "CIoULoss"

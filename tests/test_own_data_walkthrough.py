@@ -19,7 +19,7 @@ from helpers import REPO
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
 
 PAGE = REPO / "docs" / "own-data.md"
-TINY = ["--model.backbone.init_args.weights", "null", "--model.fpn_channels", "32", "--model.num_convs", "1",
+TINY = ["--model.model.backbone.weights", "null", "--model.model.fpn_channels", "32", "--model.model.num_convs", "1",
         "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false", "--data.min_size", "96", "--data.max_size", "128",
         "--data.batch_size", "2", "--data.num_workers", "0"]

@@ -3,6 +3,8 @@ default that typed flags override (issue 21)."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import json
 import random
 
@@ -150,8 +152,9 @@ def _checkpoint(path, synth_coco) -> None:
     """A random tiny model at 96/128 px with a recipe of its own (score_threshold 0.2)."""
     torch.manual_seed(0)
     label_map = LabelMap.from_categories(json.loads(synth_coco.val_ann.read_text())["categories"]).to_dict()
-    module = RetinaNetModule(4, backbone=ResNetBackbone(18, freeze_at=0), fpn_channels=32, num_convs=1,
-                             postprocess=PostProcess(score_thresh=0.0, detections_per_img=10), score_threshold=0.2,
+    model = partial(RetinaNet, backbone=ResNetBackbone(18, freeze_at=0), fpn_channels=32, num_convs=1,
+                    postprocess=PostProcess(score_thresh=0.0, detections_per_img=10))
+    module = RetinaNetModule(4, model=model, prediction={"score_threshold": 0.2},
                              label_map=label_map, inputs={"min_size": 96, "max_size": 128})
     ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
             "pytorch-lightning_version": lightning.__version__, "epoch": 0, "global_step": 0}
@@ -179,15 +182,15 @@ def test_checkpoint_only_validate_uses_the_checkpoints_eval_size(checkpoint, syn
     cli = _cli(["validate", "--ckpt_path", str(checkpoint), "--data.val_ann", str(synth_coco.val_ann),
                 "--data.val_images", str(synth_coco.images), "--data.num_workers", "0"])
     assert cli.datamodule.inputs == cli.model.inputs == InputSettings(96, 128, 128)  # not 800 / 1333
-    assert cli.model.hparams.score_threshold == 0.2 and cli.model.model.postprocess.detections_per_img == 10
+    assert cli.model.prediction.score_threshold == 0.2 and cli.model.model.postprocess.detections_per_img == 10
     assert cli.model.model.backbone.depth == 18
 
 
 @pytest.mark.parametrize("flag,value,read", [
-    ("--model.draw_predictions", "true", lambda cli: cli.model.hparams.draw_predictions is True),
-    ("--model.score_threshold", "0.5", lambda cli: cli.model.hparams.score_threshold == 0.5),
-    ("--model.max_dets", "7", lambda cli: cli.model.hparams.max_dets == 7),
-    ("--model.postprocess.init_args.detections_per_img", "3",
+    ("--model.prediction.draw", "true", lambda cli: cli.model.prediction.draw is True),
+    ("--model.prediction.score_threshold", "0.5", lambda cli: cli.model.prediction.score_threshold == 0.5),
+    ("--model.evaluation.max_dets", "7", lambda cli: cli.model.evaluation.max_dets == 7),
+    ("--model.model.postprocess.detections_per_img", "3",
      lambda cli: cli.model.model.postprocess.detections_per_img == 3),
     ("--data.min_size", "64", lambda cli: cli.datamodule.inputs.min_size == 64 == cli.model.inputs.min_size),
     ("--data.max_size", "100", lambda cli: cli.model.inputs.max_size == 100),
@@ -200,10 +203,11 @@ def test_a_typed_flag_beats_the_checkpoint(checkpoint, synth_coco, flag, value, 
 
 def test_a_config_file_beats_the_checkpoint_and_flags_beat_both(checkpoint, synth_coco, tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({"model": {"score_threshold": 0.3, "max_dets": 9}, "data": {"min_size": 80}}))
-    cli = _cli(["validate", "--ckpt_path", str(checkpoint), "-c", str(cfg), "--model.max_dets", "11",
+    cfg.write_text(yaml.safe_dump({"model": {"prediction": {"score_threshold": 0.3}, "evaluation": {"max_dets": 9}},
+                                   "data": {"min_size": 80}}))
+    cli = _cli(["validate", "--ckpt_path", str(checkpoint), "-c", str(cfg), "--model.evaluation.max_dets", "11",
                 "--data.val_ann", str(synth_coco.val_ann), "--data.val_images", str(synth_coco.images)])
-    assert cli.model.hparams.score_threshold == 0.3 and cli.model.hparams.max_dets == 11
+    assert cli.model.prediction.score_threshold == 0.3 and cli.model.evaluation.max_dets == 11
     assert cli.model.inputs.min_size == 80 and cli.model.model.postprocess.detections_per_img == 10
 
 
@@ -214,13 +218,13 @@ def test_predict_uses_and_records_the_typed_flags(checkpoint, synth_coco, tmp_pa
     out = tmp_path / "run"
     assert main(["predict", "--ckpt_path", str(checkpoint), "--data.predict_images", str(synth_coco.images),
                  "--data.num_workers", "0", "--trainer.default_root_dir", str(out), "--trainer.accelerator", "cpu",
-                 "--model.draw_predictions", "true", "--model.score_threshold", "0.0", "--data.min_size", "112",
+                 "--model.prediction.draw", "true", "--model.prediction.score_threshold", "0.0", "--data.min_size", "112",
                  "--trainer.enable_progress_bar", "false"]) == 0
     err = capsys.readouterr().err
     assert err.count("focaldet: note: predict runs at min_size 112") == 1 and "min_size 96" in err
     config = yaml.safe_load(next(out.rglob("config.yaml")).read_text())
-    assert config["model"]["draw_predictions"] is True and config["model"]["score_threshold"] == 0.0
-    assert config["data"]["min_size"] == 112 and config["model"]["postprocess"]["init_args"]["detections_per_img"] == 10
+    assert config["model"]["prediction"] == {"score_threshold": 0.0, "draw": True, "draw_score_threshold": 0.3}
+    assert config["data"]["min_size"] == 112 and config["model"]["model"]["init_args"]["postprocess"]["init_args"]["detections_per_img"] == 10
     assert len(list(out.rglob("predictions/*.png"))) == len(list(synth_coco.images.glob("*.png")) +
                                                          list(synth_coco.images.glob("*.jpg")))
     preds = json.loads(next(out.rglob("predictions.json")).read_text())

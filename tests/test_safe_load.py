@@ -5,8 +5,10 @@ payload would write never appears. Recipes record public class paths; old ones s
 
 from __future__ import annotations
 
+import copy
 import sys
 import zipfile
+from functools import partial
 from pathlib import Path
 
 import lightning
@@ -18,7 +20,7 @@ import focaldet
 from focaldet.api import read_checkpoint
 from focaldet.engine.checkpoints import FocaldetCheckpointIO, check_checkpoint, resolve_ckpt_path
 from focaldet.errors import ConfigError
-from focaldet.models import ResNetBackbone
+from focaldet.models import ResNetBackbone, RetinaNet
 from focaldet.engine.module import RetinaNetModule
 from focaldet.config.recipe import describe, instantiate
 from focaldet.config.safe_load import UnsafeFileError, check_pt2, load_torch_file
@@ -32,13 +34,16 @@ LABEL_MAP = {"cat_ids": [1, 3], "names": ["a", "b"]}
 INPUTS = {"min_size": 64, "max_size": 64, "size_divisibility": 32, "eval_transforms": None}
 
 
-def tiny_checkpoint(path: Path, **recipe) -> Path:
-    """A focaldet checkpoint of a ~0.5 M-parameter model, no training; ``recipe`` overrides
-    entries of its ``hyper_parameters``."""
+def tiny_checkpoint(path: Path, cls_loss: dict | None = None, hyper_parameters: dict | None = None) -> Path:
+    """A focaldet checkpoint of a ~0.5 M-parameter model, no training; ``cls_loss`` replaces
+    its recipe's class loss, ``hyper_parameters`` its whole recipe (an old format's)."""
     torch.manual_seed(0)
-    module = RetinaNetModule(num_classes=2, backbone=ResNetBackbone(depth=18, freeze_at=0), fpn_channels=16,
-                             num_convs=1, label_map=LABEL_MAP, inputs=INPUTS)
-    ckpt = {"state_dict": module.state_dict(), "hyper_parameters": {**dict(module.hparams), **recipe},
+    model = partial(RetinaNet, backbone=ResNetBackbone(depth=18, freeze_at=0), fpn_channels=16, num_convs=1)
+    module = RetinaNetModule(num_classes=2, model=model, label_map=LABEL_MAP, inputs=INPUTS)
+    recipe = copy.deepcopy(dict(module.hparams)) if hyper_parameters is None else hyper_parameters
+    if cls_loss is not None:
+        recipe["criterion"]["init_args"]["cls_loss"] = cls_loss
+    ckpt = {"state_dict": module.state_dict(), "hyper_parameters": recipe,
             "pytorch-lightning_version": lightning.__version__, "epoch": 0, "global_step": 0}
     module.on_save_checkpoint(ckpt)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,8 +73,8 @@ def files(tmp_path_factory):
     evil_recipe = tiny_checkpoint(tmp / "evil_recipe.ckpt", cls_loss={
         "class_path": "subprocess.run", "init_args": {"args": ["touch", str(marker)]}})
     evil_config = tmp / "evil.yaml"
-    evil_config.write_text(yaml.safe_dump({"model": {"cls_loss": {
-        "class_path": "subprocess.Popen", "init_args": {"args": ["touch", str(marker)]}}}}))
+    evil_config.write_text(yaml.safe_dump({"model": {"criterion": {"cls_loss": {
+        "class_path": "subprocess.Popen", "init_args": {"args": ["touch", str(marker)]}}}}}))
     return {"tmp": tmp, "marker": marker, "good": good, "evil_pickle": evil_pickle, "evil_recipe": evil_recipe,
             "evil_config": evil_config}
 
@@ -94,7 +99,7 @@ def test_a_pickle_payload_is_refused_by_every_loader(files):
 def test_a_recipe_naming_subprocess_is_refused_before_import(files):
     bad, marker = files["evil_recipe"], files["marker"]
     for trust_code in (False,):
-        with pytest.raises(UnsafeFileError, match=r"refused to build its cls_loss: subprocess.run is not") as err:
+        with pytest.raises(UnsafeFileError, match=r"refused to build its criterion.cls_loss: subprocess.run is not") as err:
             focaldet.load(bad, device="cpu", trust_code=trust_code)
         _one_line_naming(str(err.value), bad)
     assert not marker.exists()
@@ -146,7 +151,7 @@ def test_a_config_naming_an_arbitrary_module_is_never_imported(files, tmp_path):
     marker = files["marker"]
     (tmp_path / "evil_module.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
     cfg = tmp_path / "evil2.yaml"
-    cfg.write_text("model:\n  backbone:\n    class_path: evil_module.Backbone\n")
+    cfg.write_text("model:\n  model:\n    backbone:\n      class_path: evil_module.Backbone\n")
     configs = (files["evil_config"], cfg)
     for config, proc in zip(configs, run_cli_sequence([["validate", "-c", str(c)] for c in configs], cwd=tmp_path,
                                                       timeout=120)):
@@ -167,12 +172,12 @@ def test_sweep_and_equal_budget_never_import_a_config_module(files, tmp_path, mo
     (tmp_path / "evil_sweep_module.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
     monkeypatch.syspath_prepend(str(tmp_path))  # importable, as from the working directory
     cfg = tmp_path / "evil3.yaml"
-    cfg.write_text("model:\n  backbone:\n    class_path: evil_sweep_module.Backbone\n")
-    calls = [lambda: resolve_run_config([str(cfg)], ["--model.fpn_channels", "32"]),
-             lambda: sweep.main(["-c", str(cfg), "--param", "model.fpn_channels=32,64", "--out", str(tmp_path / "sw")]),
+    cfg.write_text("model:\n  model:\n    backbone:\n      class_path: evil_sweep_module.Backbone\n")
+    calls = [lambda: resolve_run_config([str(cfg)], ["--model.model.fpn_channels", "32"]),
+             lambda: sweep.main(["-c", str(cfg), "--param", "model.model.fpn_channels=32,64", "--out", str(tmp_path / "sw")]),
              lambda: equal_budget.main(["-c", str(cfg), "--out", str(tmp_path / "eb")])]
     for call in calls:
-        with pytest.raises(ConfigError, match=r"evil3.yaml: model.backbone.class_path evil_sweep_module.Backbone "
+        with pytest.raises(ConfigError, match=r"evil3.yaml: model.model.backbone.class_path evil_sweep_module.Backbone "
                                               r"is not a class focaldet imports"):
             call()
     assert not marker.exists() and "evil_sweep_module" not in sys.modules
@@ -180,9 +185,9 @@ def test_sweep_and_equal_budget_never_import_a_config_module(files, tmp_path, mo
     # --trust_checkpoint_code (passed on to every run): the user's module is imported
     mine = tmp_path / "MINE"
     (tmp_path / "my_sweep_module.py").write_text(f"open({str(mine)!r}, 'w').close()\n")
-    cfg.write_text("model:\n  backbone:\n    class_path: my_sweep_module.Backbone\n")
+    cfg.write_text("model:\n  model:\n    backbone:\n      class_path: my_sweep_module.Backbone\n")
     with pytest.raises(ConfigError, match="bad run arguments"):  # (the module has no Backbone)
-        resolve_run_config([str(cfg)], ["--model.fpn_channels", "32", "--trust_checkpoint_code"])
+        resolve_run_config([str(cfg)], ["--model.model.fpn_channels", "32", "--trust_checkpoint_code"])
     assert mine.exists()
 
 
@@ -240,15 +245,32 @@ def test_describe_records_public_paths():
 
 
 def test_an_old_format_recipe_still_loads(tmp_path):
-    """tests/data/old_recipe.yaml: a recipe as focaldet recorded it before public paths
-    (``focaldet.modeling.backbone.ResNetBackbone``, ``focaldet.losses.focal...``)."""
+    """tests/data/old_recipe.yaml: a recipe as focaldet recorded it in checkpoint format 2: 37 flat
+    arguments, parts by their defining module (``focaldet.modeling.backbone.ResNetBackbone``,
+    ``focaldet.losses.focal...``). It loads, through ``focaldet.load`` and ``--ckpt_path``, as parts."""
+    from focaldet.api import build_module, read_checkpoint
+    from focaldet.config.migrate import upgrade_recipe
+
     old = yaml.safe_load((DATA / "old_recipe.yaml").read_text())
-    assert old["backbone"]["class_path"] == "focaldet.modeling.backbone.ResNetBackbone"
-    ckpt = tiny_checkpoint(tmp_path / "old.ckpt", **old)
+    assert old["backbone"]["class_path"] == "focaldet.modeling.backbone.ResNetBackbone" and old["base_lr"] == 0.002
+    ckpt = tiny_checkpoint(tmp_path / "old.ckpt", hyper_parameters=old)
+    ckpt_data = torch.load(ckpt, weights_only=True)
+    ckpt_data["focaldet"]["format"] = 2
+    torch.save(ckpt_data, ckpt)
     det = focaldet.load(ckpt, device="cpu")
     assert type(det.model.postprocess).__name__ == "PostProcess" and det.model.postprocess.score_thresh == 0.2
     out = det.predict(torch.rand(3, 64, 64))
     assert len(out) == 1
+    module = build_module(read_checkpoint(ckpt))
+    assert module.prediction.score_threshold == 0.25 and module.evaluation.max_dets == 7
+    assert module.criterion.crowd_ioa_threshold == 0.5 and not module.decay_norm_and_bias
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert type(optimizer).__name__ == "AdamW" and optimizer.defaults["weight_decay"] == 0.05
+    scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    assert (scheduler.warmup_iters, scheduler.milestones, scheduler.gamma) == (100, [600, 750], 0.1)
+    new = upgrade_recipe(old)
+    assert new["model"]["init_args"]["fpn_channels"] == 16 and new["optimizer"]["init_args"]["lr"] == 0.002
+    assert upgrade_recipe(new) == new  # a current recipe is left as it is
 
 
 def _pt2(path: Path) -> Path:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import base64
 import os
 import signal
@@ -19,7 +21,7 @@ import torch
 
 import focaldet
 from focaldet.errors import WeightsError
-from focaldet.modeling import PostProcess, ResNetBackbone
+from focaldet.modeling import PostProcess, ResNetBackbone, RetinaNet
 from focaldet.engine.module import RetinaNetModule
 from focaldet.serve import main as serve_main
 from focaldet.serve import to_json
@@ -33,9 +35,10 @@ def save_tiny_checkpoint(path, label_map) -> None:
     """A randomly initialised tiny model, saved as Lightning saves a RetinaNetModule, keeping
     every candidate (score_thresh 0) so that there is something to compare."""
     torch.manual_seed(0)
-    module = RetinaNetModule(len(label_map["cat_ids"]), backbone=ResNetBackbone(18, freeze_at=0), fpn_channels=32,
-                             num_convs=1, postprocess=PostProcess(score_thresh=0.0, detections_per_img=10),
-                             label_map=label_map, inputs={"min_size": 96, "max_size": 128})
+    model = partial(RetinaNet, backbone=ResNetBackbone(18, freeze_at=0), fpn_channels=32, num_convs=1,
+                    postprocess=PostProcess(score_thresh=0.0, detections_per_img=10))
+    module = RetinaNetModule(len(label_map["cat_ids"]), model=model, label_map=label_map,
+                             inputs={"min_size": 96, "max_size": 128})
     ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
     module.on_save_checkpoint(ckpt)
     torch.save(ckpt, path)

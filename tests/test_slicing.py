@@ -104,8 +104,8 @@ def test_validate_with_slicing_reports_original_pixels(tmp_path, make_coco):
     data = type("Data", (), {"train_ann": ann, "val_ann": ann, "images": images})
     cfg = tiny_config(tmp_path, data, **{"data.min_size": 64, "data.max_size": 128})
     post = tmp_path / "post.yaml"
-    post.write_text(yaml.safe_dump({"model": {"postprocess": {"class_path": "focaldet.models.PostProcess", "init_args": {
-        "score_thresh": 0.0, "topk_candidates": 10, "detections_per_img": 1000}}}}))
+    post.write_text(yaml.safe_dump({"model": {"model": {"postprocess": {"class_path": "focaldet.models.PostProcess", "init_args": {
+        "score_thresh": 0.0, "topk_candidates": 10, "detections_per_img": 1000}}}}}))
     slicing = ["--model.slicing.size", "64", "--model.slicing.overlap", "0.2"]
     main(["validate", "-c", str(cfg), "-c", str(post), *slicing, "--trainer.logger", "false"])
     logged = json.loads((tmp_path / "run" / "val_detections.json").read_text())

@@ -17,7 +17,7 @@ from focaldet.tools.sweep import (
 )
 from helpers import run_cli, tiny_config
 
-GAMMA, ALPHA = "model.cls_loss.init_args.gamma", "model.cls_loss.init_args.alpha"
+GAMMA, ALPHA = "model.criterion.cls_loss.gamma", "model.criterion.cls_loss.alpha"
 
 
 def fake_result(ap: float) -> dict:
@@ -149,18 +149,18 @@ def test_one_and_one_point_zero_are_one_cell_and_an_edited_config_is_a_new_one(t
     """Cells are keyed on fit's resolved configuration (the real resolver; stand-in training)."""
     config = tiny_config(tmp_path / "cfg", synth_coco)
     lines, run = [], FakeRun()
-    outcomes = run_sweep([str(config)], [("model.base_lr", [1, 1.0, 0.5])], tmp_path / "sw", run=run,
+    outcomes = run_sweep([str(config)], [("model.optimizer.lr", [1, 1.0, 0.5])], tmp_path / "sw", run=run,
                          log=lines.append, heartbeat=1)
     assert len(run.calls) == 2 and [c[1][-1] for c in run.calls] == ["1", "0.5"]
     assert [o.status for o in outcomes] == ["ok", "ok", "ok"] and outcomes[1].result == outcomes[0].result
-    assert "sweep: cell 2/3 base_lr=1.0: the same configuration as cell base_lr=1, not run again" in lines
+    assert "sweep: cell 2/3 lr=1.0: the same configuration as cell lr=1, not run again" in lines
     again = FakeRun()  # the same sweep again: nothing to run
-    run_sweep([str(config)], [("model.base_lr", [1, 1.0, 0.5])], tmp_path / "sw", run=again, log=lambda s: None,
+    run_sweep([str(config)], [("model.optimizer.lr", [1, 1.0, 0.5])], tmp_path / "sw", run=again, log=lambda s: None,
               heartbeat=1)
     assert again.calls == []
     config.write_text(config.read_text().replace("fpn_channels: 32", "fpn_channels: 16"))  # same name, new contents
     edited = FakeRun()
-    run_sweep([str(config)], [("model.base_lr", [1, 1.0, 0.5])], tmp_path / "sw", run=edited, log=lambda s: None,
+    run_sweep([str(config)], [("model.optimizer.lr", [1, 1.0, 0.5])], tmp_path / "sw", run=edited, log=lambda s: None,
               heartbeat=1)
     assert len(edited.calls) == 2
 
@@ -196,12 +196,12 @@ def test_a_killed_workers_cell_is_retried_by_the_next_worker(tmp_path):
 
 
 def test_search_mode_samples_the_range_for_the_number_of_trials(tmp_path):
-    params = [parse_param("model.base_lr=log:1e-4:1e-2"), parse_param(f"{GAMMA}=0,2")]
+    params = [parse_param("model.optimizer.lr=log:1e-4:1e-2"), parse_param(f"{GAMMA}=0,2")]
     run = FakeRun()
     outcomes = sweep(["base.yaml"], params, tmp_path, run=run, trials=3, sampler_seed=0)
     assert len(run.calls) == 3 and [o.cell.name for o in outcomes] == ["trial-0000", "trial-0001", "trial-0002"]
     for o in outcomes:
-        assert o.status == "ok" and 1e-4 <= o.cell.values["model.base_lr"] <= 1e-2
+        assert o.status == "ok" and 1e-4 <= o.cell.values["model.optimizer.lr"] <= 1e-2
         assert o.cell.values[GAMMA] in (0, 2)
     with (tmp_path / "results.csv").open() as f:
         assert len(list(csv.DictReader(f))) == 3
@@ -276,5 +276,5 @@ def test_a_missing_or_malformed_config_is_one_line_before_any_cell(tmp_path):
     bad.write_text("model: [unclosed\n")
     for config, message in ((bad, r"bad.yaml: not valid YAML"), (tmp_path / "nope.yaml", r"nope.yaml: no such config")):
         with pytest.raises(ConfigError, match=message):
-            main(["-c", str(config), "--param", "model.fpn_channels=32", "--out", str(tmp_path / "sw")])
+            main(["-c", str(config), "--param", "model.model.fpn_channels=32", "--out", str(tmp_path / "sw")])
     assert not (tmp_path / "sw").exists()

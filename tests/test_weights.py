@@ -3,6 +3,8 @@ refusals. The "pretrained" files are randomly initialised torchvision models (no
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torchvision
@@ -127,11 +129,12 @@ def test_finetune_from_torchvision_file_keeps_frozen_backbone_exact(tmp_path, sy
     checkpoint's backbone equals the file's tensor by tensor; the new class layer starts at the prior."""
     cfg = tiny_config(tmp_path, synth_coco, **{
         "trainer.max_steps": 2, "trainer.limit_val_batches": 0,
-        "model.backbone": {"class_path": "focaldet.models.ResNetBackbone",
+        "model.model.backbone": {"class_path": "focaldet.models.ResNetBackbone",
                            "init_args": {"depth": 50, "norm": "frozen_bn", "freeze_at": 5}},
-        "model.fpn_channels": 256, "model.num_convs": 4, "model.p6_from": "p5",
+        "model.model.fpn_channels": 256, "model.model.num_convs": 4, "model.model.p6_from": "p5",
         "model.init_weights": str(tv_retinanet_file), "data.min_size": 64, "data.max_size": 64})
-    module = RetinaNetModule(4, backbone=ResNetBackbone(50, freeze_at=5), p6_from="p5", init_weights=str(tv_retinanet_file))
+    module = RetinaNetModule(4, model=partial(RetinaNet, backbone=ResNetBackbone(50, freeze_at=5), p6_from="p5"),
+                             init_weights=str(tv_retinanet_file))
     torch.testing.assert_close(module.model.head.cls_logits.bias, torch.full((36,), prior_bias(0.01)))
     capsys.readouterr()
     main(["fit", "-c", str(cfg)])
@@ -161,6 +164,7 @@ def test_finetune_config_is_a_finetuning_recipe():
     from helpers import REPO
 
     cfg = yaml.safe_load((REPO / "configs" / "finetune_r50_coco.yaml").read_text())
-    model = cfg["model"]
+    model = cfg["model"]["model"]
     assert model["backbone"]["init_args"]["norm"] == "frozen_bn" and model["p6_from"] == "p5"
-    assert model["base_lr"] < 0.01 and model["warmup_iters"] <= 200
+    assert cfg["model"]["optimizer"]["init_args"]["lr"] < 0.01
+    assert cfg["model"]["lr_scheduler"]["init_args"]["warmup_iters"] <= 200

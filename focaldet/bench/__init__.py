@@ -98,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=("bf16", "fp16"), help="autocast dtype for train_step/inference/memory")
     p.add_argument("--compile", action="store_true", help="focaldet's focal loss through torch.compile")
     p.add_argument("--channels-first", action="store_true",
-                   help="focaldet's model in NCHW, as RetinaNetModule(channels_last=False) (default: NHWC)")
+                   help="focaldet's model in NCHW, as --model.model.channels_last false (default: NHWC)")
     p.add_argument("--keep-bn", action="store_true",
                    help="inference: keep focaldet's frozen BN (default: folded into the convolutions)")
     p.add_argument("--repeats", type=int, help="timed calls per side (default 5; 2 with --quick)")

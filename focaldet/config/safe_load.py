@@ -43,14 +43,14 @@ __all__ = ["ALIASES", "CLI_IMPORT_ROOTS", "SAFE_GLOBALS", "TRUSTED_ROOTS", "Unsa
 SAFE_GLOBALS: tuple = ()
 
 # Where a recipe's class may live without trust: imported only then, and only these packages.
-TRUSTED_ROOTS = ("focaldet", "torch.nn", "torchvision")
+TRUSTED_ROOTS = ("focaldet", "torch.nn", "torch.optim", "torchvision")
 # What the CLI's config parser may import (its callbacks, loggers, strategies come from Lightning).
-CLI_IMPORT_ROOTS = (*TRUSTED_ROOTS, "torch.optim", "lightning.pytorch", "lightning.fabric")
+CLI_IMPORT_ROOTS = (*TRUSTED_ROOTS, "lightning.pytorch", "lightning.fabric")
 # Modules under a trusted root that do something when imported.
 _NEVER_IMPORTED = ("focaldet.__main__", "focaldet.bench.__main__", "focaldet.cli", "focaldet.engine.lightning_cli")
 
 # The public home of each recipe part: a recipe records a class by the path its users write.
-PUBLIC_MODULES = ("focaldet.models", "focaldet.losses")
+PUBLIC_MODULES = ("focaldet.models", "focaldet.losses", "torch.optim", "torch.optim.lr_scheduler")
 
 # Class paths earlier versions recorded (the module a class was defined in) -> the public path.
 ALIASES = {
@@ -79,12 +79,17 @@ ALIASES = {
 @functools.cache
 def recipe_bases() -> dict[str, type]:
     """``RetinaNetModule`` argument -> the type a recipe's ``class_path`` there must subclass."""
-    from torch import nn
+    import torch
 
-    from focaldet.modeling import AnchorGenerator, Matcher, PostProcess
+    from focaldet.losses import RetinaNetCriterion
+    from focaldet.modeling import RetinaNet
 
-    return {"backbone": nn.Module, "anchor_generator": AnchorGenerator, "matcher": Matcher,
-            "postprocess": PostProcess, "cls_loss": nn.Module, "box_loss": nn.Module}
+    return {"model": RetinaNet, "criterion": RetinaNetCriterion, "optimizer": torch.optim.Optimizer,
+            "lr_scheduler": torch.optim.lr_scheduler.LRScheduler}
+
+
+# the module's arguments that take a class to call later (the recipe binds their arguments)
+BOUND_ARGS = ("model", "optimizer", "lr_scheduler")
 
 
 class UnsafeFileError(CheckpointError):

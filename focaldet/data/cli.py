@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--images", type=Path, help="image folder (files are not checked without it)")
     check.add_argument("-c", "--config", type=Path, metavar="CONFIG",
                        help="report the anchor coverage with this training config's anchors "
-                            "(model.anchor_generator) at its eval size (data.min_size, max_size or eval_transforms)")
+                            "(model.model.anchor_generator) at its eval size (data.min_size, max_size or eval_transforms)")
     check.add_argument("--min-size", type=int, help=f"shorter side after resizing (default: the config's, "
                                                     f"else {InputSettings.min_size})")
     check.add_argument("--max-size", type=int, help=f"longer-side cap after resizing (default: the config's, "
@@ -49,12 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="decode every image again instead of reusing the cached scan")
 
     anchors = sub.add_parser("anchors", allow_abbrev=False, help="best possible recall of the anchors on a dataset, and anchors "
-                                             "fitted to it (YAML to paste under model.anchor_generator)")
+                                             "fitted to it (YAML to paste under model.model.anchor_generator)")
     anchors.add_argument("annotations", type=Path, help="COCO instances JSON (the training split)")
     anchors.add_argument("--images", type=Path, help="image folder: checks that every image file exists (not "
                                                      "needed: the sizes come from the JSON; nothing is decoded)")
     anchors.add_argument("-c", "--config", type=Path, metavar="CONFIG",
-                         help="take the current anchors (model.anchor_generator) and the input sizes (data.min_size, "
+                         help="take the current anchors (model.model.anchor_generator) and the input sizes (data.min_size, "
                               "max_size, size_divisibility) from this config (default: the model's COCO anchors)")
     anchors.add_argument("--min-size", type=int, help=f"shorter side after resizing (default: the config's, "
                                                       f"else {InputSettings.min_size})")

@@ -98,7 +98,7 @@ class Report:
                 f"  images           {self.num_images} ({self.num_images_without_boxes} without boxes); folder {folder}",
                 f"  boxes            {self.num_boxes} ({self.num_crowd} crowd, {self.num_trainable} used for training)",
                 *([f"  crowd regions    {self.num_crowd} in {self.num_crowd_images} images: their background "
-                   "anchors are ignored in training (model.crowd_ioa_threshold)"] if self.num_crowd else []),
+                   "anchors are ignored in training (model.criterion.crowd_ioa_threshold)"] if self.num_crowd else []),
                 f"  categories       {len(self.categories)}",
                 f"      {'id':>6}  {'name':<20} {'boxes':>7} {'images':>7}  anchor coverage",
             ]

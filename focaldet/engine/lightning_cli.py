@@ -103,6 +103,12 @@ class FocaldetCLI(LightningCLI):
 
     trust_code = False
 
+    def __init__(self, *args, **kwargs) -> None:
+        # the optimiser and its schedule are the module's own arguments (model.optimizer,
+        # model.lr_scheduler): no second, top-level `optimizer:` section
+        kwargs.setdefault("auto_configure_optimizers", False)
+        super().__init__(*args, **kwargs)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.label_map", "model.label_map", compute_fn=lambda m: m.to_dict(),
@@ -118,6 +124,7 @@ class FocaldetCLI(LightningCLI):
         # focaldet always hands over its argv explicitly (`run`): Lightning's warning about "args"
         # given beside sys.argv does not apply
         self.config = parser.parse_args(args)
+        _restore_typed_nulls(self.config, args or [])
 
     def _parse_ckpt_path(self) -> None:
         # Lightning would parse the checkpoint's hyperparameters over the config here, so that
@@ -157,6 +164,34 @@ class FocaldetCLI(LightningCLI):
             _note_eval_size(kwargs["ckpt_path"], self.datamodule.inputs, sub)
             if "weights_only" in kwargs:  # Lightning's own load: weights only (FocaldetCheckpointIO is, too)
                 kwargs["weights_only"] = True
+
+
+def _typed_nulls(args: Sequence[str]) -> list[list[str]]:
+    """The dotted keys of ``--a.b.c null`` / ``--a.b.c=null`` in ``args``."""
+    keys = [a[2:].split("=", 1)[0] for a in args if a.startswith("--") and a.endswith("=null")]
+    keys += [a[2:] for a, v in zip(args, args[1:]) if a.startswith("--") and "=" not in a and v == "null"]
+    return [k.split(".") for k in keys]
+
+
+def _restore_typed_nulls(config, args: Sequence[str]) -> None:
+    """jsonargparse 4.53 parses ``null`` typed for a ``str | None`` argument two class levels
+    deep (``--model.model.backbone.weights null``) as the string ``"None"``: put back the None
+    the user typed (a YAML ``null`` parses right)."""
+    sub = config.get("subcommand")
+    root = config[sub] if sub else config
+    for parts in _typed_nulls(list(args)):
+        node, *path, last = [root, *parts]
+        for part in path:
+            if isinstance(node, dict) or not hasattr(node, part):  # `init_args` is implied on the command line
+                node = getattr(node, "init_args", None)
+            node = getattr(node, part, None) if node is not None else None
+            if node is None:
+                break
+        else:
+            if not hasattr(node, last) and hasattr(node, "init_args"):
+                node = node.init_args
+            if getattr(node, last, None) == "None":
+                setattr(node, last, None)
 
 
 def _focaldet_cause(exc: BaseException) -> FocaldetError | None:
@@ -205,9 +240,12 @@ def run_lightning(args: list[str]) -> int:
     """``focaldet fit|validate|test|predict ARGS`` (and ``-c C fit ...``)."""
     from focaldet.config.safe_load import check_config_file, import_policy
 
+    from focaldet.config.migrate import check_moved_keys
+
     args, trust = trusted(args)
     for config in _config_files(args):  # one line naming the file, before the parser imports anything
         check_config_file(config, trust)
+    check_moved_keys(_config_files(args), args)  # a flat model key of earlier versions: say its new home
     if args and args[0] in CHECKPOINT_COMMANDS:
         args = _config_from_checkpoint(args, trust)
     with import_policy(trust):  # a class_path outside focaldet's allow-list is never imported

@@ -1,13 +1,19 @@
-"""``RetinaNetModule``: the Lightning wrapper around model + criterion.
+"""``RetinaNetModule``: the Lightning wrapper around a model, its criterion and its optimiser.
 
+It takes parts, as DETR's ``main.py`` wires them and LightningCLI configures them: the model
+(`focaldet.models.RetinaNet`'s arguments), the criterion (`focaldet.losses.RetinaNetCriterion`),
+an optimiser and a learning-rate schedule (Lightning's ``OptimizerCallable`` /
+``LRSchedulerCallable``: any ``torch.optim`` class), and the evaluation and prediction settings.
 Lightning owns the loop, DDP, AMP (``--trainer.precision``), gradient clipping
-(``--trainer.gradient_clip_val``), checkpointing and logging; this module adds the
-detection recipe: SGD with the linear-scaling rule, warmup + multi-step decay, COCO mAP,
-and a guard against non-finite losses.
+(``--trainer.gradient_clip_val``), checkpointing and logging; this module adds the detection
+recipe: the linear scaling rule, COCO mAP, one inference path, and a guard against
+non-finite losses.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,161 +23,143 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from focaldet.config.inputs import InputSettings
+from focaldet.config.recipe import recipe_value
+from focaldet.engine.schedules import WarmupMultiStepLR
 from focaldet.errors import ConfigError, DataError, NonFiniteLossError
-from focaldet.evaluation import Evaluator, detections_to_coco
-from focaldet.evaluation.coco import DEFAULT_BACKEND
-from focaldet.inference.predictor import Predictor
+from focaldet.evaluation import EvaluationSettings, Evaluator, detections_to_coco
+from focaldet.inference.predictor import PredictionSettings, Predictor
 from focaldet.inference.slicing import Slicing
 from focaldet.inference.tta import TTA
-from focaldet.config.inputs import InputSettings
 from focaldet.losses import RetinaNetCriterion
-from focaldet.losses.criterion import CROWD_IOA_THRESHOLD
-from focaldet.modeling import AnchorGenerator, Matcher, PostProcess, RetinaNet
+from focaldet.modeling import RetinaNet
 from focaldet.modeling.weights import init_weights as load_init_weights
 from focaldet.modeling.weights import print_report
-from focaldet.config.recipe import describe
 
-OBJECT_ARGS = ("backbone", "anchor_generator", "matcher", "postprocess", "cls_loss", "box_loss")
-CHECKPOINT_FORMAT = 2  # checkpoint["focaldet"]: 1 = {label_map, config}; 2 adds inputs, recipe in hyper_parameters
+CHECKPOINT_FORMAT = 3  # checkpoint["focaldet"]: 1 = {label_map, config}; 2 adds inputs, recipe in hyper_parameters;
+# 3: the recipe holds parts (model, criterion, optimizer, ...), not flat arguments (focaldet.config.migrate)
+
+# Lightning's own types (lightning.pytorch.cli), spelled here so that the module needs no CLI import
+OptimizerCallable = Callable[[Iterable], torch.optim.Optimizer]
+LRSchedulerCallable = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+
+# what the module sets on the model itself: the classes (from the data), the background logit
+# (from the criterion's class loss) and the eval resize (from the data's inputs)
+MODEL_SET_BY_MODULE = ("num_classes", "background_logit", "min_size", "max_size", "size_divisibility")
+
+
+# the paper's optimiser: SGD, learning rate 0.01 for 16 images, momentum 0.9, weight decay 1e-4
+PAPER_SGD = {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4}}
 
 
 class RetinaNetModule(L.LightningModule):
     """RetinaNet training, evaluation and prediction.
 
-    Model (see ``focaldet.models.RetinaNet``):
+    Args:
         num_classes: linked from the data module by the CLI; never typed by hand.
-        backbone: e.g. ``{class_path: focaldet.models.ResNetBackbone, init_args: {depth: 18}}``;
-            default ResNet-50, frozen BN, stem and stage 1 frozen.
-        anchor_generator, matcher, postprocess: plain objects, paper defaults when omitted.
-        cls_loss: any class loss of ``focaldet.losses`` (default ``SigmoidFocalLoss``).
-        box_loss: any box loss of ``focaldet.losses`` (default ``SmoothL1Loss``).
-        fpn_channels, p6_from, num_convs, head_norm, prior_prob: see ``RetinaNet``.
-        normalizer_momentum: EMA of the positive count (detectron2: 0.9); None = per batch.
-        crowd_ioa_threshold: a background anchor whose intersection with an ``iscrowd`` region
-            of its image, over the anchor's area, is at least this is ignored in the loss
-            instead of trained as background (``RetinaNetCriterion``; positives stay positive);
-            ``null`` turns it off (crowd regions are then dropped, as before).
+        model: `focaldet.models.RetinaNet` with its arguments but the classes, e.g. in YAML
+            ``model: {backbone: {class_path: focaldet.models.ResNetBackbone, init_args: {depth: 18}},
+            fpn_channels: 128}`` (``--model.model.fpn_channels 128``). Default: the paper's
+            RetinaNet on a ResNet-50 (frozen BN, stem and stage 1 frozen). The module sets its
+            classes, its background logit (when the class loss declares ``background_logit``) and
+            its eval resize (the data's ``inputs``, so the model's own ``predict`` resizes as
+            ``validate`` does).
+        criterion: `focaldet.losses.RetinaNetCriterion`: the class and box losses (any of
+            ``focaldet.losses``), the matcher, the positive-count normaliser, the crowd rule
+            (``--model.criterion.cls_loss.gamma 0``). It uses the model's box coder.
+        optimizer: a ``torch.optim`` class and its arguments (``{class_path: torch.optim.AdamW,
+            init_args: {lr: 0.002, weight_decay: 0.05}}``, ``--model.optimizer.lr 0.02``); default
+            the paper's SGD (`PAPER_SGD`). Its learning rate is for ``base_batch_size`` images.
+        lr_scheduler: a ``torch.optim.lr_scheduler`` class and its arguments, stepped every
+            iteration; default `focaldet.engine.schedules.WarmupMultiStepLR` (1000 warmup
+            iterations, no steps; ``--model.lr_scheduler.milestones [600,750]``).
+        base_batch_size: the linear scaling rule (Goyal et al.): the optimiser's learning rate
+            is multiplied by the global batch (``batch_size`` x devices x nodes x gradient
+            accumulation) over this; ``null`` turns the rule off.
+        batch_size: per-device batch size, linked from ``data.batch_size`` by the CLI.
+        decay_norm_and_bias: ``false`` exempts norm and bias parameters from weight decay.
+        evaluation: `focaldet.evaluation.EvaluationSettings` (backend, ``max_dets``).
+        prediction: `focaldet.inference.PredictionSettings` (``score_threshold``, ``draw``,
+            ``draw_score_threshold``).
+        slicing: sliced inference for ``validate``, ``test``, ``predict`` (and the validations
+            of ``fit``): e.g. ``--model.slicing.size 512 --model.slicing.overlap 0.2``
+            (`focaldet.inference.Slicing`). The CLI then has the data module hand over the
+            original-resolution images (``data.eval_original_size``); each window and the whole
+            image go through the eval pipeline of ``inputs``. An inference setting: not stored
+            in the checkpoint's recipe, so ``focaldet.load`` and ``--ckpt_path`` never turn it
+            on. With slicing the validation loss is not logged (it is the unsliced model's).
+        tta: test-time augmentation for ``validate``, ``test``, ``predict``: ``--model.tta.flip true
+            --model.tta.scales [480,640]`` (`focaldet.inference.tta.TTA`); like slicing, an
+            inference setting (not in the recipe) that has the data module hand over originals.
+        nonfinite: ``"raise"`` stops at a NaN/Inf loss naming the step; ``"skip"`` skips that step.
+        flush_denormal: flush subnormal floats to zero on CPU. Training from scratch fills
+            the N(0, 0.01)-initialised head with subnormals after a few SGD steps, which x86
+            CPUs process ~7x slower (measured: 4.3 s vs 0.65 s per step); GPUs flush anyway.
+        label_map: category ids and names, linked from the data module and saved in checkpoints.
+        inputs: the data's eval settings (``InputSettings.to_dict()``), linked from the data module.
         init_weights: start from pretrained weights (``focaldet.modeling.weights``): a focaldet
             checkpoint of any class count, a torchvision RetinaNet state dict file (v1; v2
             with ``head_norm: gn``), a torchvision ResNet file, or a torchvision weights name
             (``RetinaNet_ResNet50_FPN_Weights.COCO_V1``, downloaded). Every tensor whose name
             and shape match is copied and a load report printed; see configs/finetune_r50_coco.yaml.
-    Optimisation:
-        base_lr: learning rate for ``base_batch_size`` images; scaled linearly with the
-            global batch (``batch_size`` x devices x nodes x gradient accumulation).
-        batch_size: per-device batch size, linked from ``data.batch_size`` by the CLI.
-        optimizer: ``"sgd"`` (the paper's recipe) or ``"adamw"`` (converges faster when
-            training small models from scratch, as in ``configs/synth.yaml``).
-        momentum, weight_decay: SGD momentum and (both optimizers) weight decay;
-            ``decay_norm_and_bias=False`` exempts norm and bias parameters.
-        warmup_iters, warmup_factor: linear warmup from ``base_lr * warmup_factor``.
-        lr_steps, lr_gamma: multiply the learning rate by ``lr_gamma`` at these iterations.
-        nonfinite: ``"raise"`` stops at a NaN/Inf loss naming the step; ``"skip"`` skips that step.
-    Evaluation / prediction:
-        eval_backend: ``"faster_coco_eval"`` (default) or ``"pycocotools"`` (same numbers, slower).
-        label_map: category ids and names, linked from the data module and saved in checkpoints.
-        inputs: the data's eval settings (``InputSettings.to_dict()``), linked from the data
-            module: the model's own ``predict`` resizes and pads as ``validate`` does.
-        draw_predictions: ``predict`` also writes images with the detections drawn.
-        draw_score_threshold: minimum score of the drawn detections (validate draws at the
-            F1 thresholds it computes).
-        max_dets: detections per image COCOeval evaluates (COCO's 100); for crowded scenes
-            raise it together with ``postprocess.detections_per_img``.
-        score_threshold: ``predict`` keeps detections scoring at least this: a number, or
-            the path of a ``thresholds.json`` written by ``validate`` (per class). Default:
-            everything the postprocess keeps.
-        slicing: sliced inference for ``validate``, ``test``, ``predict`` (and the validations
-            of ``fit``): e.g. ``--model.slicing.size 512 --model.slicing.overlap 0.2
-            --model.slicing.full_image true`` (`focaldet.inference.Slicing`). The CLI then has
-            the data module hand over the original-resolution images
-            (``data.eval_original_size``); each window and the whole image go through the
-            eval pipeline of ``inputs`` here. An inference setting: not stored in the
-            checkpoint's recipe, so ``focaldet.load`` and ``--ckpt_path`` never turn it on.
-            With slicing the validation loss is not logged (it is the unsliced model's).
-        tta: test-time augmentation for ``validate``, ``test``, ``predict``: ``--model.tta.flip true
-            --model.tta.scales [480,640]`` (`focaldet.inference.tta.TTA`): each image also run
-            mirrored and at those shorter sides, merged by class-wise NMS; like slicing, an
-            inference setting (not in the recipe) that has the data module hand over originals.
-        channels_last: run the model in NHWC memory order (``RetinaNet(channels_last=...)``):
-            faster with oneDNN on CPU and with tensor cores on GPU.
-        flush_denormal: flush subnormal floats to zero on CPU. Training from scratch fills
-            the N(0, 0.01)-initialised head with subnormals after a few SGD steps, which x86
-            CPUs process ~7x slower (measured: 4.3 s vs 0.65 s per step); GPUs flush anyway.
     """
 
     def __init__(
         self,
         num_classes: int,
-        backbone: nn.Module | None = None,
-        anchor_generator: AnchorGenerator | None = None,
-        matcher: Matcher | None = None,
-        postprocess: PostProcess | None = None,
-        cls_loss: nn.Module | None = None,
-        box_loss: nn.Module | None = None,
-        fpn_channels: int = 256,
-        p6_from: str = "c5",
-        num_convs: int = 4,
-        head_norm: str | None = None,
-        prior_prob: float = 0.01,
-        normalizer_momentum: float | None = None,
-        crowd_ioa_threshold: float | None = CROWD_IOA_THRESHOLD,
-        base_lr: float = 0.01,
-        base_batch_size: int = 16,
+        model: Callable[[int], RetinaNet] = RetinaNet,
+        criterion: RetinaNetCriterion | None = None,
+        optimizer: OptimizerCallable = PAPER_SGD,
+        lr_scheduler: LRSchedulerCallable = WarmupMultiStepLR,
+        base_batch_size: int | None = 16,
         batch_size: int = 16,
-        optimizer: str = "sgd",
-        momentum: float = 0.9,
-        weight_decay: float = 1e-4,
         decay_norm_and_bias: bool = True,
-        warmup_iters: int = 1000,
-        warmup_factor: float = 0.001,
-        lr_steps: list[int] | None = None,
-        lr_gamma: float = 0.1,
-        nonfinite: str = "raise",
-        eval_backend: str = DEFAULT_BACKEND,
-        label_map: dict | None = None,
-        inputs: dict | None = None,
-        draw_predictions: bool = False,
-        draw_score_threshold: float = 0.3,
-        max_dets: int = 100,
-        score_threshold: float | str | None = None,
+        evaluation: EvaluationSettings | None = None,
+        prediction: PredictionSettings | None = None,
         slicing: Slicing | None = None,
         tta: TTA | None = None,
-        channels_last: bool = True,
+        nonfinite: str = "raise",
         flush_denormal: bool = True,
+        label_map: dict | None = None,
+        inputs: dict | None = None,
         init_weights: str | None = None,
     ):
         super().__init__()
-        if optimizer not in ("sgd", "adamw"):
-            raise ConfigError(f"model.optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
         if nonfinite not in ("raise", "skip"):
             raise ConfigError(f"model.nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
-        if crowd_ioa_threshold is not None and not 0 < crowd_ioa_threshold <= 1:
-            raise ConfigError(f"model.crowd_ioa_threshold must be in (0, 1] or null (off), got {crowd_ioa_threshold!r}")
-        # The checkpoint's recipe (hyper_parameters): every argument, parts as class_path trees
-        # (focaldet.config.recipe), so that focaldet.load and `--ckpt_path` rebuild this very model.
-        # The label map and input settings are stored once each, in checkpoint["focaldet"].
-        # Slicing is how this run evaluates, not part of the model: kept out of the recipe.
-        self.save_hyperparameters(ignore=[*OBJECT_ARGS, "label_map", "inputs", "slicing", "tta"])
-        objects = dict(backbone=backbone, anchor_generator=anchor_generator, matcher=matcher,
-                       postprocess=postprocess, cls_loss=cls_loss, box_loss=box_loss)
-        self.hparams.update({name: _describe(obj) for name, obj in objects.items()})
+        if base_batch_size is not None and base_batch_size < 1:
+            raise ConfigError(f"model.base_batch_size must be a positive number of images or null, got {base_batch_size!r}")
         self.label_map = label_map
         self.inputs = InputSettings.from_dict(inputs)
+        self.criterion = criterion if criterion is not None else RetinaNetCriterion()
+        model, optimizer, lr_scheduler = (_bound(part) for part in (model, optimizer, lr_scheduler))
+        self.model = model(
+            num_classes, **self.inputs.predict_args(),
+            # the head sizes itself from what the loss declares, never from the loss's type
+            background_logit=bool(getattr(self.criterion.cls_loss, "background_logit", False)),
+        )
+        self.criterion.box_coder = self.model.box_coder  # the criterion encodes targets as the model decodes
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        self.base_batch_size, self.batch_size = base_batch_size, batch_size
+        self.decay_norm_and_bias, self.nonfinite, self.flush_denormal = decay_norm_and_bias, nonfinite, flush_denormal
+        self.evaluation = EvaluationSettings.of(evaluation)
+        self.prediction = PredictionSettings.of(prediction)
         self.slicing = Slicing.of(slicing)
         self.tta = TTA.of(tta)
-        self.model = RetinaNet(
-            num_classes, backbone=backbone, anchor_generator=anchor_generator, postprocess=postprocess,
-            fpn_channels=fpn_channels, p6_from=p6_from, num_convs=num_convs, head_norm=head_norm,
-            prior_prob=prior_prob, channels_last=channels_last, **self.inputs.predict_args(),
-            # the head sizes itself from what the loss declares, never from the loss's type
-            background_logit=bool(getattr(cls_loss, "background_logit", False)),
-        )
-        self.criterion = RetinaNetCriterion(cls_loss, box_loss, matcher, self.model.box_coder,
-                                            normalizer_momentum=normalizer_momentum,
-                                            crowd_ioa_threshold=crowd_ioa_threshold)
+        # The checkpoint's recipe (hyper_parameters): every argument, parts as class_path trees
+        # (focaldet.config.recipe), so that focaldet.load and `--ckpt_path` rebuild this very model.
+        # The label map and input settings are stored once each, in checkpoint["focaldet"];
+        # slicing and TTA are how this run evaluates, not part of the model: kept out of the recipe.
+        self.save_hyperparameters({
+            "num_classes": num_classes, "model": _model_recipe(model), "criterion": _recipe(self.criterion),
+            "optimizer": _recipe(optimizer), "lr_scheduler": _recipe(lr_scheduler),
+            "base_batch_size": base_batch_size, "batch_size": batch_size, "decay_norm_and_bias": decay_norm_and_bias,
+            "evaluation": recipe_value(self.evaluation), "prediction": recipe_value(self.prediction),
+            "nonfinite": nonfinite, "flush_denormal": flush_denormal,
+            "init_weights": None,  # the checkpoint's own weights replace them
+        })
         self._init_run_state()
         self.init_weights_source = init_weights  # kept in checkpoint["focaldet"], for the record
-        self.hparams["init_weights"] = None  # the checkpoint's own weights replace them
         if init_weights is not None:
             print_report(load_init_weights(self.model, init_weights))
 
@@ -187,12 +175,12 @@ class RetinaNetModule(L.LightningModule):
     @property
     def class_names(self) -> list[str]:
         lm = self.label_map
-        return list(lm["names"]) if lm else [str(i) for i in range(self.hparams.num_classes)]
+        return list(lm["names"]) if lm else [str(i) for i in range(self.model.num_classes)]
 
     @property
     def label_to_cat_id(self) -> list[int]:
         lm = self.label_map
-        return list(lm["cat_ids"]) if lm else list(range(self.hparams.num_classes))
+        return list(lm["cat_ids"]) if lm else list(range(self.model.num_classes))
 
     def _forward(self, batch: dict) -> dict:
         return self.model(self.model.normalize(batch["images"], batch["image_sizes"]))
@@ -208,7 +196,7 @@ class RetinaNetModule(L.LightningModule):
         use (after a checkpoint's label map is loaded)."""
         if getattr(self, "_predictor", None) is None:
             self._predictor = Predictor(self.model, self.inputs, self.label_to_cat_id, self.class_names,
-                                        score_threshold=self.hparams.get("score_threshold"), slicing=self.slicing,
+                                        score_threshold=self.prediction.score_threshold, slicing=self.slicing,
                                         tta=getattr(self, "tta", None))
         return self._predictor
 
@@ -242,7 +230,7 @@ class RetinaNetModule(L.LightningModule):
         return Path(self.trainer.log_dir or self.trainer.default_root_dir)
 
     def setup(self, stage: str) -> None:
-        if self.hparams.flush_denormal:
+        if self.flush_denormal:
             torch.set_flush_denormal(True)  # a no-op where unsupported; each DDP process calls it
 
     # ------------------------------------------------------------------ training
@@ -255,7 +243,7 @@ class RetinaNetModule(L.LightningModule):
         if not finite.item():
             msg = (f"non-finite loss at step {self.global_step} (loss_cls={losses['loss_cls'].item():.4g}, "
                    f"loss_box={losses['loss_box'].item():.4g})")
-            if self.hparams.nonfinite == "raise":
+            if self.nonfinite == "raise":
                 raise NonFiniteLossError(msg + ": lower the learning rate, set --trainer.gradient_clip_val, "
                                          "or pass --model.nonfinite skip")
             rank_zero_info(msg + ": step skipped")
@@ -267,33 +255,25 @@ class RetinaNetModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        hp = self.hparams
         world = self.trainer.world_size if self._trainer is not None else 1
         accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
-        lr = hp.base_lr * hp.batch_size * world * accumulate / hp.base_batch_size
         decay, no_decay = [], []
         for module in self.modules():
             for name, p in module.named_parameters(recurse=False):
                 if not p.requires_grad:
                     continue
                 is_norm = isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm))
-                (no_decay if not hp.decay_norm_and_bias and (is_norm or name == "bias") else decay).append(p)
-        groups = [{"params": decay, "weight_decay": hp.weight_decay}]
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
-        if hp.optimizer == "sgd":
-            optimizer = torch.optim.SGD(groups, lr=lr, momentum=hp.momentum)
-        else:
-            optimizer = torch.optim.AdamW(groups, lr=lr)
-        steps = sorted(hp.lr_steps or [])
-
-        def factor(it: int) -> float:
-            warm = 1.0 if it >= hp.warmup_iters else hp.warmup_factor + (1 - hp.warmup_factor) * it / hp.warmup_iters
-            return warm * hp.lr_gamma ** sum(it >= s for s in steps)
-
-        rank_zero_info(f"{hp.optimizer} lr {lr:g} (base {hp.base_lr:g} x {hp.batch_size * world * accumulate} / "
-                       f"{hp.base_batch_size} images), warmup {hp.warmup_iters} it, decay at {steps}")
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+                (no_decay if not self.decay_norm_and_bias and (is_norm or name == "bias") else decay).append(p)
+        groups = [{"params": decay}] + ([{"params": no_decay, "weight_decay": 0.0}] if no_decay else [])
+        optimizer = self.optimizer(groups)
+        images = self.batch_size * world * accumulate
+        scale = 1.0 if self.base_batch_size is None else images / self.base_batch_size
+        for group in optimizer.param_groups:  # the linear scaling rule, before the schedule reads the rates
+            group["lr"] *= scale
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler = self.lr_scheduler(optimizer)  # (a warmup lowers the groups' rates from here)
+        rule = "" if self.base_batch_size is None else f" ({lr / scale:g} x {images} / {self.base_batch_size} images)"
+        rank_zero_info(f"{type(optimizer).__name__} lr {lr:g}{rule}, schedule {scheduler!r}")
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ evaluation
@@ -332,8 +312,7 @@ class RetinaNetModule(L.LightningModule):
 
     @property
     def evaluator(self) -> Evaluator:
-        return Evaluator(self.class_names, backend=self.hparams.eval_backend,
-                         max_dets=self.hparams.get("max_dets", 100))
+        return self.evaluation.evaluator(self.class_names)
 
     def _evaluate(self, stage: str) -> None:
         """Evaluate, log, and (``validate``/``test``, rank 0) print and write the run folder's files."""
@@ -349,10 +328,10 @@ class RetinaNetModule(L.LightningModule):
             return
         if not self.trainer.sanity_checking:
             evaluator.log_images(report, self.trainer.loggers, self.global_step, preview,
-                                 self.hparams.draw_score_threshold)
+                                 self.prediction.draw_score_threshold)
         if full:
             print(f"\n{evaluator.summary(report)}\n", flush=True)
-            written = evaluator.write(report, out, preview, self.hparams.draw_score_threshold,
+            written = evaluator.write(report, out, preview, self.prediction.draw_score_threshold,
                                       train_metrics=self._training_metrics())
             print("wrote " + ", ".join(str(p) for p in written), flush=True)
 
@@ -375,7 +354,7 @@ class RetinaNetModule(L.LightningModule):
         files = dict(zip(batch["image_ids"].tolist(), batch["file_names"]))
         for e in entries:
             e["file_name"], e["category_name"] = files[e["image_id"]], names[e["category_id"]]
-        if self.hparams.draw_predictions:
+        if self.prediction.draw:
             self._draw(batch, detections)
         return entries
 
@@ -390,7 +369,7 @@ class RetinaNetModule(L.LightningModule):
             image = torch.from_numpy(read_image(root / name)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
             save_detection_grid([image], [{k: v.cpu() for k, v in det.items()}], self.class_names,
                                 out / f"{Path(name).stem}.png", ncols=1,
-                                score_threshold=self.hparams.draw_score_threshold)
+                                score_threshold=self.prediction.draw_score_threshold)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -412,16 +391,36 @@ class RetinaNetModule(L.LightningModule):
                             f"{list(self.label_map['cat_ids'])}")
 
 
-def _describe(obj: Any) -> dict | None:
-    """The recipe of one part; a part that cannot say how to rebuild it is recorded by its
-    class only (``init_args: None``), and ``focaldet.load`` then refuses it by name."""
+def _recipe(part: Any) -> dict | None:
+    """The recipe of one part (an object, or a class with bound arguments); a part that cannot
+    say how to rebuild it is recorded by its class only (``init_args: None``), and
+    ``focaldet.load`` then refuses it by name."""
     try:
-        return describe(obj)
+        return recipe_value(part)
     except ConfigError as e:
         rank_zero_info(f"note: {e}")
         from focaldet.config.safe_load import public_path
 
-        return {"class_path": public_path(type(obj)), "init_args": None}
+        cls = part.func if isinstance(part, functools.partial) else type(part)
+        return {"class_path": public_path(cls) if isinstance(cls, type) else repr(cls), "init_args": None}
+
+
+def _bound(part: Any) -> Callable:
+    """A class to call later (``model``, ``optimizer``, ``lr_scheduler``) from itself, a class
+    with bound arguments, or a ``class_path`` mapping (the defaults, a checkpoint's recipe)."""
+    if isinstance(part, Mapping):
+        from focaldet.config.recipe import instantiate
+
+        return instantiate(part, None, trust=True, bind=True)  # focaldet's defaults, or a caller's own mapping
+    return part
+
+
+def _model_recipe(model: Callable | None) -> dict | None:
+    """The model's recipe without what the module sets itself (`MODEL_SET_BY_MODULE`)."""
+    recipe = _recipe(model)
+    if recipe and recipe.get("init_args"):
+        recipe["init_args"] = {k: v for k, v in recipe["init_args"].items() if k not in MODEL_SET_BY_MODULE}
+    return recipe
 
 
 def _preview(batch: dict, detections: list[dict], max_images: int = 8) -> tuple[list, list, list]:

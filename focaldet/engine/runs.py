@@ -60,10 +60,13 @@ def checked_argv(configs: Sequence[str], args: Sequence[str]) -> tuple[list[str]
     from focaldet.config.safe_load import check_config_file
     from focaldet.engine.lightning_cli import trusted
 
+    from focaldet.config.migrate import check_moved_keys
+
     args, trust = trusted(args)
     for config in configs:
         read_config_file(config)
         check_config_file(config, trust)
+    check_moved_keys([str(c) for c in configs], args)
     return [a for c in configs for a in ("-c", str(c))] + args, trust
 
 
@@ -98,7 +101,7 @@ def build_run(configs: Sequence[str], args: Sequence[str] = (), root_dir: str | 
 
 def resolve_run_config(configs: Sequence[str], args: Sequence[str] = ()) -> str:
     """The YAML of the configuration ``focaldet fit -c C1 ... ARGS`` would run (defaults filled,
-    values typed: ``--model.base_lr 1`` and ``1.0`` give the same text), parsed only: no model,
+    values typed: ``--model.optimizer.lr 1`` and ``1.0`` give the same text), parsed only: no model,
     data or trainer is built. A bad argument raises ``ConfigError`` as in :func:`build_run`."""
     from jsonargparse import ArgumentError
 

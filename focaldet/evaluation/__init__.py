@@ -20,7 +20,7 @@ from focaldet.evaluation.coco import (
 )
 from focaldet.evaluation.confusion import ConfusionMatrix, confusion_matrix
 from focaldet.evaluation.errors import tide_errors
-from focaldet.evaluation.evaluator import EvalReport, Evaluator
+from focaldet.evaluation.evaluator import EvalReport, EvaluationSettings, Evaluator
 from focaldet.evaluation.thresholds import f1_thresholds, load_thresholds
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "CocoEvalResult",
     "ConfusionMatrix",
     "EvalReport",
+    "EvaluationSettings",
     "Evaluator",
     "confusion_matrix",
     "detections_to_coco",

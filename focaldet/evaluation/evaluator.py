@@ -16,14 +16,17 @@ The steps are apart, so that each output plugs in without growing the Lightning 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from focaldet.config.recipe import dataclass_of
+from focaldet.errors import ConfigError
 from focaldet.evaluation.coco import (
+    BACKENDS,
     DEFAULT_BACKEND,
     CocoEvalResult,
     evaluate_coco,
@@ -55,6 +58,35 @@ class EvalReport:
         if self.thresholds is None:
             return None
         return [self.thresholds[n]["score"] for n in self.coco.class_names]
+
+
+@dataclass
+class EvaluationSettings:
+    """How ``validate``, ``test`` and ``fit``'s validations score detections
+    (``RetinaNetModule(evaluation=...)``, ``--model.evaluation.max_dets 300``).
+
+    Args:
+        backend: ``"faster_coco_eval"`` (default) or ``"pycocotools"`` (the same numbers, slower).
+        max_dets: detections per image COCOeval evaluates (COCO's 100); for crowded scenes
+            raise it together with ``model.model.postprocess.detections_per_img``.
+    """
+
+    backend: str = DEFAULT_BACKEND
+    max_dets: int = 100
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"evaluation.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not isinstance(self.max_dets, int) or self.max_dets < 1:
+            raise ConfigError(f"evaluation.max_dets must be a positive integer, got {self.max_dets!r}")
+
+    @classmethod
+    def of(cls, value: EvaluationSettings | Mapping[str, Any] | None) -> EvaluationSettings:
+        """From itself, a mapping of its fields (YAML, checkpoints) or None (the defaults)."""
+        return dataclass_of(cls, value, "evaluation") or cls()
+
+    def evaluator(self, class_names: Sequence[str]) -> Evaluator:
+        return Evaluator(class_names, backend=self.backend, max_dets=self.max_dets)
 
 
 class Evaluator:
@@ -210,4 +242,4 @@ def figure_to_array(fig: Any) -> np.ndarray:
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
-__all__ = ["ALL", "EvalReport", "Evaluator", "figure_to_array"]
+__all__ = ["ALL", "EvalReport", "EvaluationSettings", "Evaluator", "figure_to_array"]

@@ -249,7 +249,7 @@ def write_report(report: Any, out: str | os.PathLike, files: Sequence[str | os.P
     parts.append(_table(header, rows))
     if th:
         parts.append('<p class="note">The F1 threshold of a class is the score that maximises its F1 at IoU 0.5 '
-                     '(<code>thresholds.json</code>; <code>focaldet predict --model.score_threshold '
+                     '(<code>thresholds.json</code>; <code>focaldet predict --model.prediction.score_threshold '
                      'thresholds.json</code> uses them).</p>')
 
     parts.append("<h2>Error breakdown (TIDE)</h2>")

@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from focaldet.config.recipe import dataclass_of
 from focaldet.errors import DataError
 from focaldet.evaluation.thresholds import ALL, load_thresholds, per_label_thresholds
 from focaldet.errors import ConfigError
@@ -41,7 +43,31 @@ from focaldet.inference.tta import TTA, tta_detections
 from focaldet.config.inputs import InputSettings
 from focaldet.structures.boxes import rescale_boxes
 
-__all__ = ["Predictor", "read_thresholds", "size_groups"]
+__all__ = ["PredictionSettings", "Predictor", "read_thresholds", "size_groups"]
+
+
+@dataclass
+class PredictionSettings:
+    """What ``predict`` keeps and draws (``RetinaNetModule(prediction=...)``,
+    ``--model.prediction.score_threshold thresholds.json``).
+
+    Args:
+        score_threshold: keep detections scoring at least this: a number, or the path of a
+            ``thresholds.json`` written by ``validate`` (per class). Default: everything the
+            postprocess keeps.
+        draw: ``predict`` also writes each image with its detections drawn.
+        draw_score_threshold: the lowest score drawn (``validate`` draws at the F1 thresholds
+            it computes).
+    """
+
+    score_threshold: float | str | None = None
+    draw: bool = False
+    draw_score_threshold: float = 0.3
+
+    @classmethod
+    def of(cls, value: PredictionSettings | Mapping[str, Any] | None) -> PredictionSettings:
+        """From itself, a mapping of its fields (YAML, checkpoints) or None (the defaults)."""
+        return dataclass_of(cls, value, "prediction") or cls()
 
 
 def size_groups(image_sizes: Tensor, size_divisibility: int) -> list[tuple[tuple[int, int], list[int]]]:

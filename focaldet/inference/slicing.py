@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
 
+from focaldet.config.recipe import dataclass_of
 from focaldet.errors import ConfigError
 
 __all__ = ["Slicing", "merge_detections", "shift_boxes", "slice_windows", "sliced_detections"]
@@ -67,14 +68,7 @@ class Slicing:
     @classmethod
     def of(cls, value: Slicing | Mapping[str, Any] | None) -> Slicing | None:
         """A `Slicing` from itself, a mapping of its fields (YAML, checkpoints) or None."""
-        if value is None or isinstance(value, Slicing):
-            return value
-        if isinstance(value, Mapping):
-            unknown = sorted(set(value) - set(cls.__dataclass_fields__))
-            if unknown:
-                raise ConfigError(f"slicing: unknown setting(s) {unknown}; valid: {sorted(cls.__dataclass_fields__)}")
-            return cls(**value)
-        raise ConfigError(f"slicing must be a Slicing, a mapping of its fields or None, got {value!r}")
+        return dataclass_of(cls, value, "slicing")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from focaldet.config.recipe import dataclass_of
 from focaldet.errors import ConfigError
 from focaldet.inference.slicing import merge_detections
 from focaldet.config.inputs import InputSettings
@@ -58,15 +59,8 @@ class TTA:
 
     @classmethod
     def of(cls, value: TTA | Mapping[str, Any] | None) -> TTA | None:
-        """A `TTA` from itself, a mapping of its fields (YAML) or None."""
-        if value is None or isinstance(value, TTA):
-            return value
-        if isinstance(value, Mapping):
-            unknown = sorted(set(value) - set(cls.__dataclass_fields__))
-            if unknown:
-                raise ConfigError(f"tta: unknown setting(s) {unknown}; valid: {sorted(cls.__dataclass_fields__)}")
-            return cls(**value)
-        raise ConfigError(f"tta must be a TTA, a mapping of its fields or None, got {value!r}")
+        """A `TTA` from itself, a mapping of its fields (YAML, checkpoints) or None."""
+        return dataclass_of(cls, value, "tta")
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "scales": list(self.scales)}

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from focaldet.errors import ConfigError
 from focaldet.losses.box import SmoothL1Loss
 from focaldet.losses.focal import SigmoidFocalLoss
 from focaldet.modeling.box_coder import BoxCoder
@@ -68,12 +69,12 @@ def _check_call(loss: nn.Module, name: str, args: tuple[str, ...]) -> None:
     from focaldet.errors import ConfigError
 
     if not callable(loss):
-        raise ConfigError(f"model.{name}: {type(loss).__qualname__} is not a loss module")
+        raise ConfigError(f"model.criterion.{name}: {type(loss).__qualname__} is not a loss module")
     try:
         inspect.signature(loss.forward).bind(*args)
     except TypeError:
         kind = "class loss(logits, labels, weight)" if name == "cls_loss" else "box loss(pred, target, weight=None)"
-        raise ConfigError(f"model.{name}: {type(loss).__module__}.{type(loss).__qualname__} is not a {kind} "
+        raise ConfigError(f"model.criterion.{name}: {type(loss).__module__}.{type(loss).__qualname__} is not a {kind} "
                           "(see focaldet.losses)") from None
     except ValueError:  # no signature to inspect (a C function): let the call say
         pass
@@ -112,6 +113,8 @@ class RetinaNetCriterion(nn.Module):
                  cls_weight: float = 1.0, box_weight: float = 1.0, normalizer_momentum: float | None = None,
                  crowd_ioa_threshold: float | None = CROWD_IOA_THRESHOLD):
         super().__init__()
+        if crowd_ioa_threshold is not None and not 0 < crowd_ioa_threshold <= 1:
+            raise ConfigError(f"model.criterion.crowd_ioa_threshold must be in (0, 1] or null (off), got {crowd_ioa_threshold!r}")
         self.cls_loss = cls_loss if cls_loss is not None else SigmoidFocalLoss()
         self.box_loss = box_loss if box_loss is not None else SmoothL1Loss()
         quality = ("quality",) if getattr(self.cls_loss, "quality_targets", False) else ()

@@ -274,5 +274,5 @@ def init_weights(model: nn.Module, source: str | os.PathLike) -> LoadReport:
         raise WeightsError(
             f"{source}: its head {'has' if source_gn else 'has no'} GroupNorm layers and this model's "
             f"{'has none' if source_gn else 'has'}: for torchvision's retinanet_resnet50_fpn_v2 set "
-            "model.head_norm: gn and model.p6_from: c5; for v1, head_norm: null and p6_from: p5")
+            "model.model.head_norm: gn and model.model.p6_from: c5; for v1, head_norm: null and p6_from: p5")
     return load_matching(model, state, str(source))

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for name, module_class in (("focaldet", RetinaNetModule), ("torchvision", TorchvisionRetinaNetModule)):
         # Each run seeds before building its model, so both start from the same weights.
-        cli = build_run([args.config], ["--model.box_loss", BOX_LOSS, *rest], out / name, module_class)
+        cli = build_run([args.config], ["--model.criterion.box_loss", BOX_LOSS, *rest], out / name, module_class)
         print(f"\n=== {name}: {sum(p.numel() for p in cli.model.parameters() if p.requires_grad):,} trainable "
               f"parameters, {cli.trainer.max_steps} steps ===", flush=True)
         results[name] = fit_and_evaluate(cli)  # the same data order and augmentation

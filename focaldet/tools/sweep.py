@@ -4,8 +4,8 @@ tabulated as the focal loss paper's Table 1.
 ::
 
     focaldet sweep -c configs/study_synth.yaml -c configs/losses/sigmoid_focal.yaml \\
-        --param model.cls_loss.init_args.gamma=0,0.5,1,2,5 \\
-        --param model.cls_loss.init_args.alpha=0.25,0.5,0.75 --out runs/sweep [fit arguments]
+        --param model.criterion.cls_loss.gamma=0,0.5,1,2,5 \\
+        --param model.criterion.cls_loss.alpha=0.25,0.5,0.75 --out runs/sweep [fit arguments]
 
 Keys are ``focaldet fit``'s dotted keys; values are YAML scalars (numbers, strings, ``null``),
 comma-separated (commas inside ``[...]`` or ``{...}`` do not split). The key ``config`` adds a
@@ -95,9 +95,9 @@ def parse_param(text: str) -> tuple[str, Any]:
     key, sep, values = text.partition("=")
     key = key.strip().removeprefix("--")
     if not sep or not key or not values.strip():
-        raise ConfigError(f"--param {text!r}: expected KEY=V1,V2,... (e.g. model.cls_loss.init_args.gamma=0,2)")
+        raise ConfigError(f"--param {text!r}: expected KEY=V1,V2,... (e.g. model.criterion.cls_loss.gamma=0,2)")
     if not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
-        raise ConfigError(f"--param {text!r}: {key!r} is not a dotted key like model.cls_loss.init_args.gamma")
+        raise ConfigError(f"--param {text!r}: {key!r} is not a dotted key like model.criterion.cls_loss.gamma")
     search_range = parse_search_range(values, text)
     if search_range is not None:
         if key == CONFIG_KEY:
@@ -129,7 +129,7 @@ def _labels(key: str, values: Sequence[Any]) -> list[str]:
 
 
 def _short_keys(keys: Sequence[str]) -> list[str]:
-    """``model.cls_loss.init_args.gamma`` -> ``gamma`` (the full key where the last parts collide)."""
+    """``model.criterion.cls_loss.gamma`` -> ``gamma`` (the full key where the last parts collide)."""
     last = [k.rsplit(".", 1)[-1] for k in keys]
     return [s if last.count(s) == 1 else k for s, k in zip(last, keys)]
 

@@ -44,7 +44,7 @@ class AnchorFit:
         return 1 - self.unreachable / max(self.num_sample, 1)
 
     def init_args(self) -> dict[str, Any]:
-        """The ``init_args`` of ``model.anchor_generator`` (plain lists)."""
+        """The ``init_args`` of ``model.model.anchor_generator`` (plain lists)."""
         return generator_args(self.generator)
 
 

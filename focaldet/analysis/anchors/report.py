@@ -75,7 +75,7 @@ def check_image_files(image_dir: str | Path, file_names: Sequence[str]) -> None:
 
 
 def read_anchor_config(path: str | Path) -> tuple[AnchorGenerator | None, dict[str, Any]]:
-    """``(model.anchor_generator or None, data arguments)`` of a focaldet YAML config;
+    """``(model.model.anchor_generator or None, data arguments)`` of a focaldet YAML config;
     `ConfigError` for a missing file, invalid YAML or an anchor generator that cannot be built."""
     cfg = read_config_file(path)
 
@@ -87,18 +87,21 @@ def read_anchor_config(path: str | Path) -> tuple[AnchorGenerator | None, dict[s
 
     data = {k: v for k, v in section("data").items() if k in ("min_size", "max_size", "size_divisibility",
                                                                "eval_transforms")}
-    spec = section("model").get("anchor_generator")
+    model = section("model").get("model") or {}
+    if isinstance(model, dict) and "class_path" in model:  # model: {class_path: focaldet.models.RetinaNet, init_args: ...}
+        model = model.get("init_args") or {}
+    spec = model.get("anchor_generator") if isinstance(model, dict) else None
     if spec is None:
         return None, data
     if not isinstance(spec, dict):
-        raise ConfigError(f"{path}: model.anchor_generator is not a mapping")
+        raise ConfigError(f"{path}: model.model.anchor_generator is not a mapping")
     class_path = str(spec.get("class_path", "AnchorGenerator"))
     if class_path.rsplit(".", 1)[-1] != "AnchorGenerator":
-        raise ConfigError(f"{path}: model.anchor_generator.class_path {class_path} is not an AnchorGenerator")
+        raise ConfigError(f"{path}: model.model.anchor_generator.class_path {class_path} is not an AnchorGenerator")
     try:
         return AnchorGenerator(**(spec.get("init_args") or {})), data
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{path}: model.anchor_generator: {e}") from None
+        raise ConfigError(f"{path}: model.model.anchor_generator: {e}") from None
 
 
 @dataclass
@@ -117,8 +120,8 @@ class AnchorAnalysis:
     def yaml(self) -> str:
         """The block to paste into a config."""
         args = ", ".join(f"{k}: {_yaml_value(v)}" for k, v in self.fit.init_args().items())
-        return ("model:\n  anchor_generator:\n    class_path: focaldet.models.AnchorGenerator\n"
-                f"    init_args: {{{args}}}\n")
+        return ("model:\n  model:\n    anchor_generator:\n      class_path: focaldet.models.AnchorGenerator\n"
+                f"      init_args: {{{args}}}\n")
 
     def to_dict(self) -> dict[str, Any]:
         g = self.fit.generator
@@ -180,7 +183,7 @@ class AnchorAnalysis:
             + (", as now: the head's shapes (and pretrained head weights) still fit" if same else ""))
         if g is self.current_generator:
             lines.append("  the current anchors are the best found: nothing to change")
-        lines += ["", "paste into your config (replaces model.anchor_generator):", self.yaml().rstrip()]
+        lines += ["", "paste into your config (replaces model.model.anchor_generator):", self.yaml().rstrip()]
         return "\n".join(lines)
 
 
