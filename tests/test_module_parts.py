@@ -101,3 +101,16 @@ def test_a_flat_key_is_one_line_naming_its_new_home(tmp_path, capsys):
     assert "--model.base_lr: model.base_lr is now model.optimizer.init_args.lr" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="nonfinite"):
         RetinaNetModule(2, model=TINY, nonfinite="ignore")
+
+
+def test_old_optimizer_names_and_sweep_keys_are_named_too():
+    from focaldet.config.migrate import check_moved_keys
+    from focaldet.tools.sweep import parse_param
+
+    for args in (["--model.optimizer", "adamw"], ["--model.optimizer=sgd"]):
+        with pytest.raises(ConfigError, match="model.optimizer is now a torch.optim class"):
+            check_moved_keys([], args)
+    check_moved_keys([], ["--model.optimizer", "torch.optim.AdamW", "--model.optimizer.lr", "1"])  # today's keys
+    with pytest.raises(ConfigError, match=r"--param 'model.lr_steps=\[5\]': model.lr_steps is now"):
+        parse_param("model.lr_steps=[5]")
+    assert parse_param("model.optimizer.lr=0.1,0.2") == ("model.optimizer.lr", [0.1, 0.2])

@@ -40,12 +40,15 @@ FLAT_KEYS: dict[str, str] = {
 }
 
 
-def moved_key(key: str) -> str | None:
-    """``"model.base_lr"`` -> a sentence naming its new home; ``None`` for a current key."""
+def moved_key(key: str, value: Any = None) -> str | None:
+    """``"model.base_lr"`` -> a sentence naming its new home; ``None`` for a current key.
+    ``model.optimizer`` is a current key too, unless its ``value`` is the old ``sgd`` / ``adamw``."""
     name = key.split(".", 1)[1] if key.startswith("model.") else None
     if name is None or name.split(".")[0] not in FLAT_KEYS:
         return None
     head = name.split(".")[0]
+    if head == "optimizer" and (name != head or str(value).lower() not in OPTIMIZERS):
+        return None
     return f"model.{head} is now {FLAT_KEYS[head]} (the module takes parts: docs/training.md#the-modules-parts)"
 
 
@@ -93,13 +96,13 @@ def check_moved_keys(configs: list[str], args: list[str]) -> None:
     for config in configs:
         model = read_config_file(config).get("model")
         if isinstance(model, Mapping):
-            for key in model:
-                moved = moved_key(f"model.{key}")
-                if moved and not (key == "model" or key == "optimizer" and isinstance(model[key], Mapping)):
+            for key, value in model.items():
+                moved = moved_key(f"model.{key}", value)
+                if moved:
                     raise ConfigError(f"config {config}: {moved}")
-    for arg in args:
-        flag = arg.split("=", 1)[0]
-        if flag.startswith("--model.") and not flag.startswith(("--model.optimizer.", "--model.model.")):
-            moved = moved_key(flag[2:])
-            if moved and flag != "--model.optimizer":
+    for i, arg in enumerate(args):
+        flag, _, value = arg.partition("=")
+        if flag.startswith("--model."):
+            moved = moved_key(flag[2:], value if _ else (args[i + 1] if i + 1 < len(args) else None))
+            if moved:
                 raise ConfigError(f"{flag}: {moved}")

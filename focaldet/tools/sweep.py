@@ -98,6 +98,10 @@ def parse_param(text: str) -> tuple[str, Any]:
         raise ConfigError(f"--param {text!r}: expected KEY=V1,V2,... (e.g. model.criterion.cls_loss.gamma=0,2)")
     if not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
         raise ConfigError(f"--param {text!r}: {key!r} is not a dotted key like model.criterion.cls_loss.gamma")
+    from focaldet.config.migrate import moved_key
+
+    if moved_key(key):  # a flat key of the module's earlier layout
+        raise ConfigError(f"--param {text!r}: {moved_key(key)}")
     search_range = parse_search_range(values, text)
     if search_range is not None:
         if key == CONFIG_KEY:
