@@ -92,6 +92,35 @@ def run_cli_sequence(argvs: list[list[str]], cwd: Path | None = None, timeout: f
                 for r in json.loads(out.read_text())]
 
 
+def save_untrained_checkpoint(path: Path, label_map: dict, inputs: dict, fpn_channels: int = 32,
+                              postprocess=None, edit_recipe=None, **module_kwargs) -> Path:
+    """The one builder of an untrained checkpoint for the tests that need a checkpoint file but
+    not a trained model: a ResNet-18 RetinaNet (frozen BN, one head conv, seed 0) saved as
+    Lightning saves a ``RetinaNetModule``. ``edit_recipe(recipe) -> recipe`` changes the stored
+    recipe (a hostile or an old-format one); ``module_kwargs`` go to the module."""
+    import copy
+    from functools import partial
+
+    import lightning
+    import torch
+
+    from focaldet.engine.module import RetinaNetModule
+    from focaldet.models import ResNetBackbone, RetinaNet
+
+    torch.manual_seed(0)
+    model = partial(RetinaNet, backbone=ResNetBackbone(18, freeze_at=0), fpn_channels=fpn_channels, num_convs=1,
+                    postprocess=postprocess)
+    module = RetinaNetModule(len(label_map["cat_ids"]), model=model, label_map=label_map, inputs=inputs,
+                             **module_kwargs)
+    recipe = copy.deepcopy(dict(module.hparams))
+    ckpt = {"state_dict": module.state_dict(), "hyper_parameters": edit_recipe(recipe) if edit_recipe else recipe,
+            "pytorch-lightning_version": lightning.__version__, "epoch": 0, "global_step": 0}
+    module.on_save_checkpoint(ckpt)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, path)
+    return path
+
+
 def ckpt_dir(run_dir: Path) -> Path:
     """The checkpoint folder of the newest run under ``run_dir`` (``trainer.default_root_dir``):
     each run writes its own, ``lightning_logs/version_N/checkpoints``."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from functools import partial
-
 import csv
 
 import numpy as np
@@ -85,21 +83,14 @@ def test_collect_logits_takes_positives_at_their_class_and_samples_negatives():
 def tiny_checkpoint(tmp_path_factory, synth_coco):
     """A randomly initialised tiny model saved as `focaldet.load` reads it (no training) and its config."""
     from focaldet.data import CocoDataModule
-    from focaldet.models import ResNetBackbone, RetinaNet
-    from focaldet.engine.module import RetinaNetModule
+
+    from helpers import save_untrained_checkpoint
 
     tmp = tmp_path_factory.mktemp("loss_dist")
     data = {"val_ann": str(synth_coco.val_ann), "val_images": str(synth_coco.images), "batch_size": 2,
             "min_size": 128, "max_size": 128}
     dm = CocoDataModule(**data)
-    torch.manual_seed(0)
-    model = partial(RetinaNet, backbone=ResNetBackbone(depth=18, norm="frozen_bn", freeze_at=0), fpn_channels=32,
-                    num_convs=1)
-    module = RetinaNetModule(dm.num_classes, model=model, label_map=dm.label_map.to_dict(),
-                             inputs=dm.inputs.to_dict())
-    ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
-    module.on_save_checkpoint(ckpt)
-    torch.save(ckpt, tmp / "tiny.ckpt")
+    save_untrained_checkpoint(tmp / "tiny.ckpt", dm.label_map.to_dict(), dm.inputs.to_dict())
     cfg = tmp / "cfg.yaml"
     cfg.write_text(yaml.safe_dump({"data": data}))
     return tmp / "tiny.ckpt", cfg

@@ -3,12 +3,9 @@ default that typed flags override (issue 21)."""
 
 from __future__ import annotations
 
-from functools import partial
-
 import json
 import random
 
-import lightning
 import numpy as np
 import pytest
 
@@ -29,6 +26,8 @@ from focaldet.inference import Predictor, size_groups
 from focaldet.config.inputs import InputSettings, resized_size
 from focaldet.modeling import PostProcess, ResNetBackbone, RetinaNet
 from focaldet.engine.module import RetinaNetModule
+
+from helpers import save_untrained_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -150,16 +149,10 @@ def test_tta_flag_reaches_the_module_and_hands_over_originals(checkpoint, synth_
 
 def _checkpoint(path, synth_coco) -> None:
     """A random tiny model at 96/128 px with a recipe of its own (score_threshold 0.2)."""
-    torch.manual_seed(0)
     label_map = LabelMap.from_categories(json.loads(synth_coco.val_ann.read_text())["categories"]).to_dict()
-    model = partial(RetinaNet, backbone=ResNetBackbone(18, freeze_at=0), fpn_channels=32, num_convs=1,
-                    postprocess=PostProcess(score_thresh=0.0, detections_per_img=10))
-    module = RetinaNetModule(4, model=model, prediction={"score_threshold": 0.2},
-                             label_map=label_map, inputs={"min_size": 96, "max_size": 128})
-    ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-            "pytorch-lightning_version": lightning.__version__, "epoch": 0, "global_step": 0}
-    module.on_save_checkpoint(ckpt)
-    torch.save(ckpt, path)
+    save_untrained_checkpoint(path, label_map, {"min_size": 96, "max_size": 128},
+                              postprocess=PostProcess(score_thresh=0.0, detections_per_img=10),
+                              prediction={"score_threshold": 0.2})
 
 
 @pytest.fixture(scope="module")

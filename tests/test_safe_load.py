@@ -5,13 +5,10 @@ payload would write never appears. Recipes record public class paths; old ones s
 
 from __future__ import annotations
 
-import copy
 import sys
 import zipfile
-from functools import partial
 from pathlib import Path
 
-import lightning
 import pytest
 import torch
 import yaml
@@ -20,12 +17,11 @@ import focaldet
 from focaldet.api import read_checkpoint
 from focaldet.engine.checkpoints import FocaldetCheckpointIO, check_checkpoint, resolve_ckpt_path
 from focaldet.errors import ConfigError
-from focaldet.models import ResNetBackbone, RetinaNet
-from focaldet.engine.module import RetinaNetModule
+from focaldet.models import ResNetBackbone
 from focaldet.config.recipe import describe, instantiate
 from focaldet.config.safe_load import UnsafeFileError, check_pt2, load_torch_file
 
-from helpers import run_cli, run_cli_sequence
+from helpers import run_cli, run_cli_sequence, save_untrained_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -37,18 +33,13 @@ INPUTS = {"min_size": 64, "max_size": 64, "size_divisibility": 32, "eval_transfo
 def tiny_checkpoint(path: Path, cls_loss: dict | None = None, hyper_parameters: dict | None = None) -> Path:
     """A focaldet checkpoint of a ~0.5 M-parameter model, no training; ``cls_loss`` replaces
     its recipe's class loss, ``hyper_parameters`` its whole recipe (an old format's)."""
-    torch.manual_seed(0)
-    model = partial(RetinaNet, backbone=ResNetBackbone(depth=18, freeze_at=0), fpn_channels=16, num_convs=1)
-    module = RetinaNetModule(num_classes=2, model=model, label_map=LABEL_MAP, inputs=INPUTS)
-    recipe = copy.deepcopy(dict(module.hparams)) if hyper_parameters is None else hyper_parameters
-    if cls_loss is not None:
-        recipe["criterion"]["init_args"]["cls_loss"] = cls_loss
-    ckpt = {"state_dict": module.state_dict(), "hyper_parameters": recipe,
-            "pytorch-lightning_version": lightning.__version__, "epoch": 0, "global_step": 0}
-    module.on_save_checkpoint(ckpt)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(ckpt, path)
-    return path
+    def edit(recipe: dict) -> dict:
+        recipe = recipe if hyper_parameters is None else hyper_parameters
+        if cls_loss is not None:
+            recipe["criterion"]["init_args"]["cls_loss"] = cls_loss
+        return recipe
+
+    return save_untrained_checkpoint(path, LABEL_MAP, INPUTS, fpn_channels=16, edit_recipe=edit)
 
 
 class _Payload:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from functools import partial
-
 import base64
 import os
+import pathlib
 import signal
 import socket
 import subprocess
@@ -17,16 +16,14 @@ import urllib.error
 import urllib.request
 
 import pytest
-import torch
 
 import focaldet
 from focaldet.errors import WeightsError
-from focaldet.modeling import PostProcess, ResNetBackbone, RetinaNet
-from focaldet.engine.module import RetinaNetModule
+from focaldet.modeling import PostProcess
 from focaldet.serve import main as serve_main
 from focaldet.serve import to_json
 
-from helpers import REPO
+from helpers import REPO, save_untrained_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -34,14 +31,8 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 def save_tiny_checkpoint(path, label_map) -> None:
     """A randomly initialised tiny model, saved as Lightning saves a RetinaNetModule, keeping
     every candidate (score_thresh 0) so that there is something to compare."""
-    torch.manual_seed(0)
-    model = partial(RetinaNet, backbone=ResNetBackbone(18, freeze_at=0), fpn_channels=32, num_convs=1,
-                    postprocess=PostProcess(score_thresh=0.0, detections_per_img=10))
-    module = RetinaNetModule(len(label_map["cat_ids"]), model=model, label_map=label_map,
-                             inputs={"min_size": 96, "max_size": 128})
-    ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
-    module.on_save_checkpoint(ckpt)
-    torch.save(ckpt, path)
+    save_untrained_checkpoint(pathlib.Path(path), label_map, {"min_size": 96, "max_size": 128},
+                              postprocess=PostProcess(score_thresh=0.0, detections_per_img=10))
 
 
 def _request(url: str, body: bytes | None = None, content_type: str = "") -> tuple[int, str]:
