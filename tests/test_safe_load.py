@@ -239,8 +239,9 @@ def test_an_old_format_recipe_still_loads(tmp_path):
     """tests/data/old_recipe.yaml: a recipe as focaldet recorded it in checkpoint format 2: 37 flat
     arguments, parts by their defining module (``focaldet.modeling.backbone.ResNetBackbone``,
     ``focaldet.losses.focal...``). It loads, through ``focaldet.load`` and ``--ckpt_path``, as parts."""
-    from focaldet.api import build_module, read_checkpoint
+    from focaldet.api import build_module, checkpoint_config, read_checkpoint
     from focaldet.config.migrate import upgrade_recipe
+    from focaldet.engine.runs import resolve_run_config
 
     old = yaml.safe_load((DATA / "old_recipe.yaml").read_text())
     assert old["backbone"]["class_path"] == "focaldet.modeling.backbone.ResNetBackbone" and old["base_lr"] == 0.002
@@ -259,6 +260,11 @@ def test_an_old_format_recipe_still_loads(tmp_path):
     assert type(optimizer).__name__ == "AdamW" and optimizer.defaults["weight_decay"] == 0.05
     scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
     assert (scheduler.warmup_iters, scheduler.milestones, scheduler.gamma) == (100, [600, 750], 0.1)
+    config = tmp_path / "from_checkpoint.yaml"  # what `--ckpt_path old.ckpt` puts first on the command line
+    config.write_text(checkpoint_config(ckpt))
+    resolved = yaml.safe_load(resolve_run_config([str(config)]))["model"]
+    assert resolved["optimizer"]["class_path"] == "torch.optim.AdamW"
+    assert resolved["lr_scheduler"]["init_args"]["milestones"] == [600, 750]
     new = upgrade_recipe(old)
     assert new["model"]["init_args"]["fpn_channels"] == 16 and new["optimizer"]["init_args"]["lr"] == 0.002
     assert upgrade_recipe(new) == new  # a current recipe is left as it is
