@@ -48,22 +48,24 @@ def test_config_instantiates(config, synth_coco, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_batch(synth_coco, tmp_path_factory):
-    """One training batch of the tiny config (2 images at 128 px), for the loss configs' steps."""
+def tiny(synth_coco, tmp_path_factory):
+    """The tiny config and one training batch of it (2 images at 128 px), for the loss configs."""
     from helpers import tiny_config
 
-    cli = _instantiate(["-c", str(tiny_config(tmp_path_factory.mktemp("batch"), synth_coco))])
+    config = tiny_config(tmp_path_factory.mktemp("tiny"), synth_coco)
+    cli = _instantiate(["-c", str(config)])
     cli.datamodule.setup("fit")
-    return next(iter(cli.datamodule.train_dataloader()))
+    return config, next(iter(cli.datamodule.train_dataloader()))
 
 
 @pytest.mark.parametrize("loss", LOSSES, ids=lambda p: p.stem)
-def test_loss_config_instantiates_and_trains(loss, synth_coco, tmp_path, tiny_batch):
-    """Each configs/losses/*.yaml stacks on the demo config, and two optimiser steps on a real
-    batch keep the loss and every weight finite (what one CLI fit per loss checked before; the
-    CLI's own fit is tested once, in test_cli.py)."""
-    cli = _instantiate(["-c", str(REPO / "configs" / "synth.yaml"), "-c", str(loss), *_data_overrides(synth_coco),
-                        "--trainer.default_root_dir", str(tmp_path)])
+def test_loss_config_instantiates_and_trains(loss, tmp_path, tiny):
+    """Each configs/losses/*.yaml stacks on a config, and two optimiser steps on a real batch
+    keep the loss and every weight finite (what one CLI fit per loss checked before; the CLI's
+    own fit is tested once, in test_cli.py; every shipped config takes a loss's flags:
+    `test_every_config_tunes_the_default_loss_without_naming_it`)."""
+    config, tiny_batch = tiny
+    cli = _instantiate(["-c", str(config), "-c", str(loss), "--trainer.default_root_dir", str(tmp_path)])
     crit = cli.model.criterion
     assert type(crit.cls_loss).__name__ in Path(loss).read_text() or type(crit.box_loss).__name__ in Path(loss).read_text()
     module = cli.model.train()
