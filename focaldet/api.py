@@ -153,7 +153,7 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, trus
     """The `Detector` stored in a focaldet checkpoint (``device``: default CUDA when available).
 
     The checkpoint is read as weights only and its recipe may name only focaldet's own parts,
-    ``torch.nn`` and torchvision classes of the type each argument expects; ``trust_code=True``
+    ``torch.nn``, ``torch.optim`` and torchvision classes of the type each argument expects; ``trust_code=True``
     builds any class it names (a checkpoint you made yourself: see docs/security.md)."""
     contents = read_checkpoint(path)
     module = build_module(contents, trust_code)

@@ -8,7 +8,7 @@ The recipe has the form of the CLI's YAML, so a reader can copy it into a config
 `describe` writes it from a live object, recording a class by its public path (where
 ``focaldet.models`` / ``focaldet.losses`` re-export it); `instantiate` builds the object
 back, only from classes `focaldet.config.safe_load` allows (a subclass of what the argument
-expects, from focaldet, ``torch.nn`` or torchvision, unless the file is trusted). The rule
+expects, from focaldet, ``torch.nn``, ``torch.optim`` or torchvision, unless the file is trusted). The rule
 `describe` relies on: every constructor argument is kept on the object under its own name
 (``self.depth = depth``), as focaldet's parts do. Arguments named ``weights`` or
 ``init_weights`` are recorded as ``None``: the checkpoint's state dict holds the weights.
@@ -122,7 +122,7 @@ def dataclass_of(cls: type, value: Any, what: str) -> Any:
 def instantiate(spec: Any, expected_base: type | None = None, trust: bool = False, bind: bool = False) -> Any:
     """Build the object a `describe` output (or a CLI ``class_path`` dict) names.
 
-    The class must be a subclass of ``expected_base`` and live in focaldet, ``torch.nn`` or
+    The class must be a subclass of ``expected_base`` and live in focaldet, ``torch.nn``, ``torch.optim`` or
     torchvision, checked before anything is imported (`focaldet.config.safe_load.resolve_class`);
     ``expected_base=None`` accepts no class (plain values pass through). A ``class_path``
     nested in ``init_args`` must fit the annotation of that constructor argument.
