@@ -48,6 +48,13 @@ def test_checkpoint_stores_recipe_label_map_and_inputs_once(trained):
     assert meta["label_map"]["cat_ids"] == [1, 3, 7, 8]
     assert meta["inputs"] == {"min_size": 96, "max_size": 128, "size_divisibility": 128, "eval_transforms": None}
     assert "CocoDataModule" not in ckpt  # the data module no longer keeps a third copy
+    # the run's config.yaml and stored config leave out what the module sets on the model itself
+    # (RetinaNet's own defaults, min_size 800, would read as if they applied)
+    written = next(trained["root"].rglob("config.yaml")).read_text()
+    for text in (written, meta["config"]):
+        model = yaml.safe_load(text)["model"]["model"]["init_args"]
+        assert not {"min_size", "max_size", "size_divisibility", "background_logit"} & set(model)
+        assert model["fpn_channels"] == 32 and yaml.safe_load(text)["data"]["min_size"] == 96
 
 
 def test_module_predict_uses_the_data_eval_size(trained):

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from focaldet.engine.checkpoints import check_checkpoint, install_checkpoint_io, resolve_last
 from focaldet.data.datamodule import CocoDataModule
 from focaldet.errors import FocaldetError
 from focaldet.engine.stop_all_ranks import StopAllRanks
 from focaldet.engine.loggers import default_logger
-from focaldet.engine.module import RetinaNetModule
+from focaldet.engine.module import MODEL_SET_BY_MODULE, RetinaNetModule
 
 
 class PredictionWriter(Callback):
@@ -95,6 +95,26 @@ class TrainingSpeed(Callback):
                   f"({trainer.world_size} process(es), validation excluded)", flush=True)
 
 
+def without_module_settings(config):
+    """A copy of a run's config without the model arguments the module sets itself (the
+    classes, the background logit, the eval resize: `MODEL_SET_BY_MODULE`): jsonargparse fills
+    them with RetinaNet's defaults (``min_size: 800``), which a run's ``config.yaml`` would
+    otherwise show beside the data's real settings."""
+    config = config.clone()
+    init_args = config.get("model.model.init_args")
+    for key in MODEL_SET_BY_MODULE if init_args is not None else ():
+        if key in init_args:
+            del init_args[key]
+    return config
+
+
+class SaveConfig(SaveConfigCallback):
+    """Lightning's ``config.yaml`` writer, without the model arguments the module sets itself."""
+
+    def __init__(self, parser, config, *args, **kwargs) -> None:
+        super().__init__(parser, without_module_settings(config), *args, **kwargs)
+
+
 class FocaldetCLI(LightningCLI):
     """LightningCLI whose data module tells the model its classes (never typed twice).
 
@@ -107,6 +127,7 @@ class FocaldetCLI(LightningCLI):
         # the optimiser and its schedule are the module's own arguments (model.optimizer,
         # model.lr_scheduler): no second, top-level `optimizer:` section
         kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("save_config_callback", SaveConfig)
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -140,7 +161,8 @@ class FocaldetCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         # the same resolution of "config of this subcommand" as Lightning's SaveConfigCallback
         sub = self.subcommand
-        self._resolved = self._parser(sub).dump(self.config.get(str(sub), self.config), skip_none=False)
+        self._resolved = self._parser(sub).dump(without_module_settings(self.config.get(str(sub), self.config)),
+                                                skip_none=False)
 
     def instantiate_classes(self) -> None:
         try:
