@@ -20,7 +20,6 @@ MODEL_KEYS = ("backbone", "anchor_generator", "postprocess", "fpn_channels", "p6
 CRITERION_KEYS = ("cls_loss", "box_loss", "matcher", "normalizer_momentum", "crowd_ioa_threshold")
 SCHEDULE_KEYS = {"warmup_iters": "warmup_iters", "warmup_factor": "warmup_factor", "lr_steps": "milestones",
                  "lr_gamma": "gamma"}
-OPTIMIZER_KEYS = ("optimizer", "base_lr", "momentum", "weight_decay")
 EVALUATION_KEYS = {"eval_backend": "backend", "max_dets": "max_dets"}
 PREDICTION_KEYS = {"score_threshold": "score_threshold", "draw_predictions": "draw",
                    "draw_score_threshold": "draw_score_threshold"}

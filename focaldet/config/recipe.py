@@ -72,8 +72,6 @@ def describe_callable(fn: Any) -> dict[str, Any] | None:
         return None
     if isinstance(fn, type):
         return {"class_path": public_path(fn), "init_args": {}}
-    if isinstance(fn, Mapping) and "class_path" in fn:
-        return {"class_path": str(fn["class_path"]), "init_args": recipe_value(dict(fn.get("init_args") or {}))}
     if isinstance(fn, functools.partial):
         classes = [a for a in (fn.func, *fn.args) if isinstance(a, type)]
         if classes:

@@ -260,14 +260,10 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 def run_lightning(args: list[str]) -> int:
     """``focaldet fit|validate|test|predict ARGS`` (and ``-c C fit ...``)."""
-    from focaldet.config.safe_load import check_config_file, import_policy
-
-    from focaldet.config.migrate import check_moved_keys
+    from focaldet.config.safe_load import import_policy
 
     args, trust = trusted(args)
-    for config in _config_files(args):  # one line naming the file, before the parser imports anything
-        check_config_file(config, trust)
-    check_moved_keys(_config_files(args), args)  # a flat model key of earlier versions: say its new home
+    check_configs(_config_files(args), args, trust)
     if args and args[0] in CHECKPOINT_COMMANDS:
         args = _config_from_checkpoint(args, trust)
     with import_policy(trust):  # a class_path outside focaldet's allow-list is never imported
@@ -288,6 +284,19 @@ def trusted(args: Sequence[str]) -> tuple[list[str], bool]:
     """``(args without --trust_checkpoint_code, whether it was given)``: a command's (or a
     sweep's run's) arguments may say that its configs and checkpoints are trusted."""
     return [str(a) for a in args if a != TRUST_FLAG], TRUST_FLAG in args
+
+
+def check_configs(configs: Sequence[str], args: Sequence[str], trust: bool) -> None:
+    """The checks every run's configs and arguments pass before the parser imports anything,
+    each a one-line `ConfigError` naming the file or flag: a ``class_path`` outside the
+    allow-list (`focaldet.config.safe_load.check_config_file`), a flat model key of earlier
+    versions (`focaldet.config.migrate.check_moved_keys`: its new home)."""
+    from focaldet.config.migrate import check_moved_keys
+    from focaldet.config.safe_load import check_config_file
+
+    for config in configs:
+        check_config_file(config, trust)
+    check_moved_keys([str(c) for c in configs], list(args))
 
 
 def cli_class(trust: bool) -> type[FocaldetCLI]:

@@ -407,7 +407,8 @@ def _recipe(part: Any) -> dict | None:
 
 def _bound(part: Any) -> Callable:
     """A class to call later (``model``, ``optimizer``, ``lr_scheduler``) from itself, a class
-    with bound arguments, or a ``class_path`` mapping (the defaults, a checkpoint's recipe)."""
+    with bound arguments, or a ``class_path`` mapping (the defaults such as `PAPER_SGD`, or a
+    Python caller's own; ``focaldet.load`` binds a checkpoint's recipe before, with its checks)."""
     if isinstance(part, Mapping):
         from focaldet.config.recipe import instantiate
 

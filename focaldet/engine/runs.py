@@ -57,16 +57,12 @@ def checked_argv(configs: Sequence[str], args: Sequence[str]) -> tuple[list[str]
     config, or a class path outside the allow-list, is a one-line `ConfigError` naming the file
     (a refused class is never imported)."""
     from focaldet.config.recipe import read_config_file
-    from focaldet.config.safe_load import check_config_file
-    from focaldet.engine.lightning_cli import trusted
-
-    from focaldet.config.migrate import check_moved_keys
+    from focaldet.engine.lightning_cli import check_configs, trusted
 
     args, trust = trusted(args)
     for config in configs:
-        read_config_file(config)
-        check_config_file(config, trust)
-    check_moved_keys([str(c) for c in configs], args)
+        read_config_file(config)  # missing or malformed: named before anything else
+    check_configs(configs, args, trust)
     return [a for c in configs for a in ("-c", str(c))] + args, trust
 
 
