@@ -137,14 +137,19 @@ def test_a_sweep_over_gamma_parses_on_every_config(config, synth_coco, tmp_path,
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
 def test_the_input_size_is_set_in_one_place(config, synth_coco, tmp_path, capsys):
     """``--print_config`` shows one input size: a config that sizes its images in
-    ``train_transforms``/``eval_transforms`` shows ``data.min_size``/``max_size`` as null."""
+    ``train_transforms``/``eval_transforms`` shows ``data.min_size``/``max_size`` as null; the
+    model part shows none of the arguments the module sets from the data (RetinaNet's own
+    defaults, ``min_size: 800``, were printed there)."""
     import yaml
 
     from focaldet.cli import main
+    from focaldet.engine.module import MODEL_SET_BY_MODULE
 
     with pytest.raises(SystemExit):
         main(["fit", "-c", str(config), *_cpu(config, synth_coco, tmp_path), "--print_config"])
-    data = yaml.safe_load(capsys.readouterr().out)["data"]
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert not set(MODEL_SET_BY_MODULE) & set(printed["model"]["model"]["init_args"])
+    data = printed["data"]
     if data.get("eval_transforms") or data.get("train_transforms"):
         assert data["min_size"] is None and data["max_size"] is None
     else:

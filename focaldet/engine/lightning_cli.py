@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from focaldet.engine.checkpoints import check_checkpoint, install_checkpoint_io, resolve_last
 from focaldet.data.datamodule import CocoDataModule
@@ -98,8 +98,8 @@ class TrainingSpeed(Callback):
 def without_module_settings(config):
     """A copy of a run's config without the model arguments the module sets itself (the
     classes, the background logit, the eval resize: `MODEL_SET_BY_MODULE`): jsonargparse fills
-    them with RetinaNet's defaults (``min_size: 800``), which a run's ``config.yaml`` would
-    otherwise show beside the data's real settings."""
+    them with RetinaNet's defaults (``min_size: 800``), which would otherwise show beside the
+    data's real settings."""
     config = config.clone()
     init_args = config.get("model.model.init_args")
     for key in MODEL_SET_BY_MODULE if init_args is not None else ():
@@ -108,11 +108,13 @@ def without_module_settings(config):
     return config
 
 
-class SaveConfig(SaveConfigCallback):
-    """Lightning's ``config.yaml`` writer, without the model arguments the module sets itself."""
+class FocaldetArgumentParser(LightningArgumentParser):
+    """Lightning's parser whose dumps (``--print_config``, a run's ``config.yaml``, the run
+    config a checkpoint stores) leave out the model arguments the module sets itself
+    (`without_module_settings`)."""
 
-    def __init__(self, parser, config, *args, **kwargs) -> None:
-        super().__init__(parser, without_module_settings(config), *args, **kwargs)
+    def dump(self, cfg, *args, **kwargs) -> str:
+        return super().dump(without_module_settings(cfg), *args, **kwargs)
 
 
 class FocaldetCLI(LightningCLI):
@@ -127,7 +129,7 @@ class FocaldetCLI(LightningCLI):
         # the optimiser and its schedule are the module's own arguments (model.optimizer,
         # model.lr_scheduler): no second, top-level `optimizer:` section
         kwargs.setdefault("auto_configure_optimizers", False)
-        kwargs.setdefault("save_config_callback", SaveConfig)
+        kwargs.setdefault("parser_class", FocaldetArgumentParser)
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -161,8 +163,7 @@ class FocaldetCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         # the same resolution of "config of this subcommand" as Lightning's SaveConfigCallback
         sub = self.subcommand
-        self._resolved = self._parser(sub).dump(without_module_settings(self.config.get(str(sub), self.config)),
-                                                skip_none=False)
+        self._resolved = self._parser(sub).dump(self.config.get(str(sub), self.config), skip_none=False)
 
     def instantiate_classes(self) -> None:
         try:
