@@ -114,3 +114,6 @@ def test_old_optimizer_names_and_sweep_keys_are_named_too():
     with pytest.raises(ConfigError, match=r"--param 'model.lr_steps=\[5\]': model.lr_steps is now"):
         parse_param("model.lr_steps=[5]")
     assert parse_param("model.optimizer.lr=0.1,0.2") == ("model.optimizer.lr", [0.1, 0.2])
+    with pytest.raises(ConfigError, match="model.optimizer is now a torch.optim class"):  # before any cell runs
+        parse_param("model.optimizer=torch.optim.SGD,adamw")
+    assert parse_param("model.optimizer=torch.optim.SGD,torch.optim.AdamW")[1] == ["torch.optim.SGD", "torch.optim.AdamW"]

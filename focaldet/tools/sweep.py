@@ -100,8 +100,9 @@ def parse_param(text: str) -> tuple[str, Any]:
         raise ConfigError(f"--param {text!r}: {key!r} is not a dotted key like model.criterion.cls_loss.gamma")
     from focaldet.config.migrate import moved_key
 
-    if moved_key(key):  # a flat key of the module's earlier layout
-        raise ConfigError(f"--param {text!r}: {moved_key(key)}")
+    moved = next(filter(None, (moved_key(key, v) for v in split_values(values))), None)
+    if moved:  # a flat key of the module's earlier layout (model.optimizer only with sgd / adamw)
+        raise ConfigError(f"--param {text!r}: {moved}")
     search_range = parse_search_range(values, text)
     if search_range is not None:
         if key == CONFIG_KEY:
