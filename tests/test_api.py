@@ -22,7 +22,7 @@ from focaldet.engine.module import RetinaNetModule
 
 from conftest import TINY_LOW_THRESH
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.slow]  # every test reads the shared trained run
 
 @pytest.fixture(scope="module")
 def trained(tiny_run):

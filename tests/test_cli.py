@@ -17,6 +17,7 @@ from helpers import ckpt_dir, run_cli, tiny_config
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
+@pytest.mark.slow  # trains (a fit), exports or starts a process: see docs/testing.md
 def test_fit_validate_test_predict(tmp_path, synth_coco, capsys):
     cfg = tiny_config(tmp_path, synth_coco)
     run = tmp_path / "run"
@@ -56,6 +57,7 @@ def test_fit_validate_test_predict(tmp_path, synth_coco, capsys):
     assert len(pngs) == len(list(Path(synth_coco.images).glob("*.jpg")))
 
 
+@pytest.mark.slow  # trains (a fit), exports or starts a process: see docs/testing.md
 def test_fit_prints_the_training_speed(tmp_path, synth_coco, capsys):
     cfg = tiny_config(tmp_path, synth_coco, **{"trainer.max_steps": 8, "trainer.val_check_interval": 4})
     main(["fit", "-c", str(cfg)])
@@ -82,6 +84,7 @@ def test_training_speed_leaves_validation_out(capsys):
     assert "images/s over steps 2-3 (2 process(es), validation excluded)" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # trains (a fit), exports or starts a process: see docs/testing.md
 def test_fit_in_mixed_precision(tmp_path, synth_coco):
     """``--trainer.precision bf16-mixed`` (what a GPU run uses; CPU autocast here) trains,
     validates and checkpoints finite fp32 weights."""
@@ -95,6 +98,7 @@ def test_fit_in_mixed_precision(tmp_path, synth_coco):
     assert "val/mAP" in metrics.splitlines()[0]
 
 
+@pytest.mark.slow  # trains (a fit), exports or starts a process: see docs/testing.md
 def test_loss_swapped_on_the_command_line(tmp_path, synth_coco):
     cfg = tiny_config(tmp_path, synth_coco, **{"trainer.max_steps": 1, "trainer.limit_val_batches": 0})
     main(["fit", "-c", str(cfg), "--model.criterion.cls_loss", "focaldet.losses.SoftmaxFocalLoss"])
@@ -111,6 +115,7 @@ def test_print_config(tmp_path, synth_coco, capsys):
     assert "focaldet.models.ResNetBackbone" in out and "train_ann" in out
 
 
+@pytest.mark.slow  # trains (a fit), exports or starts a process: see docs/testing.md
 @pytest.mark.parametrize("mode", ["raise", "skip"])
 def test_non_finite_loss(tmp_path, synth_coco, monkeypatch, mode):
     real = RetinaNetCriterion.forward

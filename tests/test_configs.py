@@ -58,6 +58,7 @@ def tiny(synth_coco, tmp_path_factory):
     return config, next(iter(cli.datamodule.train_dataloader()))
 
 
+@pytest.mark.slow  # trains (a fit), exports or starts a process: see docs/testing.md
 @pytest.mark.parametrize("loss", LOSSES, ids=lambda p: p.stem)
 def test_loss_config_instantiates_and_trains(loss, tmp_path, tiny):
     """Each configs/losses/*.yaml stacks on a config, and two optimiser steps on a real batch

@@ -40,6 +40,7 @@ def test_the_pipeline_resize_and_the_graph_resize_give_the_same_pixels():
             np.testing.assert_array_equal(ours, ResizeShortestEdge(min_size, max_size)(image=image)["image"])
 
 
+@pytest.mark.slow  # trains (a fit), exports or starts a process: see docs/testing.md
 def test_resize_exports_to_onnx_with_dynamic_sizes(tmp_path):
     """The resize, exported once with dynamic height and width, matches OpenCV at other sizes."""
     ort = pytest.importorskip("onnxruntime")

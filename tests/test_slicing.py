@@ -94,6 +94,7 @@ def test_tiles_give_the_per_tile_detections_shifted():
         assert out["category_ids"].tolist() == [[1, 2, 5][i] for i in labels[top].tolist()]
 
 
+@pytest.mark.slow  # trains (a fit), exports or starts a process: see docs/testing.md
 def test_validate_with_slicing_reports_original_pixels(tmp_path, make_coco):
     """`focaldet validate --model.slicing...`: the data module hands over the 256x128 images
     unresized (CLI link), each window and the whole image run at the 64 px eval size, and the
