@@ -101,18 +101,21 @@ class PostProcess:
         Returns ``(boxes (N, M, 4), scores (N, M), labels (N, M))``, M = sum of the levels'
         k, not yet thresholded.
         """
-        all_boxes, all_scores, all_labels = [], [], []
+        all_deltas, all_anchors, all_scores, all_labels = [], [], [], []
         for s, d, a in zip(scores, box_deltas, anchors):
             # The top k of the scores above the threshold are the top k of all scores that
             # pass it: top-k first, threshold afterwards.
             top_scores, anchor_idx, labels = self._topk(s)  # (N, k) each
-            deltas = d.gather(1, anchor_idx.unsqueeze(-1).expand(-1, -1, 4))  # (N, k, 4)
-            all_boxes.append(box_coder.decode(deltas, a[anchor_idx]))  # (N, k, 4)
-            top_scores = top_scores.float()
-            all_scores.append(score_fn(top_scores) if score_fn is not None else top_scores)
+            all_deltas.append(d.gather(1, anchor_idx.unsqueeze(-1).expand(-1, -1, 4)))  # (N, k, 4)
+            all_anchors.append(a[anchor_idx])  # (N, k, 4)
+            all_scores.append(top_scores)
             all_labels.append(labels)
-        boxes = clip_boxes(torch.cat(all_boxes, 1), image_sizes)  # (N, M, 4)
-        return boxes, torch.cat(all_scores, 1), torch.cat(all_labels, 1)
+        # one decode and one score map over every level's candidates (an exported graph then
+        # holds one copy of each, not one per level)
+        boxes = box_coder.decode(torch.cat(all_deltas, 1), torch.cat(all_anchors, 1))  # (N, M, 4)
+        top_scores = torch.cat(all_scores, 1).float()  # (N, M)
+        return (clip_boxes(boxes, image_sizes), score_fn(top_scores) if score_fn is not None else top_scores,
+                torch.cat(all_labels, 1))
 
     @torch.no_grad()
     def padded(self, scores: Sequence[Tensor], box_deltas: Sequence[Tensor], anchors: Sequence[Tensor],
