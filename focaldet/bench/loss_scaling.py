@@ -27,8 +27,9 @@ def crowded_targets(n: int, g: int, size: int, num_classes: int, seed: int, devi
     return torch.cat([xy, xy + wh], dim=-1).to(device), labels.to(device)
 
 
-def _sides(settings: Settings, g: int, n: int, size: int):
-    """``(focaldet_loss, torchvision_loss, clear)`` on the same head outputs and ``g`` boxes per image."""
+def _shared(settings: Settings, n: int, size: int) -> tuple:
+    """What every box count shares: torchvision's RetinaNet (its loss), focaldet's criterion
+    for the same model, and one set of head outputs (``logits, deltas, anchors, grids, counts``)."""
     from torchvision.models.detection import retinanet_resnet50_fpn
 
     from focaldet.models import RetinaNet
@@ -37,13 +38,18 @@ def _sides(settings: Settings, g: int, n: int, size: int):
     tv = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=settings.num_classes,
                                 min_size=size, max_size=size).to(settings.device)
     criterion = build_criterion(RetinaNet.from_torchvision(tv), settings)
-    logits, deltas, anchors, grids, counts = head_outputs(settings, n, size, bias_mean=-4.6, seed=settings.seed + 3)
+    return tv, criterion, *head_outputs(settings, n, size, bias_mean=-4.6, seed=settings.seed + 3)
+
+
+def _sides(settings: Settings, g: int, n: int, size: int, shared: tuple | None = None):
+    """``(focaldet_loss, torchvision_loss, clear)`` on the same head outputs and ``g`` boxes per
+    image; ``shared`` is `_shared`'s (built here when not given)."""
+    tv, criterion, logits, deltas, anchors, grids, counts = shared or _shared(settings, n, size)
     boxes, labels = crowded_targets(n, g, size, settings.num_classes, settings.seed + 4 + g, settings.device)
     tv_cls, tv_reg = logits.clone().requires_grad_(), deltas.clone().requires_grad_()
     fd_cls = [t.clone().requires_grad_() for t in logits.split(counts, dim=1)]
     fd_reg = [t.clone().requires_grad_() for t in deltas.split(counts, dim=1)]
     tv_targets = [{"boxes": b, "labels": lab} for b, lab in zip(boxes, labels)]
-    del logits, deltas
 
     def focaldet_loss():
         outputs = {"cls_logits": fd_cls, "box_deltas": fd_reg, "anchors": anchors, "anchor_grids": grids}
@@ -109,12 +115,14 @@ def case_loss_scaling(settings: Settings) -> dict:
     quick = settings.loss_size < SIZE
     n, size, counts = (1, 256, QUICK_BOX_COUNTS) if quick else (IMAGES, SIZE, BOX_COUNTS)
     result: dict = {}
+    shared = _shared(settings, n, size)
     for g in counts:
         log(settings, f"loss_scaling: {n} images of {size} px, {g} boxes per image")
-        focaldet_loss, torchvision_loss, clear = _sides(settings, g, n, size)
+        focaldet_loss, torchvision_loss, clear = _sides(settings, g, n, size, shared)
         clear()
         result[f"loss_g{g}"] = compare(f"loss_g{g}", focaldet_loss, torchvision_loss, settings, before=clear)
         del focaldet_loss, torchvision_loss, clear
+    del shared
     last = result[f"loss_g{counts[-1]}"]
     result.update(last)
     result["time_growth_x4"] = last["focaldet"] / result[f"loss_g{counts[-2]}"]["focaldet"]
