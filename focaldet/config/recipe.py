@@ -52,8 +52,8 @@ def describe(obj: Any) -> dict[str, Any] | None:
     for name, p in inspect.signature(cls.__init__).parameters.items():
         if name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
-        if name in WEIGHT_ARGS and isinstance(getattr(obj, name, None), (str, os.PathLike, type(None))):
-            init_args[name] = None  # a file or a weights name: the checkpoint's state dict holds them
+        if _weights_source(name, getattr(obj, name, None)):
+            init_args[name] = None
         elif hasattr(obj, name):
             init_args[name] = recipe_value(getattr(obj, name))
         else:
@@ -62,6 +62,12 @@ def describe(obj: Any) -> dict[str, Any] | None:
         raise ConfigError(f"{cls.__qualname__} does not keep its constructor argument(s) {missing} "
                           f"as attributes: a checkpoint cannot record how to rebuild it")
     return {"class_path": public_path(cls), "init_args": init_args}
+
+
+def _weights_source(name: str, value: Any) -> bool:
+    """Whether argument ``name`` names where weights come from (a file, a weights name, or
+    nothing), which a recipe records as ``None``: the checkpoint's state dict holds the weights."""
+    return name in WEIGHT_ARGS and isinstance(value, (str, os.PathLike, type(None)))
 
 
 def describe_callable(fn: Any) -> dict[str, Any] | None:
@@ -75,8 +81,7 @@ def describe_callable(fn: Any) -> dict[str, Any] | None:
     if isinstance(fn, functools.partial):
         classes = [a for a in (fn.func, *fn.args) if isinstance(a, type)]
         if classes:
-            kwargs = {k: None if k in WEIGHT_ARGS and isinstance(v, (str, os.PathLike)) else recipe_value(v)
-                      for k, v in fn.keywords.items()}
+            kwargs = {k: None if _weights_source(k, v) else recipe_value(v) for k, v in fn.keywords.items()}
             return {"class_path": public_path(classes[-1]), "init_args": kwargs}
     raise ConfigError(f"{fn!r} is not a class with bound arguments (a config's class_path, or "
                       "functools.partial(SomeClass, ...)): a checkpoint cannot record how to rebuild it")
