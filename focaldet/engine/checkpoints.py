@@ -28,8 +28,8 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from focaldet.atomic import atomic_write, remove_stale_temporaries
 from focaldet.errors import CheckpointError, WeightsError
-from focaldet.modeling.weights import not_torch_save_reason
-from focaldet.config.safe_load import UnsafeFileError, load_torch_file
+from focaldet.modeling.weights import read_weights_file
+from focaldet.config.safe_load import UnsafeFileError
 
 # what Lightning's "last" matches (ModelCheckpoint.CHECKPOINT_NAME_LAST, with its "-vN" copies)
 LAST_NAME = "last"
@@ -46,24 +46,19 @@ def _is_remote(path: str | os.PathLike) -> bool:
 
 def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False,
                          weights_only: bool | None = True) -> dict:
-    """A Lightning checkpoint, read by `focaldet.config.safe_load.load_torch_file`: always weights
+    """A Lightning checkpoint, read by `focaldet.modeling.weights.read_weights_file`: always weights
     only (``weights_only`` is accepted for Lightning's signature and ignored), so a pickle that
     would run code is refused (``UnsafeFileError``); any unreadable file raises one
     ``CheckpointError`` naming it (zero bytes, truncated, random bytes, a damaged pickle, not
     a checkpoint dict)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path}: file not found")
-    if path.stat().st_size == 0:
+    if path.is_file() and path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path}: empty file (0 bytes), not a checkpoint")
-    reason = not_torch_save_reason(path)
-    if reason:
-        raise CheckpointError(f"checkpoint {path}: {reason}")
-    try:
-        ckpt = load_torch_file(path, f"checkpoint {path}", map_location=map_location, mmap=mmap)
+    try:  # the reader of focaldet.load and init_weights: the same file gets the same message
+        ckpt = read_weights_file(path, "checkpoint", map_location=map_location, mmap=mmap)
     except UnsafeFileError:
         raise
-    except WeightsError as e:
+    except WeightsError as e:  # missing, not a torch.save file, truncated, damaged
         raise CheckpointError(str(e)) from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"checkpoint {path}: not a Lightning checkpoint (no 'state_dict')")

@@ -56,8 +56,10 @@ def not_torch_save_reason(path: Path) -> str | None:
     return f"not a readable PyTorch file (neither a zip archive nor a pickle: it starts with {magic!r})"
 
 
-def read_weights_file(path: str | os.PathLike, what: str = "weights file") -> Any:
-    """``torch.load`` of a checkpoint or state dict file on the CPU, tensors only."""
+def read_weights_file(path: str | os.PathLike, what: str = "weights file", map_location: Any = "cpu",
+                      mmap: bool = False) -> Any:
+    """``torch.load`` of a checkpoint or state dict file (default on the CPU), tensors only; a
+    missing, foreign or damaged file is one ``WeightsError`` naming ``what`` and the path."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise WeightsError(f"{what} {path}: file not found")
@@ -67,7 +69,7 @@ def read_weights_file(path: str | os.PathLike, what: str = "weights file") -> An
     from focaldet.config.safe_load import UnsafeFileError, load_torch_file
 
     try:
-        return load_torch_file(path, f"{what} {path}")
+        return load_torch_file(path, f"{what} {path}", map_location=map_location, mmap=mmap)
     except UnsafeFileError:
         raise
     except WeightsError as e:  # truncated zip, damaged pickle, ...
