@@ -103,6 +103,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_collection_finish(session):
+    """Processes of their own (`warm`) fork from a server that imports torch, Lightning and
+    focaldet once: started here, when slow tests will run, it imports while the first tests run."""
+    if any(item.get_closest_marker("slow") for item in session.items):
+        from warm import start_server
+
+        start_server()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _image_scan_cache(tmp_path_factory: pytest.TempPathFactory):
     """Image scans are cached in a temporary folder, not in the user's ~/.cache (inherited by

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import yaml
@@ -47,46 +45,52 @@ def tiny_config(tmp_path: Path, data, **overrides) -> Path:
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None
             ) -> subprocess.CompletedProcess:
-    """``focaldet ARGS`` in a fresh process (needed for DDP and kill tests); ``env`` adds variables."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "focaldet.cli", *args], cwd=cwd or REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    """``focaldet ARGS`` in a process of its own, forked with the imports done (`warm.start_cli`:
+    for DDP, kill and exit-code tests); ``env`` adds variables."""
+    from warm import start_cli
+
+    return start_cli(*args, cwd=cwd, env=env).result(timeout)
 
 
-_SEQUENCE_DRIVER = """
-import contextlib, io, json, sys, traceback
-from focaldet.cli import main
-results = []
-for argv in json.loads(sys.argv[1]):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(argv)
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-    results.append({"args": argv, "returncode": code, "stdout": out.getvalue(), "stderr": err.getvalue()})
-with open(sys.argv[2], "w") as f:
-    json.dump(results, f)
-"""
+def _run_sequence(argvs: list[list[str]], out: str) -> int:
+    """`run_cli_sequence`'s process: each command in turn, what it printed and its exit code to ``out`` (JSON)."""
+    import contextlib
+    import io
+    import json
+    import traceback
+
+    from focaldet.cli import main
+
+    results = []
+    for argv in argvs:
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                code = main(argv)
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+        results.append({"args": argv, "returncode": code, "stdout": stdout.getvalue(), "stderr": stderr.getvalue()})
+    Path(out).write_text(json.dumps(results))
+    return 0
 
 
 def run_cli_sequence(argvs: list[list[str]], cwd: Path | None = None, timeout: float = 600
                      ) -> list[subprocess.CompletedProcess]:
-    """``focaldet ARGS`` for each of ``argvs`` in turn, in ONE fresh process (imports paid
-    once: for commands that must not run in the test process but need no process each).
-    Each result carries the command's exit code and what it printed; a command that raises
-    prints its traceback to its stderr and counts as exit 1."""
+    """``focaldet ARGS`` for each of ``argvs`` in turn, in ONE process of its own (forked with
+    the imports done: for commands that must not run in the test process but need no process
+    each). Each result carries the command's exit code and what it printed; a command that
+    raises prints its traceback to its stderr and counts as exit 1."""
     import json
     import tempfile
 
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore"}
+    from warm import run_in_child
+
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "results.json"
-        proc = subprocess.run([sys.executable, "-c", _SEQUENCE_DRIVER, json.dumps(argvs), str(out)],
-                              cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        proc = run_in_child(_run_sequence, argvs, str(out), cwd=cwd).result(timeout)
         assert proc.returncode == 0 and out.exists(), proc.stderr[-3000:]
         return [subprocess.CompletedProcess(r["args"], r["returncode"], r["stdout"], r["stderr"])
                 for r in json.loads(out.read_text())]

@@ -3,8 +3,6 @@
 import csv
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,8 @@ import torch
 from focaldet.cli import main
 from focaldet.data.synth import write_synthetic_coco
 
-from helpers import REPO, ckpt_dir, run_cli, tiny_config
+from helpers import ckpt_dir, run_cli, tiny_config
+from warm import start_cli
 
 pytestmark = pytest.mark.slow
 DDP = ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"]
@@ -67,14 +66,11 @@ def test_two_nodes_of_one_process_equal_one_process(tmp_path, one_process_valida
     procs = []
     for node in (0, 1):  # separate run folders, as on two machines
         cfg = tiny_config(tmp_path / f"node{node}", data)
-        env = {**os.environ, "PYTHONWARNINGS": "ignore", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-               "NODE_RANK": str(node), "WORLD_SIZE": "2"}
-        env.pop("LOCAL_RANK", None)
-        cmd = [sys.executable, "-m", "focaldet.cli", "validate", "-c", str(cfg), "-c", str(low_thresh),
-               "--trainer.num_nodes", "2", "--trainer.devices", "1", "--trainer.strategy", "ddp",
-               "--trainer.accelerator", "cpu"]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
+        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "NODE_RANK": str(node), "WORLD_SIZE": "2",
+               "LOCAL_RANK": None}
+        procs.append(start_cli("validate", "-c", str(cfg), "-c", str(low_thresh), "--trainer.num_nodes", "2",
+                               "--trainer.devices", "1", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu",
+                               env=env))
     try:
         outs = [p.communicate(timeout=120) for p in procs]
     finally:

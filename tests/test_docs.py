@@ -143,8 +143,9 @@ def test_cli_reference_normalises_known_subclasses_and_finds_subcommands():
 @pytest.mark.slow
 def test_cli_reference_page_is_current():
     """docs/cli.md is what scripts/cli_reference.py writes now: change a command, regenerate."""
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "cli_reference.py"), "--check"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    from warm import start_script
+
+    result = start_script(ROOT / "scripts" / "cli_reference.py", "--check", cwd=ROOT).result(600)
     assert result.returncode == 0, result.stderr[-3000:]
     page = (DOCS / "cli.md").read_text()
     for command in ("fit", "validate", "test", "predict", "data check", "data anchors", "export evaluate",

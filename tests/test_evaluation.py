@@ -280,9 +280,9 @@ def _ddp_worker(rank, world_size, init_file, gt_path, out_dir):
 
 @pytest.mark.slow
 def test_evaluate_distributed_two_processes_equals_one(gt_path, tmp_path):
-    import torch.multiprocessing as mp
+    from warm import spawn
 
-    mp.spawn(_ddp_worker, args=(2, tmp_path / "init", gt_path, tmp_path), nprocs=2)
+    spawn(_ddp_worker, (2, tmp_path / "init", gt_path, tmp_path), nprocs=2)
     single = evaluate_coco(str(gt_path), perfect_results()).stats
     for rank in range(2):
         assert json.loads((tmp_path / f"{rank}.json").read_text()) == pytest.approx(single)

@@ -1,9 +1,6 @@
 """Kill a training process with SIGKILL mid-run and resume it."""
 
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -11,7 +8,8 @@ import torch
 
 from focaldet.engine.checkpoints import resolve_ckpt_path
 
-from helpers import REPO, ckpt_dir, tiny_config
+from helpers import ckpt_dir, run_cli, tiny_config
+from warm import start_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -23,9 +21,8 @@ def test_kill_and_resume(tmp_path, synth_coco):
     every.write_text("trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
                      "      init_args: {every_n_train_steps: 2, save_last: true, filename: 'step-{step}'}\n")
     killed_dir = tmp_path / "run" / "lightning_logs" / "version_0" / "checkpoints"  # the first run's own folder
-    cmd = [sys.executable, "-m", "focaldet.cli", "fit", "-c", str(cfg), "-c", str(every)]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = ["fit", "-c", str(cfg), "-c", str(every)]
+    proc = start_cli(*cmd)  # a process of its own, to kill
     deadline = time.time() + 300
     while not any(killed_dir.glob("step-*.ckpt")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -41,7 +38,7 @@ def test_kill_and_resume(tmp_path, synth_coco):
     killed_at = torch.load(resumable, map_location="cpu", weights_only=False)["global_step"]
     assert 0 < killed_at < steps
 
-    done = subprocess.run(cmd + ["--ckpt_path", "last"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    done = run_cli(*cmd, "--ckpt_path", "last")
     assert done.returncode == 0, done.stderr[-3000:]
     assert ckpt_dir(tmp_path / "run") != killed_dir  # the resumed run writes its own folder
     final = torch.load(ckpt_dir(tmp_path / "run") / "last.ckpt", map_location="cpu", weights_only=False)

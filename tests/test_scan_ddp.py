@@ -47,14 +47,14 @@ def _worker(rank, world, init_file, synth, cache, out_dir):
 
 @pytest.mark.slow
 def test_two_ranks_decode_each_image_once(synth_coco, tmp_path):
-    import torch.multiprocessing as mp
+    from warm import spawn
 
     names = sorted(p.name for p in synth_coco.images.iterdir())
     cache = tmp_path / "cache"
     for job in ("cold", "warm"):
         out = tmp_path / job
         out.mkdir()
-        mp.spawn(_worker, args=(2, tmp_path / f"init-{job}", synth_coco, cache, out), nprocs=2)
+        spawn(_worker, (2, tmp_path / f"init-{job}", synth_coco, cache, out), nprocs=2)
         ranks = [json.loads((out / f"{r}.json").read_text()) for r in range(2)]
         decoded = [n for r in ranks for n in r["decoded"]]
         if job == "cold":  # the train and val scans: every file once, both ranks did a share

@@ -8,7 +8,6 @@ import pathlib
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import json
@@ -23,7 +22,8 @@ from focaldet.modeling import PostProcess
 from focaldet.serve import main as serve_main
 from focaldet.serve import to_json
 
-from helpers import REPO, save_untrained_checkpoint
+from helpers import save_untrained_checkpoint
+from warm import start_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -68,16 +68,13 @@ def test_serve_answers_what_predict_returns(tmp_path, synth_coco):
     assert len(expected) == 10
 
     port = _free_port()
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "focaldet.cli", "serve", "--ckpt_path", str(ckpt),
-                             "--host", "127.0.0.1", "--port", str(port), "--accelerator", "cpu"],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    proc = start_cli("serve", "--ckpt_path", str(ckpt), "--host", "127.0.0.1", "--port", str(port),
+                     "--accelerator", "cpu", env={"CUDA_VISIBLE_DEVICES": ""}, new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert proc.poll() is None, proc.stderr[-2000:]
             try:
                 if _request(f"{url}/health")[0] == 200:
                     break

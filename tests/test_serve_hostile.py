@@ -9,8 +9,6 @@ import json
 import os
 import signal
 import struct
-import subprocess
-import sys
 import time
 import urllib.error
 import zlib
@@ -25,7 +23,7 @@ from focaldet.data.images import MAX_PIXELS
 from focaldet.serve import RequestGuard, body_problem, to_json
 
 import test_serve as base
-from helpers import REPO
+from warm import start_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -151,12 +149,9 @@ def test_hostile_requests_then_sigterm(tmp_path, synth_coco):
     expected_truncated = to_json(det.predict(truncated)[0], det.category_ids, det.names)
 
     port = base._free_port()
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "focaldet.cli", "serve", "--ckpt_path", str(ckpt),
-                             "--port", str(port), "--accelerator", "cpu", "--max_upload_mb", "1",
-                             "--max_pixels", "4000000"],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    proc = start_cli("serve", "--ckpt_path", str(ckpt), "--port", str(port), "--accelerator", "cpu",
+                     "--max_upload_mb", "1", "--max_pixels", "4000000", env={"CUDA_VISIBLE_DEVICES": ""},
+                     new_session=True)
     url = f"http://127.0.0.1:{port}"
     b64 = lambda raw: json.dumps({"image": base64.b64encode(raw).decode()}).encode()  # noqa: E731
     form, form_type = base._multipart("image", image.name, data)
@@ -171,7 +166,7 @@ def test_hostile_requests_then_sigterm(tmp_path, synth_coco):
     try:
         deadline = time.time() + 180
         while time.time() < deadline:
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert proc.poll() is None, proc.stderr[-2000:]
             try:
                 if base._request(f"{url}/health")[0] == 200:
                     break

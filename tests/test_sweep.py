@@ -249,18 +249,15 @@ sys.exit(0 if all(o.status == "ok" for o in outcomes) else 1)
 
 @pytest.mark.slow
 def test_two_processes_on_one_sqlite_study_run_each_cell_once(tmp_path):
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
+
+    from warm import start_script
 
     calls, out = tmp_path / "calls.jsonl", tmp_path / "sw"
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(tests=str(Path(__file__).parent), calls=str(calls), out=str(out)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
-    procs = [subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for _ in range(2)]
-    logs = [p.communicate(timeout=600)[0] for p in procs]
+    procs = [start_script(script) for _ in range(2)]  # two workers, each a process of its own
+    logs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs
     ran = [json.loads(line) for line in calls.read_text().splitlines()]
     assert sorted(cell for _, cell in ran) == sorted(c.name for c in expand_grid([(GAMMA, [0, 2]), (ALPHA, [0.25, 0.75])]))
