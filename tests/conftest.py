@@ -87,6 +87,10 @@ TEST_THREADS = 2
 def pytest_configure(config):
     import torch
 
+    # Lightning's loggers get a StreamHandler of the sys.stderr of their first import: here, the
+    # session's, not the capsys stream of whichever test imports it first (closed after that test)
+    import lightning.pytorch  # noqa: F401
+
     torch.set_num_threads(TEST_THREADS)
 
 

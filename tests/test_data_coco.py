@@ -200,11 +200,13 @@ def test_worker_error_is_one_readable_line(make_coco):
     _assert_one_line_missing_image(str(e.value), images)
 
 
-@pytest.mark.slow  # torch waits ~5 s for a worker to shut down after it raised
+@pytest.mark.slow  # starts a worker process
 def test_worker_error_from_real_dataloader(make_coco):
     ann, images = make_coco(images=[(32, 32)])
     (images / "img_1.jpg").unlink()
-    loader = DataLoader(CocoDetection(ann, images), batch_size=1, num_workers=1, collate_fn=collate_detection)
+    # persistent: told to stop when the iterator goes (others, once one raised, wait out torch's 5 s poll)
+    loader = DataLoader(CocoDetection(ann, images), batch_size=1, num_workers=1, collate_fn=collate_detection,
+                        persistent_workers=True)
     iterator = iter(loader)
     try:
         next(iterator)

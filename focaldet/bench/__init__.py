@@ -19,7 +19,7 @@ Cases::
     data         training data pipeline images/s against decoding the JPEGs alone
     eval         COCO evaluation: faster-coco-eval (focaldet column) vs pycocotools
     memory       peak memory of one training step (CUDA: max_memory_allocated; CPU: peak
-                 RSS growth in a fresh process per side)
+                 RSS growth in a process of its own per side)
     export       the ONNX file through onnxruntime (focaldet column) vs focaldet's PyTorch
                  predict (torchvision column), CPU
     export_int8  the same for the int8 ONNX file (--quantize int8), CPU

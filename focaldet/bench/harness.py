@@ -48,7 +48,7 @@ class Settings:
     # eval
     eval_images: int = 2000
     eval_dets: int = 100
-    # memory: fresh processes per side (median); the measurement repeats to 0.1 MiB
+    # memory: a process of its own per side (median); the measurement repeats to 0.1 MiB
     memory_runs: int = 1
     # harness
     warmup: int = 1

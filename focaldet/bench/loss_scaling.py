@@ -4,12 +4,11 @@ largest count."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
 
 import torch
 
 from focaldet.bench.harness import Case, Settings, compare, log
-from focaldet.bench.memory import MMAP_THRESHOLD, _child_env, _reset_peak_rss, _rss_bytes
+from focaldet.bench.memory import _reset_peak_rss, _rss_bytes, measure_in_own_process
 from focaldet.bench.models import build_criterion, head_outputs
 
 BOX_COUNTS = (10, 100, 500, 2000)  # boxes per image; JSON keys loss_g10 ... loss_g2000
@@ -66,25 +65,21 @@ def _sides(settings: Settings, g: int, n: int, size: int, shared: tuple | None =
     return focaldet_loss, torchvision_loss, clear
 
 
-def _peak_child(settings: Settings, g: int, n: int, size: int, queue) -> None:
-    """Peak RSS growth of one focaldet loss call in a fresh process (see the ``memory`` case)."""
-    try:
-        torch.set_num_threads(1)
-        focaldet_loss, _, clear = _sides(settings, g, n, size)
-        focaldet_loss()  # warm-up: lazily loaded kernels, the anchors' cache
-        clear()
-        before = _rss_bytes("VmRSS")
-        if not _reset_peak_rss():
-            before = max(before, _rss_bytes("VmHWM"))
-        focaldet_loss()
-        queue.put(("ok", _rss_bytes("VmHWM") - before))
-    except BaseException as e:  # report, never hang the parent
-        queue.put(("error", f"{type(e).__name__}: {e}"))
+def _loss_peak(settings: Settings, g: int, n: int, size: int) -> int:
+    """Peak RSS growth in bytes of one focaldet loss call (in its own process, see the ``memory`` case)."""
+    focaldet_loss, _, clear = _sides(settings, g, n, size)
+    focaldet_loss()  # warm-up: lazily loaded kernels, the anchors' cache
+    clear()
+    before = _rss_bytes("VmRSS")
+    if not _reset_peak_rss():
+        before = max(before, _rss_bytes("VmHWM"))
+    focaldet_loss()
+    return _rss_bytes("VmHWM") - before
 
 
 def peak_memory(settings: Settings, g: int, n: int, size: int) -> int:
     """Bytes focaldet's loss (forward + backward) adds at its peak: CUDA max_memory_allocated,
-    on CPU the peak RSS growth in a fresh process."""
+    on CPU the peak RSS growth in a process of its own."""
     if settings.device.startswith("cuda"):
         focaldet_loss, _, clear = _sides(settings, g, n, size)
         focaldet_loss()
@@ -95,16 +90,7 @@ def peak_memory(settings: Settings, g: int, n: int, size: int) -> int:
         focaldet_loss()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with _child_env(MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD)):
-        proc = ctx.Process(target=_peak_child, args=(settings, g, n, size, queue))
-        proc.start()
-    status, value = queue.get(timeout=600)
-    proc.join()
-    if status != "ok":
-        raise RuntimeError(f"loss_scaling memory child failed: {value}")
-    return int(value)
+    return measure_in_own_process(_loss_peak, settings, g, n, size, timeout=600)
 
 
 def case_loss_scaling(settings: Settings) -> dict:

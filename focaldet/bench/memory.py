@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import gc
 import multiprocessing as mp
-import os
 import statistics
 from collections.abc import Callable
 
@@ -41,38 +39,61 @@ def _reset_peak_rss() -> bool:
 # Measured this way the result repeats to 0.1 MiB; with glibc's defaults it scatters by
 # +-30 MB from run to run.
 MMAP_THRESHOLD = 64 * 1024
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+# what the measuring processes import before they are forked (see `measure_in_own_process`)
+PRELOAD = ["torch", "torchvision", "focaldet.bench.models"]
 
 
-@contextlib.contextmanager
-def _child_env(**env: str):
-    """Environment variables set while a child process is started (inherited by it only)."""
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+def _fix_mmap_threshold() -> None:
+    """``mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)`` in this process (glibc; elsewhere nothing)."""
+    import ctypes
+    import ctypes.util
+
     try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        ctypes.CDLL(ctypes.util.find_library("c")).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    except (OSError, AttributeError, TypeError):
+        pass
 
 
-def _memory_child(side: str, settings: Settings, queue) -> None:
-    """One training step of one side in a fresh process; puts the peak RSS growth in bytes."""
+def _measuring_child(target: Callable, args: tuple, queue) -> None:
     try:
+        _fix_mmap_threshold()
         torch.set_num_threads(1)  # the peak then cannot depend on how threads interleave
-        settings = copy.copy(settings)
-        settings.verbose = False
-        step, warm_up = _train_step_fn(side, settings)
-        warm_up()
-        before = _rss_bytes("VmRSS")
-        if not _reset_peak_rss():
-            before = max(before, _rss_bytes("VmHWM"))  # growth is then a lower bound
-        step()
-        queue.put(("ok", _rss_bytes("VmHWM") - before))
+        queue.put(("ok", target(*args)))
     except BaseException as e:  # report, never hang the parent
         queue.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def measure_in_own_process(target: Callable[..., int], *args, timeout: float = 1800) -> int:
+    """``target(*args)`` (a peak in bytes) in a process of its own, so that neither side's
+    allocator state or caches affect the other: forked from multiprocessing's fork server,
+    which imported torch and torchvision once (``PRELOAD``; ``spawn`` where there is none), with
+    glibc's mmap threshold fixed and 1 intra-op thread. An error in it is raised here."""
+    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    ctx = mp.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(PRELOAD)  # read when the server starts (one per bench run)
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_measuring_child, args=(target, args, queue))
+    proc.start()
+    status, value = queue.get(timeout=timeout)
+    proc.join()
+    if status != "ok":
+        raise RuntimeError(f"{getattr(target, '__name__', target)} failed in its process: {value}")
+    return int(value)
+
+
+def _step_peak(side: str, settings: Settings) -> int:
+    """Peak RSS growth in bytes of one training step of one side (in its own process)."""
+    settings = copy.copy(settings)
+    settings.verbose = False
+    step, warm_up = _train_step_fn(side, settings)
+    warm_up()
+    before = _rss_bytes("VmRSS")
+    if not _reset_peak_rss():
+        before = max(before, _rss_bytes("VmHWM"))  # growth is then a lower bound
+    step()
+    return _rss_bytes("VmHWM") - before
 
 
 def _train_step_fn(side: str, settings: Settings) -> tuple[Callable[[], None], Callable[[], None]]:
@@ -114,8 +135,8 @@ def _train_step_fn(side: str, settings: Settings) -> tuple[Callable[[], None], C
 
 def case_memory(settings: Settings) -> dict[str, float]:
     """Peak memory of one training step: CUDA ``max_memory_allocated`` growth (in process),
-    or on CPU the peak RSS growth (VmHWM after - VmRSS before) in a fresh spawned process
-    per side, so that neither side's allocator state or caches affect the other."""
+    or on CPU the peak RSS growth (VmHWM after - VmRSS before) in a process of its own per
+    side (`measure_in_own_process`)."""
     peaks: dict[str, int] = {}
     if settings.device.startswith("cuda"):
         for side in ("focaldet", "torchvision"):
@@ -133,24 +154,16 @@ def case_memory(settings: Settings) -> dict[str, float]:
             torch.cuda.empty_cache()
         method = "CUDA max_memory_allocated growth of one step, after a 64 px warm-up step"
     else:
-        ctx = mp.get_context("spawn")
         runs = max(1, settings.memory_runs)
         samples: dict[str, list[int]] = {"focaldet": [], "torchvision": []}
         for i in range(runs):
             for side in (("focaldet", "torchvision") if i % 2 == 0 else ("torchvision", "focaldet")):
-                queue = ctx.Queue()
-                proc = ctx.Process(target=_memory_child, args=(side, settings, queue))
-                with _child_env(MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD)):
-                    proc.start()
-                status, value = queue.get(timeout=1800)
-                proc.join()
-                if status != "ok":
-                    raise RuntimeError(f"memory child ({side}) failed: {value}")
-                samples[side].append(int(value))
+                value = measure_in_own_process(_step_peak, side, settings)
+                samples[side].append(value)
                 log(settings, f"memory: run {i + 1}/{runs} {side}: peak RSS growth {value / 2**20:.1f} MiB "
-                               "(fresh process, 1 thread)")
+                               "(own process, 1 thread)")
         peaks = {side: int(statistics.median(v)) for side, v in samples.items()}
-        method = "peak RSS growth of one step (fresh process per side, see docs/benchmarks.md)"
+        method = "peak RSS growth of one step (own process per side, see docs/benchmarks.md)"
     settings.notes["memory"] = method
     return {"focaldet": peaks["focaldet"], "torchvision": peaks["torchvision"],
             "ratio": peaks["torchvision"] / max(peaks["focaldet"], 1)}
