@@ -73,7 +73,7 @@ def _child(target: Callable[..., int | None], args: tuple, argv: list[str], cwd:
     os.dup2(null, 0)
     sys.stdout.reconfigure(line_buffering=True)  # PYTHONUNBUFFERED, as the tests' processes had
     sys.stderr.reconfigure(line_buffering=True)
-    if env.get("PYTHONWARNINGS"):
+    if env.get("PYTHONWARNINGS") in ("ignore", "default", "error", "always", "module", "once"):
         warnings.simplefilter(env["PYTHONWARNINGS"])  # read at interpreter start, which a fork skips
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
