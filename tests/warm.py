@@ -10,9 +10,9 @@ and stdout/stderr (files), with the test's ``cwd`` and environment, running
 (no tensor is computed, no thread pool is started before a fork), as a DataLoader's workers
 are forked after their parent's imports.
 
-What a fork does not reproduce is a clean interpreter's start: tests of that (``focaldet
---help``'s start-up time, what ``import focaldet.data.cli`` imports, the one-line error of a
-broken install) start real processes. ``sys.argv[0]`` is the ``focaldet`` console script, so
+What a fork does not reproduce is a clean interpreter's start: the tests of that (``focaldet
+--help`` with its reader gone, what ``import focaldet.data.cli`` imports, the import layers)
+start real processes. ``sys.argv[0]`` is the ``focaldet`` console script, so
 Lightning's DDP launcher starts the other ranks as ``python .venv/bin/focaldet ARGS``, as it
 does for a user: those ranks are fresh processes.
 """
@@ -71,6 +71,7 @@ def _child(target: Callable[..., int | None], args: tuple, argv: list[str], cwd:
         os.close(file)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
+    os.close(null)
     sys.stdout.reconfigure(line_buffering=True)  # PYTHONUNBUFFERED, as the tests' processes had
     sys.stderr.reconfigure(line_buffering=True)
     if env.get("PYTHONWARNINGS") in ("ignore", "default", "error", "always", "module", "once"):
