@@ -52,8 +52,6 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu", mma
     ``CheckpointError`` naming it (zero bytes, truncated, random bytes, a damaged pickle, not
     a checkpoint dict)."""
     path = Path(path)
-    if path.is_file() and path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path}: empty file (0 bytes), not a checkpoint")
     try:  # the reader of focaldet.load and init_weights: the same file gets the same message
         ckpt = read_weights_file(path, "checkpoint", map_location=map_location, mmap=mmap)
     except UnsafeFileError:

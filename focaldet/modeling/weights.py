@@ -51,6 +51,8 @@ def not_torch_save_reason(path: Path) -> str | None:
     advice for a file that is something else entirely."""
     with open(path, "rb") as f:
         magic = f.read(4)
+    if not magic:
+        return "empty file (0 bytes)"
     if magic.startswith(b"PK") or magic[:1] == b"\x80":
         return None
     return f"not a readable PyTorch file (neither a zip archive nor a pickle: it starts with {magic!r})"
