@@ -4,11 +4,10 @@ largest count."""
 
 from __future__ import annotations
 
-
 import torch
 
 from focaldet.bench.harness import Case, Settings, compare, log
-from focaldet.bench.memory import _reset_peak_rss, _rss_bytes, measure_in_own_process
+from focaldet.bench.memory import peak_rss_growth
 from focaldet.bench.models import build_criterion, head_outputs
 
 BOX_COUNTS = (10, 100, 500, 2000)  # boxes per image; JSON keys loss_g10 ... loss_g2000
@@ -65,32 +64,26 @@ def _sides(settings: Settings, g: int, n: int, size: int, shared: tuple | None =
     return focaldet_loss, torchvision_loss, clear
 
 
-def _loss_peak(settings: Settings, g: int, n: int, size: int) -> int:
-    """Peak RSS growth in bytes of one focaldet loss call (in its own process, see the ``memory`` case)."""
+def _warm_loss(settings: Settings, g: int, n: int, size: int):
+    """focaldet's loss call, warmed up (lazily loaded kernels, the anchors' cache), gradients cleared."""
     focaldet_loss, _, clear = _sides(settings, g, n, size)
-    focaldet_loss()  # warm-up: lazily loaded kernels, the anchors' cache
-    clear()
-    before = _rss_bytes("VmRSS")
-    if not _reset_peak_rss():
-        before = max(before, _rss_bytes("VmHWM"))
     focaldet_loss()
-    return _rss_bytes("VmHWM") - before
+    clear()
+    return focaldet_loss
 
 
 def peak_memory(settings: Settings, g: int, n: int, size: int) -> int:
     """Bytes focaldet's loss (forward + backward) adds at its peak: CUDA max_memory_allocated,
     on CPU the peak RSS growth in a process of its own."""
     if settings.device.startswith("cuda"):
-        focaldet_loss, _, clear = _sides(settings, g, n, size)
-        focaldet_loss()
-        clear()
+        focaldet_loss = _warm_loss(settings, g, n, size)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         focaldet_loss()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
-    return measure_in_own_process(_loss_peak, settings, g, n, size, timeout=600)
+    return peak_rss_growth(_warm_loss, settings, g, n, size, timeout=600)
 
 
 def case_loss_scaling(settings: Settings) -> dict:

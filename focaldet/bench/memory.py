@@ -7,6 +7,7 @@ import gc
 import multiprocessing as mp
 import statistics
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -40,7 +41,7 @@ def _reset_peak_rss() -> bool:
 # +-30 MB from run to run.
 MMAP_THRESHOLD = 64 * 1024
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
-# what the measuring processes import before they are forked (see `measure_in_own_process`)
+# what the measuring processes import before they are forked (see `peak_rss_growth`)
 PRELOAD = ["torch", "torchvision", "focaldet.bench.models"]
 
 
@@ -55,17 +56,23 @@ def _fix_mmap_threshold() -> None:
         pass
 
 
-def _measuring_child(target: Callable, args: tuple, queue) -> None:
+def _measuring_child(prepare: Callable, args: tuple, queue) -> None:
     try:
         _fix_mmap_threshold()
         torch.set_num_threads(1)  # the peak then cannot depend on how threads interleave
-        queue.put(("ok", target(*args)))
+        run = prepare(*args)
+        before = _rss_bytes("VmRSS")
+        if not _reset_peak_rss():
+            before = max(before, _rss_bytes("VmHWM"))  # growth is then a lower bound
+        run()
+        queue.put(("ok", _rss_bytes("VmHWM") - before))
     except BaseException as e:  # report, never hang the parent
         queue.put(("error", f"{type(e).__name__}: {e}"))
 
 
-def measure_in_own_process(target: Callable[..., int], *args, timeout: float = 1800) -> int:
-    """``target(*args)`` (a peak in bytes) in a process of its own, so that neither side's
+def peak_rss_growth(prepare: Callable[..., Callable[[], Any]], *args, timeout: float = 1800) -> int:
+    """Bytes the peak RSS grows by while ``prepare(*args)()`` runs, in a process of its own
+    (``prepare`` builds and warms up; what it returns is measured), so that neither side's
     allocator state or caches affect the other: forked from multiprocessing's fork server,
     which imported torch and torchvision once (``PRELOAD``; ``spawn`` where there is none), with
     glibc's mmap threshold fixed and 1 intra-op thread. An error in it is raised here."""
@@ -74,26 +81,22 @@ def measure_in_own_process(target: Callable[..., int], *args, timeout: float = 1
     if method == "forkserver":
         ctx.set_forkserver_preload(PRELOAD)  # read when the server starts (one per bench run)
     queue = ctx.Queue()
-    proc = ctx.Process(target=_measuring_child, args=(target, args, queue))
+    proc = ctx.Process(target=_measuring_child, args=(prepare, args, queue))
     proc.start()
     status, value = queue.get(timeout=timeout)
     proc.join()
     if status != "ok":
-        raise RuntimeError(f"{getattr(target, '__name__', target)} failed in its process: {value}")
+        raise RuntimeError(f"{getattr(prepare, '__name__', prepare)} failed in its process: {value}")
     return int(value)
 
 
-def _step_peak(side: str, settings: Settings) -> int:
-    """Peak RSS growth in bytes of one training step of one side (in its own process)."""
+def _warm_step(side: str, settings: Settings) -> Callable[[], None]:
+    """One training step of one side, warmed up (for `peak_rss_growth`)."""
     settings = copy.copy(settings)
     settings.verbose = False
     step, warm_up = _train_step_fn(side, settings)
     warm_up()
-    before = _rss_bytes("VmRSS")
-    if not _reset_peak_rss():
-        before = max(before, _rss_bytes("VmHWM"))  # growth is then a lower bound
-    step()
-    return _rss_bytes("VmHWM") - before
+    return step
 
 
 def _train_step_fn(side: str, settings: Settings) -> tuple[Callable[[], None], Callable[[], None]]:
@@ -136,7 +139,7 @@ def _train_step_fn(side: str, settings: Settings) -> tuple[Callable[[], None], C
 def case_memory(settings: Settings) -> dict[str, float]:
     """Peak memory of one training step: CUDA ``max_memory_allocated`` growth (in process),
     or on CPU the peak RSS growth (VmHWM after - VmRSS before) in a process of its own per
-    side (`measure_in_own_process`)."""
+    side (`peak_rss_growth`)."""
     peaks: dict[str, int] = {}
     if settings.device.startswith("cuda"):
         for side in ("focaldet", "torchvision"):
@@ -158,7 +161,7 @@ def case_memory(settings: Settings) -> dict[str, float]:
         samples: dict[str, list[int]] = {"focaldet": [], "torchvision": []}
         for i in range(runs):
             for side in (("focaldet", "torchvision") if i % 2 == 0 else ("torchvision", "focaldet")):
-                value = measure_in_own_process(_step_peak, side, settings)
+                value = peak_rss_growth(_warm_step, side, settings)
                 samples[side].append(value)
                 log(settings, f"memory: run {i + 1}/{runs} {side}: peak RSS growth {value / 2**20:.1f} MiB "
                                "(own process, 1 thread)")
