@@ -125,6 +125,28 @@ def save_untrained_checkpoint(path: Path, label_map: dict, inputs: dict, fpn_cha
     return path
 
 
+def first_batch_error(loader) -> BaseException:
+    """The exception ``next(iter(loader))`` raises (the test fails when none). Its traceback,
+    which holds the iterator, is dropped here, and the iterator with it: freed later by a
+    garbage collection, an iterator whose worker raised makes torch wait its 5 s poll for that
+    worker, in whichever test runs then."""
+    import pytest
+
+    iterator = iter(loader)
+    try:
+        next(iterator)
+    except Exception as e:
+        error = e
+    else:
+        pytest.fail("the first batch raised nothing")
+    cause = error
+    while cause is not None:  # the chain's tracebacks hold the iterator's frames
+        cause.__traceback__ = None
+        cause = cause.__cause__ or cause.__context__
+    del iterator
+    return error
+
+
 def ckpt_dir(run_dir: Path) -> Path:
     """The checkpoint folder of the newest run under ``run_dir`` (``trainer.default_root_dir``):
     each run writes its own, ``lightning_logs/version_N/checkpoints``."""

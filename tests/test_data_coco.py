@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import warnings
 
@@ -22,6 +21,8 @@ from focaldet.data import (
 )
 from focaldet.data.transforms import ResizeShortestEdge
 from focaldet.errors import DataError
+
+from helpers import first_batch_error
 
 # ----------------------------------------------------------------------------- LabelMap
 
@@ -204,18 +205,10 @@ def test_worker_error_is_one_readable_line(make_coco):
 def test_worker_error_from_real_dataloader(make_coco):
     ann, images = make_coco(images=[(32, 32)])
     (images / "img_1.jpg").unlink()
-    # persistent: told to stop when the iterator goes (others, once one raised, wait out torch's 5 s poll)
-    loader = DataLoader(CocoDetection(ann, images), batch_size=1, num_workers=1, collate_fn=collate_detection,
-                        persistent_workers=True)
-    iterator = iter(loader)
-    try:
-        next(iterator)
-    except DataError as e:
-        message = str(e)
-    else:
-        pytest.fail("no DataError")
-    del iterator
-    gc.collect()  # shut the worker down here, not during a later test
+    error = first_batch_error(DataLoader(CocoDetection(ann, images), batch_size=1, num_workers=1,
+                                         collate_fn=collate_detection))
+    assert isinstance(error, DataError)
+    message = str(error)
     _assert_one_line_missing_image(message, images)
 
 

@@ -30,7 +30,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
+
 # what `focaldet fit | validate | export | serve | sweep` import; a module missing here is
 # imported by the child itself (slower, still correct)
 PRELOAD = ["torch", "lightning.pytorch", "focaldet.cli", "focaldet.engine.lightning_cli", "focaldet.export.cli",
