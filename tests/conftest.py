@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-import json
+import os
+
+# Idle OpenMP threads sleep instead of spinning (libgomp's default spins for a while after each
+# parallel region): on CI's 2 cores a spinning thread of the test process takes the CPU from the
+# processes beside it (background jobs, DDP ranks, servers). Read when torch loads libgomp, so
+# set before any import of torch; forked processes inherit it. Measured: the suite 330 s -> 305 s.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import json  # noqa: E402
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +20,8 @@ import numpy as np
 import pytest
 
 from focaldet.data.synth import SyntheticCoco, write_synthetic_coco
+
+from background import JOBS, Jobs
 
 # shared/ sits beside the repository (here and in CI).
 BCCD_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "bccd"
@@ -99,12 +109,12 @@ def pytest_collection_modifyitems(config, items):
 
     import torch
 
-    if torch.cuda.is_available() or os.environ.get(GPU_TESTS_DEVICE_ENV):
-        return
-    skip = pytest.mark.skip(reason=f"needs CUDA (or {GPU_TESTS_DEVICE_ENV}=cpu for a dry run)")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    if not (torch.cuda.is_available() or os.environ.get(GPU_TESTS_DEVICE_ENV)):
+        skip = pytest.mark.skip(reason=f"needs CUDA (or {GPU_TESTS_DEVICE_ENV}=cpu for a dry run)")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+    _order_around_the_background(items)
 
 
 def pytest_collection_finish(session):
@@ -132,53 +142,70 @@ def _image_scan_cache(tmp_path_factory: pytest.TempPathFactory):
 
 
 # ----------------------------------------------------------------------------- one trained run, one export
-# The tests that need a trained model or an exported file share these: one `focaldet fit` and
-# one `focaldet export` per format for the whole session (docs/testing.md).
-TINY_LOW_THRESH = {"class_path": "focaldet.models.PostProcess",
-                   "init_args": {"score_thresh": 0.02, "detections_per_img": 30}}
+# The tests that need a trained model or an exported file share these: one `focaldet fit`, one
+# `focaldet export` per format and one MobileNetV3 ONNX file for the whole session, built in a
+# process of their own while the other tests run (tests/background.py, docs/testing.md).
+def _jobs_used(item) -> list[str]:
+    """The background jobs a test uses (none when it is skipped: `gpu` tests without CUDA)."""
+    if item.get_closest_marker("skip") is not None:
+        return []
+    return [f for f in getattr(item, "fixturenames", ()) if f in JOBS]
+
+
+def _module_order(items) -> dict[str, tuple[int, bool]]:
+    """Per test module: the position in `JOBS` of the last background job its tests use (-1:
+    none), and whether any of its tests is marked slow."""
+    order = list(JOBS)
+    keys: dict[str, tuple[int, bool]] = {}
+    for item in items:
+        rank, slow = keys.get(item.module.__name__, (-1, False))
+        used = [order.index(f) for f in _jobs_used(item)]
+        keys[item.module.__name__] = (max([rank, *used]), slow or item.get_closest_marker("slow") is not None)
+    return keys
+
+
+def _order_around_the_background(items) -> None:
+    """Modules of fast tests first (they run beside the background jobs, which take a core for
+    a minute or two), then those with slow tests, then those that use a background job, in
+    `JOBS` order; a module's tests stay together (its module-scoped fixtures are built once)."""
+    keys = _module_order(items)
+    items.sort(key=lambda item: keys[item.module.__name__])  # stable
+
+
+@pytest.fixture(autouse=True, scope="session")
+def background(request, tmp_path_factory, _image_scan_cache) -> Jobs:
+    """The session's `Jobs`, started at the first test with the jobs the selected tests use."""
+    needed = {f for item in request.session.items for f in _jobs_used(item)}
+    jobs = Jobs(tmp_path_factory.mktemp("background"), request.getfixturevalue("synth_coco") if needed else None)
+    jobs.start(needed, TEST_THREADS)
+    yield jobs
+    jobs.stop()
+
+
+def _paths(result: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: Path(v) if k in keys else v for k, v in result.items()}
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory, synth_coco: SyntheticCoco) -> dict[str, Path]:
+def tiny_run(background: Jobs) -> dict[str, Path]:
     """``focaldet fit`` of the tiny config for 40 AdamW steps at 96-128 px (batches of 3),
-    keeping detections down to score 0.02: ``{"cfg", "ckpt" (last.ckpt), "root"}``. Read-only."""
-    from focaldet.cli import main
-
-    from helpers import ckpt_dir, tiny_config
-
-    root = tmp_path_factory.mktemp("tiny_run")
-    cfg = tiny_config(root, synth_coco, **{"trainer.max_steps": 40, "trainer.val_check_interval": 40,
-                                           "model.optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.001}},
-                                           "model.base_batch_size": 2, "model.lr_scheduler.init_args.warmup_iters": 5,
-                                           "model.model.postprocess": TINY_LOW_THRESH,
-                                           "data.min_size": 96, "data.max_size": 128, "data.batch_size": 3})
-    assert main(["fit", "-c", str(cfg)]) == 0
-    return {"cfg": cfg, "ckpt": ckpt_dir(root / "run") / "last.ckpt", "root": root}
-
-
-def _export_tiny_run(tiny_run: dict[str, Path], fmt: str, out: Path) -> dict[str, Any]:
-    """``focaldet export --ckpt_path <tiny_run> --format FMT --output OUT``: ``{"path", "stdout", "status"}``."""
-    import contextlib
-    import io
-
-    from focaldet.export.cli import main as export_main
-
-    stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
-        status = export_main(["--ckpt_path", str(tiny_run["ckpt"]), "--format", fmt, "--output", str(out)])
-    return {"path": out, "stdout": stdout.getvalue(), "status": status}
+    keeping detections down to score 0.02 (`artifacts.fit_tiny_run`): ``{"cfg", "ckpt"
+    (last.ckpt), "root"}``. Read-only."""
+    return _paths(background.result("tiny_run"), "cfg", "ckpt", "root")
 
 
 @pytest.fixture(scope="session")
-def tiny_pt2(tmp_path_factory: pytest.TempPathFactory, tiny_run: dict[str, Path]) -> dict[str, Any]:
-    """`tiny_run`'s checkpoint through ``focaldet export --format torch_export``. Read-only."""
-    return _export_tiny_run(tiny_run, "torch_export", tmp_path_factory.mktemp("tiny_pt2") / "model.pt2")
+def tiny_pt2(background: Jobs) -> dict[str, Any]:
+    """`tiny_run`'s checkpoint through ``focaldet export --format torch_export``: ``{"path",
+    "stdout", "status"}``. Read-only."""
+    return _paths(background.result("tiny_pt2"), "path")
 
 
 @pytest.fixture(scope="session")
-def tiny_onnx(tmp_path_factory: pytest.TempPathFactory, tiny_run: dict[str, Path]) -> dict[str, Any]:
-    """`tiny_run`'s checkpoint through ``focaldet export --format onnx``. Read-only."""
-    return _export_tiny_run(tiny_run, "onnx", tmp_path_factory.mktemp("tiny_onnx") / "model.onnx")
+def tiny_onnx(background: Jobs) -> dict[str, Any]:
+    """`tiny_run`'s checkpoint through ``focaldet export --format onnx``: ``{"path", "stdout",
+    "status"}``. Read-only."""
+    return _paths(background.result("tiny_onnx"), "path")
 
 
 @pytest.fixture(scope="session")
@@ -187,3 +214,15 @@ def tiny_pt2_detector(tiny_pt2: dict[str, Any]):
     from focaldet.export.runtime import ExportedDetector
 
     return ExportedDetector(tiny_pt2["path"])
+
+
+@pytest.fixture(scope="session")
+def mobilenet_onnx(background: Jobs) -> Path:
+    """`artifacts.mobilenet_detector` exported to ONNX (category ids 1, 2, 3). Read-only."""
+    return Path(background.result("mobilenet_onnx")["path"])
+
+
+@pytest.fixture(scope="session")
+def walkthrough(background: Jobs) -> dict[str, Any]:
+    """docs/own-data.md's walkthrough run as written (`test_own_data_walkthrough.run_walkthrough`)."""
+    return background.result("walkthrough")

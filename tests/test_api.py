@@ -20,7 +20,7 @@ from focaldet.evaluation import detections_to_coco, evaluate_coco
 from focaldet.config.inputs import InputSettings
 from focaldet.engine.module import RetinaNetModule
 
-from conftest import TINY_LOW_THRESH
+from artifacts import TINY_LOW_THRESH
 
 pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.slow]  # every test reads the shared trained run
 

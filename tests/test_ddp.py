@@ -44,10 +44,23 @@ def one_process_validation(tmp_path_factory):
 
 
 def test_validate_on_two_processes_equals_one(tmp_path, one_process_validation):
+    """Both ranks started as ``torchrun --nproc_per_node 2 focaldet validate ...`` starts them
+    (its environment variables; Lightning's own launcher is the other tests')."""
     data, low_thresh, one = one_process_validation
     cfg = tiny_config(tmp_path / "two", data)
-    proc = run_cli("validate", "-c", str(cfg), "-c", str(low_thresh), *DDP)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    port = str(_free_port())
+    procs = [start_cli("validate", "-c", str(cfg), "-c", str(low_thresh), *DDP,
+                       env={"TORCHELASTIC_RUN_ID": "focaldet-test", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                            "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
+                            "GROUP_RANK": "0", "NODE_RANK": None})
+             for rank in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
     assert _val_metrics(tmp_path / "two" / "run") == one
 
 

@@ -1,14 +1,20 @@
 """docs/own-data.md, "Train on your own data": its walkthrough commands, read from the page and
 run as written, top to bottom, on a dataset of one COCO JSON (the tiny synthetic set merged),
 in a folder laid out as the page says. The training commands get tiny sizes and steps added
-(and no ImageNet download: the tests are offline)."""
+(and no ImageNet download: the tests are offline). The commands run in a process of their own
+while other tests run (the `walkthrough` background job); the test reads what they printed
+and wrote."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 import shlex
 import shutil
+import warnings
+from pathlib import Path
 
 import pytest
 
@@ -43,35 +49,45 @@ def _one_json(synth, path):
     return len(train["images"]) + len(val["images"])
 
 
-def test_the_walkthrough_runs_as_written(tmp_path, synth_coco, monkeypatch, capsys):
-    photos = tmp_path / "data" / "photos"
+def run_walkthrough(root: Path, synth, done: dict) -> dict:
+    """The page's commands in ``root``, as written, in a folder laid out as the page says:
+    ``{"root", "num_images", "outputs"}`` (each command's stdout). A background job
+    (tests/background.py): the test process asserts."""
+    photos = root / "data" / "photos"
     photos.mkdir(parents=True)
-    num_images = _one_json(synth_coco, photos / "annotations.json")
-    (photos / "images").symlink_to(synth_coco.images)
-    (tmp_path / "configs").symlink_to(REPO / "configs")
-    (tmp_path / "new_photos").mkdir()
-    for image in sorted(synth_coco.images.glob("*.jpg"))[:3]:
-        shutil.copy(image, tmp_path / "new_photos")
-    monkeypatch.chdir(tmp_path)
-
+    num_images = _one_json(synth, photos / "annotations.json")
+    (photos / "images").symlink_to(synth.images)
+    (root / "configs").symlink_to(REPO / "configs")
+    (root / "new_photos").mkdir()
+    for image in sorted(synth.images.glob("*.jpg"))[:3]:
+        shutil.copy(image, root / "new_photos")
     commands = walkthrough_commands()
     assert [c[0] for c in commands] == ["data", "data", "fit", "validate", "predict", "export", "export"]
     outputs = []
-    for argv in commands:
-        extra = TINY if argv[0] in ("fit", "validate", "predict") else []
-        capsys.readouterr()
-        assert main([*argv, *extra]) == 0, argv
-        outputs.append(capsys.readouterr().out)
+    with contextlib.chdir(root), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for argv in commands:
+            extra = TINY if argv[0] in ("fit", "validate", "predict") else []
+            stdout = io.StringIO()
+            with contextlib.redirect_stdout(stdout):
+                status = main([*argv, *extra])
+            assert status == 0, (argv, stdout.getvalue()[-3000:])
+            outputs.append(stdout.getvalue())
+    return {"root": str(root), "num_images": num_images, "outputs": outputs}
 
-    check, split, _, validate, _, _, evaluate = outputs
+
+def test_the_walkthrough_runs_as_written(walkthrough):
+    root, num_images = Path(walkthrough["root"]), walkthrough["num_images"]
+    photos = root / "data" / "photos"
+    check, split, _, validate, _, _, evaluate = walkthrough["outputs"]
     assert "anchor coverage" in check and "result: OK" in check
     parts = {s: json.loads((photos / "splits" / f"{s}.json").read_text()) for s in ("train", "val")}
     assert len(parts["val"]["images"]) == round(0.2 * num_images)
     assert len(parts["train"]["images"]) + len(parts["val"]["images"]) == num_images
     assert "COCO bbox evaluation (val" in validate
-    runs = tmp_path / "runs" / "photos" / "lightning_logs"
+    runs = root / "runs" / "photos" / "lightning_logs"
     assert (runs / "version_0" / "checkpoints" / "last.ckpt").is_file()  # fit: the path export reads
     predictions = json.loads((runs / "version_2" / "predictions.json").read_text())  # predict: its own folder
-    assert {p["file_name"] for p in predictions} <= {p.name for p in (tmp_path / "new_photos").iterdir()}
-    assert (tmp_path / "photos.onnx").is_file()
+    assert {p["file_name"] for p in predictions} <= {p.name for p in (root / "new_photos").iterdir()}
+    assert (root / "photos.onnx").is_file()
     assert re.search(r"^mAP\s+\d\.\d{4}$", evaluate, re.M)
