@@ -2,7 +2,7 @@
 
 They are single-threaded work: an ONNX export is 15-25 s of Python tracing (``torch.export``,
 then the ONNX exporter's decompositions), the tiny training run and the ``.pt2`` export about
-8 s each, the own-data walkthrough 20 s. On CI's 2 cores the tests keep computing on one while
+8 s each, the own-data walkthrough 20 s, the quick benchmark 16 s. On CI's 2 cores the tests keep computing on one while
 this process works on the other.
 
 `Jobs.start(names)` forks one process from the import server (`warm.run_in_child`) that builds
@@ -35,6 +35,7 @@ JOBS: dict[str, tuple[str, tuple[str, ...]]] = {
     "tiny_onnx": ("artifacts:export_tiny_onnx", ("tiny_run",)),
     "mobilenet_onnx": ("artifacts:export_mobilenet", ()),
     "walkthrough": ("test_own_data_walkthrough:run_walkthrough", ()),
+    "bench_quick": ("test_bench:run_quick_bench", ()),
 }
 
 

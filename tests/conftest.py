@@ -226,3 +226,9 @@ def mobilenet_onnx(background: Jobs) -> Path:
 def walkthrough(background: Jobs) -> dict[str, Any]:
     """docs/own-data.md's walkthrough run as written (`test_own_data_walkthrough.run_walkthrough`)."""
     return background.result("walkthrough")
+
+
+@pytest.fixture(scope="session")
+def bench_quick(background: Jobs) -> dict[str, Any]:
+    """``focaldet bench --quick`` of every case but the exports (`test_bench.run_quick_bench`)."""
+    return background.result("bench_quick")

@@ -4,6 +4,7 @@ No timing is asserted (the numbers depend on the machine); see docs/benchmarks.m
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,15 +43,27 @@ def test_synthetic_eval_data_is_valid_coco():
     assert {r["category_id"] for r in results} <= {c["id"] for c in dataset["categories"]}
 
 
+QUICK_CASES = [c for c in bench.CASES if not c.startswith("export")]  # a minute or more to write ResNet-50's ONNX file
+
+
+def run_quick_bench(out: Path, synth, done: dict) -> dict:
+    """``focaldet bench --quick`` of every case but the exports, writing a JSON and a plot into
+    ``out``: a background job (tests/background.py), its numbers read by the test below."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*degenerate box")  # BCCD has one, in the data case
+        status = bench.main(["--quick", "--quiet", "--device", "cpu", "--cases", ",".join(QUICK_CASES),
+                             "--json", str(out / "bench.json"), "--plot", str(out / "ratios.png")])
+    return {"status": status, "json": str(out / "bench.json"), "plot": str(out / "ratios.png")}
+
+
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:.*degenerate box")  # BCCD has one, in the data case
-def test_quick_run_writes_json_with_every_case(tmp_path):
-    out, plot = tmp_path / "bench.json", tmp_path / "ratios.png"
-    cases = [c for c in bench.CASES if not c.startswith("export")]  # a minute or more to write ResNet-50's ONNX file
-    assert bench.main(["--quick", "--quiet", "--device", "cpu", "--cases", ",".join(cases), "--json", str(out),
-                       "--plot", str(plot)]) == 0
-    assert plot.read_bytes().startswith(b"\x89PNG")
-    results = json.loads(out.read_text())
+def test_quick_run_writes_json_with_every_case(bench_quick):
+    assert bench_quick["status"] == 0
+    assert Path(bench_quick["plot"]).read_bytes().startswith(b"\x89PNG")
+    results = json.loads(Path(bench_quick["json"]).read_text())
+    cases = QUICK_CASES
     assert list(results) == cases
     for case, r in results.items():
         assert {"focaldet", "torchvision", "ratio"} <= set(r), case  # loss_scaling adds its own keys

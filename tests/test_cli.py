@@ -185,3 +185,12 @@ def test_the_command_prints_one_line_and_exits_non_zero(tmp_path, synth_coco):
     err = proc.stderr.strip().splitlines()
     assert err[-1].startswith("focaldet: error: ") and "nope.json" in err[-1]
     assert "Traceback" not in proc.stderr
+
+
+def test_the_parser_is_built_for_the_subcommand_the_command_line_runs():
+    """Only that subcommand's parser is built (`FocaldetCLI.subcommands`), found past ``-c FILE``."""
+    from focaldet.engine.lightning_cli import _subcommand_of
+
+    assert _subcommand_of(["fit", "-c", "a.yaml"]) == "fit"
+    assert _subcommand_of(["-c", "fit", "validate", "--ckpt_path", "last"]) == "validate"
+    assert _subcommand_of(["--config", "x.yaml"]) is None and _subcommand_of([]) is None
