@@ -11,7 +11,7 @@ import torch
 from focaldet.cli import main
 from focaldet.data.synth import write_synthetic_coco
 
-from helpers import ckpt_dir, run_cli, tiny_config
+from helpers import ckpt_dir, tiny_config
 from warm import start_cli
 
 pytestmark = pytest.mark.slow
@@ -44,24 +44,29 @@ def one_process_validation(tmp_path_factory):
 
 
 def test_validate_on_two_processes_equals_one(tmp_path, one_process_validation):
-    """Both ranks started as ``torchrun --nproc_per_node 2 focaldet validate ...`` starts them
-    (its environment variables; Lightning's own launcher is the other tests')."""
     data, low_thresh, one = one_process_validation
     cfg = tiny_config(tmp_path / "two", data)
+    _torchrun("validate", "-c", str(cfg), "-c", str(low_thresh), *DDP)
+    assert _val_metrics(tmp_path / "two" / "run") == one
+
+
+def _torchrun(*args: str) -> None:
+    """``focaldet ARGS`` on 2 ranks started as ``torchrun --nproc_per_node 2`` starts them (its
+    environment variables; forked processes, `warm`): each must end with 0. Lightning's own
+    launcher, which starts rank 1 as a fresh ``python .venv/bin/focaldet ARGS``, is
+    `test_an_error_on_one_rank_ends_every_rank_with_its_message`'s."""
     port = str(_free_port())
-    procs = [start_cli("validate", "-c", str(cfg), "-c", str(low_thresh), *DDP,
-                       env={"TORCHELASTIC_RUN_ID": "focaldet-test", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-                            "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
-                            "GROUP_RANK": "0", "NODE_RANK": None})
+    procs = [start_cli(*args, env={"TORCHELASTIC_RUN_ID": "focaldet-test", "MASTER_ADDR": "127.0.0.1",
+                                   "MASTER_PORT": port, "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
+                                   "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0", "NODE_RANK": None})
              for rank in (0, 1)]
     try:
         outs = [p.communicate(timeout=120) for p in procs]
     finally:
         for p in procs:
             p.kill()
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
-    assert _val_metrics(tmp_path / "two" / "run") == one
+    for rank, (p, (_, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, (rank, err[-3000:])
 
 
 def _free_port() -> int:
@@ -108,8 +113,7 @@ def test_one_step_two_processes_equals_one_process_two_images(tmp_path):
         if name == "one":  # the reference: in this process
             assert main(args) == 0
         else:
-            proc = run_cli(*args)
-            assert proc.returncode == 0, proc.stderr[-3000:]
+            _torchrun(*args)
         ckpt = torch.load(ckpt_dir(tmp_path / name / "run") / "last.ckpt", map_location="cpu", weights_only=False)
         assert ckpt["global_step"] == 1
         weights[name] = ckpt["state_dict"]

@@ -15,11 +15,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning"
 
 
 def test_kill_and_resume(tmp_path, synth_coco):
-    steps = 40
+    steps = 24
     cfg = tiny_config(tmp_path, synth_coco, **{"trainer.max_steps": steps, "trainer.limit_val_batches": 0})
-    every = tmp_path / "every2.yaml"
+    every = tmp_path / "every4.yaml"
     every.write_text("trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
-                     "      init_args: {every_n_train_steps: 2, save_last: true, filename: 'step-{step}'}\n")
+                     "      init_args: {every_n_train_steps: 4, save_last: true, filename: 'step-{step}'}\n")
     killed_dir = tmp_path / "run" / "lightning_logs" / "version_0" / "checkpoints"  # the first run's own folder
     cmd = ["fit", "-c", str(cfg), "-c", str(every)]
     proc = start_cli(*cmd)  # a process of its own, to kill
