@@ -36,6 +36,8 @@ JOBS: dict[str, tuple[str, tuple[str, ...]]] = {
     "mobilenet_onnx": ("artifacts:export_mobilenet", ()),
     "walkthrough": ("test_own_data_walkthrough:run_walkthrough", ()),
     "bench_quick": ("test_bench:run_quick_bench", ()),
+    "doors": ("test_inference_doors:collect_doors", ("tiny_run", "tiny_pt2", "tiny_onnx")),
+    "ema_run": ("test_ema:fit_and_validate_with_ema", ()),
 }
 
 

@@ -169,7 +169,8 @@ def _order_around_the_background(items) -> None:
     a minute or two), then those with slow tests, then those that use a background job, in
     `JOBS` order; a module's tests stay together (its module-scoped fixtures are built once)."""
     keys = _module_order(items)
-    items.sort(key=lambda item: keys[item.module.__name__])  # stable
+    if any(rank >= 0 for rank, _ in keys.values()):  # else (make test-fast) the files' order
+        items.sort(key=lambda item: keys[item.module.__name__])  # stable
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -232,3 +233,15 @@ def walkthrough(background: Jobs) -> dict[str, Any]:
 def bench_quick(background: Jobs) -> dict[str, Any]:
     """``focaldet bench --quick`` of every case but the exports (`test_bench.run_quick_bench`)."""
     return background.result("bench_quick")
+
+
+@pytest.fixture(scope="session")
+def doors(background: Jobs) -> dict[str, Any]:
+    """`tiny_run`'s detections through every door (`test_inference_doors.collect_doors`)."""
+    return background.result("doors")
+
+
+@pytest.fixture(scope="session")
+def ema_run(background: Jobs) -> dict[str, Any]:
+    """An EMA fit and two validates of its best checkpoint (`test_ema.fit_and_validate_with_ema`)."""
+    return background.result("ema_run")

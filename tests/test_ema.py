@@ -33,39 +33,47 @@ def test_decay_warms_up_to_its_cap():
         EMA(decay=1.0)
 
 
+def fit_and_validate_with_ema(out, synth, done: dict) -> dict:
+    """fit with EMA, then ``validate --ckpt_path best.ckpt`` and ``validate`` of the same file
+    with its raw weights: what each logged (a background job, tests/background.py)."""
+    cfg = tiny_config(out, synth, **{"trainer.max_steps": 20, "trainer.val_check_interval": 20,
+                                     "model.optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.003}},
+                                     "model.base_batch_size": 2, "model.lr_scheduler.init_args.warmup_iters": 5,
+                                     "data.min_size": 96, "data.max_size": 128,
+                                     # an undertrained model: keep every candidate (mAP > 0)
+                                     "model.model.postprocess": {"class_path": "focaldet.models.PostProcess",
+                                                                 "init_args": {"score_thresh": 0.0,
+                                                                               "detections_per_img": 20}}})
+    fit = _cli("fit", "-c", str(cfg), "-c", str(EMA_CONFIG))
+    best = next(ckpt_dir(out / "run").glob("best-*.ckpt"))
+    validate = _cli("validate", "-c", str(cfg), "--ckpt_path", str(best))
+    ckpt = torch.load(best, map_location="cpu", weights_only=True)
+    torch.save(dict(ckpt, state_dict=ckpt["current_model_state"]), out / "raw.ckpt")
+    raw_run = _cli("validate", "-c", str(cfg), "--ckpt_path", str(out / "raw.ckpt"))
+    return {"best": str(best),
+            "fit": {k: float(fit.trainer.callback_metrics[k]) for k in ("val/mAP", "val/loss")},
+            "validate": {"val/mAP": validate.model.last_eval.stats["mAP"],
+                         "val/loss": float(validate.trainer.callback_metrics["val/loss"])},
+            "raw": {"val/loss": float(raw_run.trainer.callback_metrics["val/loss"])}}
+
+
 @pytest.mark.slow
-def test_best_checkpoint_holds_the_average_that_validate_evaluates(synth_coco, tmp_path):
+def test_best_checkpoint_holds_the_average_that_validate_evaluates(ema_run):
     """fit with EMA: best.ckpt's state_dict is the average of the raw weights (they differ;
     the raw ones are kept in current_model_state); `validate --ckpt_path best.ckpt` gives the
     val/mAP and val/loss logged during fit; the raw weights give another val/loss."""
-    cfg = tiny_config(tmp_path, synth_coco, **{"trainer.max_steps": 20, "trainer.val_check_interval": 20,
-                                               "model.optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.003}},
-                                               "model.base_batch_size": 2, "model.lr_scheduler.init_args.warmup_iters": 5,
-                                               "data.min_size": 96, "data.max_size": 128,
-                                               # an undertrained model: keep every candidate (mAP > 0)
-                                               "model.model.postprocess": {"class_path": "focaldet.models.PostProcess",
-                                                                     "init_args": {"score_thresh": 0.0,
-                                                                                   "detections_per_img": 20}}})
-    fit = _cli("fit", "-c", str(cfg), "-c", str(EMA_CONFIG))
-    logged = float(fit.trainer.callback_metrics["val/mAP"])
-    logged_loss = float(fit.trainer.callback_metrics["val/loss"])
-    best = next(ckpt_dir(tmp_path / "run").glob("best-*.ckpt"))
-    ckpt = torch.load(best, map_location="cpu", weights_only=True)
+    ckpt = torch.load(ema_run["best"], map_location="cpu", weights_only=True)
     averaged, raw = ckpt["state_dict"], ckpt["current_model_state"]
     assert int(ckpt["averaging_state"]["n_averaged"]) == 20
     w = "model.head.cls_logits.weight"
     assert (averaged[w] - raw[w]).abs().max() > 1e-4  # the average is not the last weights
 
-    validate = _cli("validate", "-c", str(cfg), "--ckpt_path", str(best))
-    assert validate.model.last_eval.stats["mAP"] == pytest.approx(logged, abs=1e-6)
-    assert float(validate.trainer.callback_metrics["val/loss"]) == pytest.approx(logged_loss, rel=1e-5)
-    det = focaldet.load(best, device="cpu")
+    logged, validated = ema_run["fit"], ema_run["validate"]
+    assert validated["val/mAP"] == pytest.approx(logged["val/mAP"], abs=1e-6)
+    assert validated["val/loss"] == pytest.approx(logged["val/loss"], rel=1e-5)
+    det = focaldet.load(ema_run["best"], device="cpu")
     assert torch.equal(det.model.state_dict()["head.cls_logits.weight"], averaged[w])
-
-    raw_ckpt = dict(ckpt, state_dict=raw)
-    torch.save(raw_ckpt, tmp_path / "raw.ckpt")
-    raw_run = _cli("validate", "-c", str(cfg), "--ckpt_path", str(tmp_path / "raw.ckpt"))
-    assert float(raw_run.trainer.callback_metrics["val/loss"]) != pytest.approx(logged_loss, rel=1e-3)
+    assert ema_run["raw"]["val/loss"] != pytest.approx(logged["val/loss"], rel=1e-3)
 
 
 @pytest.mark.slow

@@ -51,16 +51,6 @@ def _mixed_size_set(synth, out: Path) -> tuple[Path, Path]:
     return ann, images_dir
 
 
-@pytest.fixture(scope="module")
-def doors_model(tmp_path_factory, synth_coco, tiny_run, tiny_onnx, tiny_pt2_detector):
-    """The session's tiny trained run (`tiny_run`: 40 steps at 96/128 px), its ONNX and .pt2
-    files (`focaldet export`), and a mixed-size val set."""
-    tmp = tmp_path_factory.mktemp("doors")
-    ann, images = _mixed_size_set(synth_coco, tmp / "mixed")
-    return {"cfg": tiny_run["cfg"], "ckpt": tiny_run["ckpt"], "tmp": tmp, "ann": ann, "images": images,
-            "onnx": tiny_onnx["path"], "torch_export": tiny_pt2_detector}
-
-
 def _newest(root: Path, name: str) -> Path:
     return max(root.rglob(name), key=lambda p: p.stat().st_mtime)
 
@@ -87,8 +77,16 @@ def _assert_same(door: str, got: list[dict], ref: list[dict]) -> None:
             assert err <= 0.5, f"{door}: image {image_id}: box off by {err:.3f} px ({r})"
 
 
-def test_every_door_gives_the_same_answer(doors_model):
-    m = doors_model
+def collect_doors(out: Path, synth, done: dict) -> dict:
+    """Every door's detections of a mixed-size val set by the session's tiny run (`tiny_run`,
+    40 steps at 96/128 px) and its ONNX and .pt2 files (`focaldet export`): a background job
+    (tests/background.py); the test below compares them. ``{"ann", "doors", "onnx_map"}``."""
+    from focaldet.export.runtime import ExportedDetector
+
+    tmp = out
+    ann, images = _mixed_size_set(synth, tmp / "mixed")
+    m = {"cfg": done["tiny_run"]["cfg"], "ckpt": done["tiny_run"]["ckpt"], "tmp": tmp, "ann": ann, "images": images,
+         "onnx": done["tiny_onnx"]["path"], "torch_export": ExportedDetector(done["tiny_pt2"]["path"])}
     ckpt, images, tmp = str(m["ckpt"]), m["images"], m["tmp"]
     gt = COCO(str(m["ann"]))
     ids = sorted(gt.getImgIds())
@@ -151,8 +149,6 @@ def test_every_door_gives_the_same_answer(doors_model):
     doors["serve"] = served
 
     # the exported files, image by image
-    from focaldet.export.runtime import ExportedDetector
-
     for fmt in ("onnx", "torch_export"):  # written by `focaldet export` from the checkpoint
         exported = ExportedDetector(m[fmt]) if fmt == "onnx" else m[fmt]
         label_of = {c: k for k, c in enumerate(det.category_ids)}
@@ -167,7 +163,13 @@ def test_every_door_gives_the_same_answer(doors_model):
                 torch.testing.assert_close(arr["scores"], d["scores"], rtol=0, atol=1e-4)
         doors[fmt] = found
     onnx_map = evaluate_exported(m["onnx"], ann, images).stats["mAP"]  # focaldet export evaluate
+    return {"ann": ann, "doors": doors, "onnx_map": onnx_map}
 
+
+def test_every_door_gives_the_same_answer(doors):
+    gt = COCO(doors["ann"])
+    ids = sorted(gt.getImgIds())
+    onnx_map, doors = doors["onnx_map"], doors["doors"]
     ref = doors["load one by one"]
     ref_map = evaluate_coco(gt, ref).stats["mAP"]
     assert sum(1 for _ in ref) >= 5 * len(ids) and 0.05 < ref_map < 0.95
