@@ -38,6 +38,8 @@ JOBS: dict[str, tuple[str, tuple[str, ...]]] = {
     "bench_quick": ("test_bench:run_quick_bench", ()),
     "doors": ("test_inference_doors:collect_doors", ("tiny_run", "tiny_pt2", "tiny_onnx")),
     "ema_run": ("test_ema:fit_and_validate_with_ema", ()),
+    "cli_run": ("test_cli:fit_validate_test_predict", ()),
+    "evaluator_run": ("test_evaluator_cli:validate_then_predict", ()),
 }
 
 

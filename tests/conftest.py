@@ -245,3 +245,15 @@ def doors(background: Jobs) -> dict[str, Any]:
 def ema_run(background: Jobs) -> dict[str, Any]:
     """An EMA fit and two validates of its best checkpoint (`test_ema.fit_and_validate_with_ema`)."""
     return background.result("ema_run")
+
+
+@pytest.fixture(scope="session")
+def cli_run(background: Jobs) -> dict[str, Any]:
+    """fit, validate, test and predict of the tiny config (`test_cli.fit_validate_test_predict`)."""
+    return background.result("cli_run")
+
+
+@pytest.fixture(scope="session")
+def evaluator_run(background: Jobs) -> dict[str, Any]:
+    """fit, validate and predict at thresholds (`test_evaluator_cli.validate_then_predict`)."""
+    return background.result("evaluator_run")

@@ -17,11 +17,38 @@ from helpers import ckpt_dir, first_batch_error, run_cli, tiny_config
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
+def _latest_version(run: Path) -> Path:
+    return max((run / "lightning_logs").iterdir(), key=lambda p: int(p.name.split("_")[1]))
+
+
+def fit_validate_test_predict(out: Path, synth, done: dict) -> dict:
+    """The tiny config's fit, then validate, test (every candidate kept, 5 per image) and
+    predict (drawn) of its last checkpoint: a background job (tests/background.py). What
+    validate printed, and the folders of test and predict."""
+    import contextlib
+    import io
+
+    cfg = tiny_config(out, synth)
+    run = out / "run"
+    assert main(["fit", "-c", str(cfg)]) == 0
+    validate = io.StringIO()
+    with contextlib.redirect_stdout(validate):
+        assert main(["validate", "-c", str(cfg), "--ckpt_path", "last"]) == 0
+    low_thresh = out / "low_thresh.yaml"  # an undertrained model: keep every candidate
+    low_thresh.write_text("model:\n  model:\n    postprocess:\n      class_path: focaldet.models.PostProcess\n"
+                          "      init_args: {score_thresh: 0.0, detections_per_img: 5}\n")
+    assert main(["test", "-c", str(cfg), "-c", str(low_thresh), "--ckpt_path", "last", "--data.test_ann",
+                 str(synth.val_ann), "--data.test_images", str(synth.images)]) == 0
+    tested = _latest_version(run)
+    assert main(["predict", "-c", str(cfg), "-c", str(low_thresh), "--ckpt_path", "last",
+                 "--data.predict_images", str(synth.images), "--model.prediction.draw", "true"]) == 0
+    return {"run": str(run), "validate_out": validate.getvalue(), "test": str(tested),
+            "predict": str(_latest_version(run))}
+
+
 @pytest.mark.slow  # trains (a fit), exports or starts a process: see docs/testing.md
-def test_fit_validate_test_predict(tmp_path, synth_coco, capsys):
-    cfg = tiny_config(tmp_path, synth_coco)
-    run = tmp_path / "run"
-    main(["fit", "-c", str(cfg)])
+def test_fit_validate_test_predict(cli_run, synth_coco):
+    run = Path(cli_run["run"])
     ckpts = sorted(p.name for p in ckpt_dir(run).iterdir())
     assert "last.ckpt" in ckpts and any(n.startswith("best-") for n in ckpts)
 
@@ -31,26 +58,17 @@ def test_fit_validate_test_predict(tmp_path, synth_coco, capsys):
     assert "SigmoidFocalLoss" not in meta["config"] and "train_ann" in meta["config"]
     assert ckpt["hyper_parameters"]["num_classes"] == 4  # linked from the data, never typed
 
-    capsys.readouterr()
-    main(["validate", "-c", str(cfg), "--ckpt_path", "last"])
-    out = capsys.readouterr().out
+    out = cli_run["validate_out"]
     assert "COCO bbox evaluation (val" in out and "AP50" in out
     for name in ("circle", "square", "triangle", "cross"):
         assert name in out  # per-class table
 
-    low_thresh = tmp_path / "low_thresh.yaml"  # an undertrained model: keep every candidate
-    low_thresh.write_text("model:\n  model:\n    postprocess:\n      class_path: focaldet.models.PostProcess\n"
-                          "      init_args: {score_thresh: 0.0, detections_per_img: 5}\n")
-    main(["test", "-c", str(cfg), "-c", str(low_thresh), "--ckpt_path", "last", "--data.test_ann",
-          str(synth_coco.val_ann), "--data.test_images", str(synth_coco.images)])
-    version = max((run / "lightning_logs").iterdir(), key=lambda p: int(p.name.split("_")[1]))
+    version = Path(cli_run["test"])
     results = json.loads((version / "test_detections.json").read_text())
     assert len(results) == 5 * len(COCO(str(synth_coco.val_ann)).getImgIds())  # 5 per image
     COCO(str(synth_coco.val_ann)).loadRes(str(version / "test_detections.json"))  # valid COCO results
     assert {r["category_id"] for r in results} <= {1, 3, 7, 8}
-    main(["predict", "-c", str(cfg), "-c", str(low_thresh), "--ckpt_path", "last",
-          "--data.predict_images", str(synth_coco.images), "--model.prediction.draw", "true"])
-    version = max((run / "lightning_logs").iterdir(), key=lambda p: int(p.name.split("_")[1]))
+    version = Path(cli_run["predict"])
     preds = json.loads((version / "predictions.json").read_text())
     assert preds and {"file_name", "category_name", "bbox", "score"} <= set(preds[0])
     pngs = list((version / "predictions").glob("*.png"))

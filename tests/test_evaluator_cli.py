@@ -1,41 +1,64 @@
 """``focaldet validate`` writes the evaluation files, logs val/loss; predict applies
 thresholds.json; the default logger writes TensorBoard events and metrics.csv together."""
 
+import contextlib
 import csv
+import io
 import json
 import math
+from pathlib import Path
 
 import pytest
 
 from focaldet.cli import main
-from tests.helpers import ckpt_dir, tiny_config
+from helpers import ckpt_dir, tiny_config
 
 
 def _latest_version(run):
     return max((run / "lightning_logs").iterdir(), key=lambda p: int(p.name.split("_")[1]))
 
 
-@pytest.mark.slow
-def test_validate_writes_evaluation_files_and_predict_uses_thresholds(tmp_path, synth_coco, capsys):
+def validate_then_predict(out: Path, synth, done: dict) -> dict:
+    """fit of the tiny config (every candidate kept); validate with a bad evaluation setting,
+    then as given; predict at validate's thresholds.json, then at 0.5: a background job
+    (tests/background.py). What validate printed and each run's folder."""
     low = {"class_path": "focaldet.models.PostProcess", "init_args": {"score_thresh": 0.0, "detections_per_img": 20}}
-    cfg = tiny_config(tmp_path, synth_coco, **{"model.model.postprocess": low})
-    run = tmp_path / "run"
-    main(["fit", "-c", str(cfg)])
+    cfg = tiny_config(out, synth, **{"model.model.postprocess": low})
+    run = out / "run"
+    assert main(["fit", "-c", str(cfg)]) == 0
     fit_dir = _latest_version(run)
+    bad, good = io.StringIO(), io.StringIO()
+    # an evaluation setting given to validate wins over the checkpoint's (fit's 100 replaced it)
+    with contextlib.redirect_stderr(bad):
+        bad_status = main(["validate", "-c", str(cfg), "--ckpt_path", "last", "--model.evaluation.max_dets", "5"])
+    with contextlib.redirect_stdout(good):
+        assert main(["validate", "-c", str(cfg), "--ckpt_path", "last"]) == 0
+    version = _latest_version(run)
+    assert main(["predict", "-c", str(cfg), "--ckpt_path", "last", "--data.predict_images", str(synth.images),
+                 "--model.prediction.score_threshold", str(version / "thresholds.json")]) == 0
+    at_thresholds = _latest_version(run)
+    assert main(["predict", "-c", str(cfg), "--ckpt_path", "last", "--data.predict_images", str(synth.images),
+                 "--model.prediction.score_threshold", "0.5"]) == 0
+    return {"run": str(run), "fit": str(fit_dir), "bad_status": bad_status, "bad_err": bad.getvalue(),
+            "validate_out": good.getvalue(), "validate": str(version), "predict_thresholds": str(at_thresholds),
+            "predict_05": str(_latest_version(run))}
+
+
+@pytest.mark.slow
+def test_validate_writes_evaluation_files_and_predict_uses_thresholds(evaluator_run, synth_coco):
+    r = evaluator_run
+    run, fit_dir = Path(r["run"]), Path(r["fit"])
     with open(fit_dir / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     val_rows = [r for r in rows if r.get("val/loss")]
     assert val_rows and all(math.isfinite(float(r["val/loss"])) for r in val_rows)
     assert {"val/loss_cls", "val/loss_box", "val/AP/circle"} <= set(rows[0])
 
-    capsys.readouterr()
     # an evaluation setting given to validate wins over the checkpoint's (fit's 100 replaced it)
-    assert main(["validate", "-c", str(cfg), "--ckpt_path", "last", "--model.evaluation.max_dets", "5"]) == 1
-    assert "max_dets must be >= 10" in capsys.readouterr().err
-    main(["validate", "-c", str(cfg), "--ckpt_path", "last"])
-    out = capsys.readouterr().out
+    assert r["bad_status"] == 1 and "max_dets must be >= 10" in r["bad_err"]
+    out = r["validate_out"]
     assert "Score thresholds maximising F1 at IoU 0.5" in out and "TIDE error breakdown" in out
-    version = _latest_version(run)
+    version = Path(r["validate"])
     for name in ("thresholds.json", "confusion_matrix.csv", "confusion_matrix.png", "errors.json", "errors.png",
                  "val_pr_curves.png", "val_detections.png", "val_detections.json", "confusion_matrix_normalized.png",
                  "report.html", "training_curves.png"):  # the curves: from fit's metrics.csv, named by the checkpoint
@@ -54,19 +77,15 @@ def test_validate_writes_evaluation_files_and_predict_uses_thresholds(tmp_path, 
     with open(version / "metrics.csv") as f:
         assert "val/loss" in next(csv.reader(f))
 
-    main(["predict", "-c", str(cfg), "--ckpt_path", "last", "--data.predict_images", str(synth_coco.images),
-          "--model.prediction.score_threshold", str(version / "thresholds.json")])
-    preds = json.loads((_latest_version(run) / "predictions.json").read_text())
+    preds = json.loads((Path(r["predict_thresholds"]) / "predictions.json").read_text())
     floor = {n: (t["score"] if t["score"] is not None else thresholds["all"]["score"]) for n, t in thresholds.items()}
     assert all(p["score"] >= floor[p["category_name"]] - 1e-5 for p in preds)
     import focaldet
 
     detector = focaldet.load(ckpt_dir(run) / "last.ckpt")  # Detector.predict reads the same file
-    for r in detector.predict(str(synth_coco.images), score_threshold=str(version / "thresholds.json")):
-        assert all(s >= floor[detector.names[k]] - 1e-5 for s, k in zip(r["scores"].tolist(), r["labels"].tolist()))
-    main(["predict", "-c", str(cfg), "--ckpt_path", "last", "--data.predict_images", str(synth_coco.images),
-          "--model.prediction.score_threshold", "0.5"])
-    assert all(p["score"] >= 0.5 for p in json.loads((_latest_version(run) / "predictions.json").read_text()))
+    for d in detector.predict(str(synth_coco.images), score_threshold=str(version / "thresholds.json")):
+        assert all(s >= floor[detector.names[k]] - 1e-5 for s, k in zip(d["scores"].tolist(), d["labels"].tolist()))
+    assert all(p["score"] >= 0.5 for p in json.loads((Path(r["predict_05"]) / "predictions.json").read_text()))
 
 
 @pytest.mark.slow
