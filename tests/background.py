@@ -40,6 +40,8 @@ JOBS: dict[str, tuple[str, tuple[str, ...]]] = {
     "ema_run": ("test_ema:fit_and_validate_with_ema", ()),
     "cli_run": ("test_cli:fit_validate_test_predict", ()),
     "evaluator_run": ("test_evaluator_cli:validate_then_predict", ()),
+    "compiled_focal_loss": ("test_bench:compile_focal_loss", ()),
+    "ddp_failures": ("test_ddp:fail_on_one_rank", ()),
 }
 
 

@@ -223,37 +223,23 @@ def mobilenet_onnx(background: Jobs) -> Path:
     return Path(background.result("mobilenet_onnx")["path"])
 
 
-@pytest.fixture(scope="session")
-def walkthrough(background: Jobs) -> dict[str, Any]:
-    """docs/own-data.md's walkthrough run as written (`test_own_data_walkthrough.run_walkthrough`)."""
-    return background.result("walkthrough")
+def _job_result(name: str, doc: str):
+    """A session fixture returning background job ``name``'s result (its builder: `JOBS[name]`)."""
+
+    def fixture(background: Jobs) -> dict[str, Any]:
+        return background.result(name)
+
+    fixture.__doc__ = f"{doc} (`{JOBS[name][0]}`)."
+    return pytest.fixture(scope="session", name=name)(fixture)
 
 
-@pytest.fixture(scope="session")
-def bench_quick(background: Jobs) -> dict[str, Any]:
-    """``focaldet bench --quick`` of every case but the exports (`test_bench.run_quick_bench`)."""
-    return background.result("bench_quick")
-
-
-@pytest.fixture(scope="session")
-def doors(background: Jobs) -> dict[str, Any]:
-    """`tiny_run`'s detections through every door (`test_inference_doors.collect_doors`)."""
-    return background.result("doors")
-
-
-@pytest.fixture(scope="session")
-def ema_run(background: Jobs) -> dict[str, Any]:
-    """An EMA fit and two validates of its best checkpoint (`test_ema.fit_and_validate_with_ema`)."""
-    return background.result("ema_run")
-
-
-@pytest.fixture(scope="session")
-def cli_run(background: Jobs) -> dict[str, Any]:
-    """fit, validate, test and predict of the tiny config (`test_cli.fit_validate_test_predict`)."""
-    return background.result("cli_run")
-
-
-@pytest.fixture(scope="session")
-def evaluator_run(background: Jobs) -> dict[str, Any]:
-    """fit, validate and predict at thresholds (`test_evaluator_cli.validate_then_predict`)."""
-    return background.result("evaluator_run")
+# the tests that read these assert on what the builder returns: what commands printed, the files
+# they wrote, the metrics they logged
+walkthrough = _job_result("walkthrough", "docs/own-data.md's walkthrough commands run as written")
+bench_quick = _job_result("bench_quick", "``focaldet bench --quick`` of every case but the exports")
+doors = _job_result("doors", "`tiny_run`'s detections through every door")
+ema_run = _job_result("ema_run", "an EMA fit and two validates of its best checkpoint")
+cli_run = _job_result("cli_run", "fit, validate, test and predict of the tiny config")
+evaluator_run = _job_result("evaluator_run", "fit, validate, and predict at its thresholds")
+compiled_focal_loss = _job_result("compiled_focal_loss", "the focal loss, eager and compiled: values and gradients")
+ddp_failures = _job_result("ddp_failures", "two DDP fits, one rank of each failing: exit codes and stderr")

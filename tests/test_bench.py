@@ -201,11 +201,14 @@ def test_focal_loss_backward_twice_through_a_retained_graph():
     torch.testing.assert_close(g1, g2)
 
 
-@pytest.mark.slow
-def test_compiled_focal_loss_equals_eager():
+def compile_focal_loss(out: Path, synth, done: dict) -> dict:
+    """`SigmoidFocalLoss` eager and ``compile=True`` (torch.compile's first compile takes
+    seconds) on two shapes, losses and gradients saved to ``out/focal.pt``: a background job
+    (tests/background.py), compared by the test below."""
     from focaldet.losses import SigmoidFocalLoss
 
     g = torch.Generator().manual_seed(1)
+    results = []
     for shape in ((2, 50, 4), (3, 70, 4)):  # a second shape: dynamic, no recompile error
         logits = (torch.randn(*shape, generator=g) * 3).requires_grad_()
         labels = torch.randint(0, 5, shape[:2], generator=g)
@@ -214,5 +217,13 @@ def test_compiled_focal_loss_equals_eager():
         (ge,) = torch.autograd.grad(eager, logits)
         compiled = SigmoidFocalLoss(compile=True)(logits, labels, weight)
         (gc,) = torch.autograd.grad(compiled, logits)
-        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-4)
-        torch.testing.assert_close(gc, ge, rtol=1e-5, atol=1e-6)
+        results.append({"eager": eager.detach(), "eager_grad": ge, "compiled": compiled.detach(), "compiled_grad": gc})
+    torch.save(results, out / "focal.pt")
+    return {"path": str(out / "focal.pt")}
+
+
+@pytest.mark.slow
+def test_compiled_focal_loss_equals_eager(compiled_focal_loss):
+    for r in torch.load(compiled_focal_loss["path"], weights_only=True):
+        torch.testing.assert_close(r["compiled"], r["eager"], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(r["compiled_grad"], r["eager_grad"], rtol=1e-5, atol=1e-6)

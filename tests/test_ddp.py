@@ -125,29 +125,39 @@ def test_one_step_two_processes_equals_one_process_two_images(tmp_path):
     assert moved > 1e-3  # the step really changed the weights
 
 
-def test_an_error_on_one_rank_ends_every_rank_with_its_message(tmp_path, synth_coco):
-    """One rank alone hits a bad image mid-training while the other waits in the gradient
-    all-reduce: both processes end within seconds (not the 30 min collective timeout) and the
-    user reads the failing rank's one-line error, and no traceback. Rank 1 failing and rank 0
-    failing are two launches, run at once (each spends seconds waiting for its fresh rank 1)."""
+def fail_on_one_rank(out: Path, synth, done: dict) -> dict:
+    """Two 2-process fits through Lightning's launcher (rank 1 a fresh process), rank 1 of one
+    and rank 0 of the other failing on a bad image at step 2, run at once (each waits seconds
+    for its fresh rank 1): a background job (tests/background.py); each launch's exit code and
+    stderr."""
     tests_dir = str(Path(__file__).parent)
     env = {"PYTHONPATH": os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")])}
     launches = {}
     try:
         for rank in (1, 0):
-            cfg = tiny_config(tmp_path / f"rank{rank}", synth_coco,
-                              **{"trainer.max_steps": 20, "trainer.limit_val_batches": 0})
+            cfg = tiny_config(out / f"rank{rank}", synth, **{"trainer.max_steps": 20, "trainer.limit_val_batches": 0})
             # a callback of the tests' own: outside focaldet's allow-list, so the run says it trusts it
             launches[rank] = start_cli("fit", "-c", str(cfg), *DDP, "--trust_checkpoint_code",
                                        "--trainer.callbacks+=faults.FailOnRank", f"--trainer.callbacks.rank={rank}",
                                        "--trainer.callbacks.step=2", env=env)
+        results = {}
         for rank, launch in launches.items():
             proc = launch.result(90)
-            assert proc.returncode != 0, rank
-            errors = [line for line in proc.stderr.splitlines() if line.startswith("focaldet: error: ")]
-            assert errors and set(errors) == {f"focaldet: error: cannot read image images/bad_on_rank{rank}.jpg: "
-                                              "not a decodable image"}, proc.stderr[-3000:]
-            assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+            results[str(rank)] = {"returncode": proc.returncode, "stderr": proc.stderr}
+        return results
     finally:
         for launch in launches.values():
             launch.kill()
+
+
+def test_an_error_on_one_rank_ends_every_rank_with_its_message(ddp_failures):
+    """One rank alone hits a bad image mid-training while the other waits in the gradient
+    all-reduce: both processes end within seconds (not the 30 min collective timeout) and the
+    user reads the failing rank's one-line error, and no traceback (`fail_on_one_rank`)."""
+    for rank in (1, 0):
+        proc = ddp_failures[str(rank)]
+        assert proc["returncode"] != 0, rank
+        errors = [line for line in proc["stderr"].splitlines() if line.startswith("focaldet: error: ")]
+        assert errors and set(errors) == {f"focaldet: error: cannot read image images/bad_on_rank{rank}.jpg: "
+                                          "not a decodable image"}, proc["stderr"][-3000:]
+        assert "Traceback" not in proc["stderr"], proc["stderr"][-3000:]
