@@ -42,6 +42,7 @@ JOBS: dict[str, tuple[str, tuple[str, ...]]] = {
     "evaluator_run": ("test_evaluator_cli:validate_then_predict", ()),
     "compiled_focal_loss": ("test_bench:compile_focal_loss", ()),
     "ddp_failures": ("test_ddp:fail_on_one_rank", ()),
+    "equal_budget": ("test_equal_budget:run_equal_budget", ()),
 }
 
 

@@ -243,3 +243,4 @@ cli_run = _job_result("cli_run", "fit, validate, test and predict of the tiny co
 evaluator_run = _job_result("evaluator_run", "fit, validate, and predict at its thresholds")
 compiled_focal_loss = _job_result("compiled_focal_loss", "the focal loss, eager and compiled: values and gradients")
 ddp_failures = _job_result("ddp_failures", "two DDP fits, one rank of each failing: exit codes and stderr")
+equal_budget = _job_result("equal_budget", "``focaldet equal-budget`` of the tiny config: its exit code and folder")

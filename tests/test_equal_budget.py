@@ -1,18 +1,31 @@
 """``focaldet equal-budget``: both libraries trained by one recipe, evaluated by one COCOeval."""
 
+import contextlib
+import io
 import json
+from pathlib import Path
 
 import pytest
 
-from helpers import ckpt_dir, run_cli, tiny_config
+from helpers import ckpt_dir, tiny_config
+
+
+def run_equal_budget(out: Path, synth, done: dict) -> dict:
+    """``focaldet equal-budget`` of the tiny config for 3 steps into ``out/eb``: a background job
+    (tests/background.py), in a process other than the tests'."""
+    from focaldet.cli import main
+
+    config = tiny_config(out, synth, **{"trainer.max_steps": 3, "trainer.val_check_interval": 3})
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        status = main(["equal-budget", "-c", str(config), "--out", str(out / "eb")])
+    return {"status": status, "stderr": stderr.getvalue()[-3000:], "out": str(out / "eb")}
 
 
 @pytest.mark.slow
-def test_equal_budget_trains_both_and_reports_both_tables(tmp_path, synth_coco):
-    config = tiny_config(tmp_path, synth_coco, **{"trainer.max_steps": 3, "trainer.val_check_interval": 3})
-    out = tmp_path / "eb"
-    proc = run_cli("equal-budget", "-c", str(config), "--out", str(out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_equal_budget_trains_both_and_reports_both_tables(equal_budget):
+    assert equal_budget["status"] == 0, equal_budget["stderr"]
+    out = Path(equal_budget["out"])
     report = json.loads((out / "report.json").read_text())
     assert set(report) == {"focaldet", "torchvision"}
     for side in report.values():

@@ -80,7 +80,7 @@ def test_serve_answers_what_predict_returns(tmp_path, synth_coco):
                     break
             except (urllib.error.URLError, ConnectionError):
                 pass
-            time.sleep(0.5)
+            time.sleep(0.1)
         else:
             pytest.fail("the server did not become healthy within 120 s")
         payload = json.dumps({"image": base64.b64encode(image.read_bytes()).decode()}).encode()

@@ -172,7 +172,7 @@ def test_hostile_requests_then_sigterm(tmp_path, synth_coco):
                     break
             except (urllib.error.URLError, ConnectionError):
                 pass
-            time.sleep(0.5)
+            time.sleep(0.1)
         else:
             pytest.fail("the server did not become healthy within 180 s")
 
