@@ -2,8 +2,8 @@
 
 They are single-threaded work: an ONNX export is 15-25 s of Python tracing (``torch.export``,
 then the ONNX exporter's decompositions), the tiny training run and the ``.pt2`` export about
-8 s each, the own-data walkthrough 20 s, the quick benchmark 16 s. On CI's 2 cores the tests keep computing on one while
-this process works on the other.
+8 s each, the own-data walkthrough 20 s, the quick benchmark 16 s. On CI's 2 cores the tests
+keep computing on one while this process works on the other.
 
 `Jobs.start(names)` forks one process from the import server (`warm.run_in_child`) that builds
 those jobs (and the ones they need) in `JOBS` order, each writing ``<name>.json`` (its result)
@@ -27,6 +27,8 @@ import traceback
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from focaldet.atomic import atomic_write
 
 # job name -> ("module:builder", the jobs whose results it uses), in the order they are built
 JOBS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -77,9 +79,8 @@ def build(names: list[str], out: str, synth: Any, threads: int) -> int:
         except BaseException:  # noqa: BLE001 - reported to the tests that need it
             (Path(out) / f"{name}.error").write_text(traceback.format_exc())
             continue
-        partial = Path(out) / f"{name}.json.part"
-        partial.write_text(json.dumps(done[name]))
-        partial.rename(Path(out) / f"{name}.json")
+        with atomic_write(Path(out) / f"{name}.json") as f:  # whole when the tests see it
+            json.dump(done[name], f)
     return 0
 
 
@@ -119,7 +120,7 @@ class Jobs:
         while not done.exists():
             if error.exists():
                 raise RuntimeError(f"background job {name} failed:\n{error.read_text()}")
-            if self.process.poll() is not None and not done.exists():
+            if self.process.poll() is not None and not done.exists():  # it may have written it since
                 raise RuntimeError(f"background job {name}: its process ended ({self.process.returncode}) "
                                    f"first:\n{self.process.stderr[-3000:]}")
             if time.monotonic() > deadline:

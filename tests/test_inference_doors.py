@@ -83,12 +83,10 @@ def collect_doors(out: Path, synth, done: dict) -> dict:
     (tests/background.py); the test below compares them. ``{"ann", "doors", "onnx_map"}``."""
     from focaldet.export.runtime import ExportedDetector
 
-    tmp = out
-    ann, images = _mixed_size_set(synth, tmp / "mixed")
-    m = {"cfg": done["tiny_run"]["cfg"], "ckpt": done["tiny_run"]["ckpt"], "tmp": tmp, "ann": ann, "images": images,
-         "onnx": done["tiny_onnx"]["path"], "torch_export": ExportedDetector(done["tiny_pt2"]["path"])}
-    ckpt, images, tmp = str(m["ckpt"]), m["images"], m["tmp"]
-    gt = COCO(str(m["ann"]))
+    tmp, cfg, ckpt = out, done["tiny_run"]["cfg"], done["tiny_run"]["ckpt"]
+    exported_files = {"onnx": done["tiny_onnx"]["path"], "torch_export": done["tiny_pt2"]["path"]}
+    mixed_ann, images = _mixed_size_set(synth, tmp / "mixed")
+    gt = COCO(str(mixed_ann))
     ids = sorted(gt.getImgIds())
     id_of = {gt.imgs[i]["file_name"]: i for i in ids}
     common = ["--data.num_workers", "0", "--trainer.enable_progress_bar", "false"]
@@ -103,7 +101,7 @@ def collect_doors(out: Path, synth, done: dict) -> dict:
     # ranks 0, 2, 4, 6 of each image, shifted 1 px: a mAP far from 0 and from 1 that moves
     # with any score or box difference.
     ann = tmp / "from_reference.json"
-    data = json.loads(Path(m["ann"]).read_text())
+    data = json.loads(mixed_ann.read_text())
     data["annotations"] = [
         {"id": k, "image_id": e["image_id"], "category_id": e["category_id"], "iscrowd": 0,
          "bbox": [e["bbox"][0] + 1, e["bbox"][1], e["bbox"][2], e["bbox"][3]], "area": e["bbox"][2] * e["bbox"][3]}
@@ -115,7 +113,7 @@ def collect_doors(out: Path, synth, done: dict) -> dict:
                                               det.category_ids)
 
     # validate with -c, validate with the checkpoint only, test (batches of 3 and 2)
-    assert main(["validate", "-c", str(m["cfg"]), "--ckpt_path", ckpt, "--data.val_ann", ann, "--data.val_images",
+    assert main(["validate", "-c", cfg, "--ckpt_path", ckpt, "--data.val_ann", ann, "--data.val_images",
                  str(images), "--trainer.default_root_dir", str(tmp / "v1"), *common]) == 0
     doors["validate -c"] = json.loads(_newest(tmp / "v1", "val_detections.json").read_text())
     assert main(["validate", "--ckpt_path", ckpt, "--data.val_ann", ann, "--data.val_images", str(images),
@@ -150,7 +148,7 @@ def collect_doors(out: Path, synth, done: dict) -> dict:
 
     # the exported files, image by image
     for fmt in ("onnx", "torch_export"):  # written by `focaldet export` from the checkpoint
-        exported = ExportedDetector(m[fmt]) if fmt == "onnx" else m[fmt]
+        exported = ExportedDetector(exported_files[fmt])
         label_of = {c: k for k, c in enumerate(det.category_ids)}
         found = []
         for i in ids:
@@ -162,7 +160,7 @@ def collect_doors(out: Path, synth, done: dict) -> dict:
                 arr = exported.predict_image(small)
                 torch.testing.assert_close(arr["scores"], d["scores"], rtol=0, atol=1e-4)
         doors[fmt] = found
-    onnx_map = evaluate_exported(m["onnx"], ann, images).stats["mAP"]  # focaldet export evaluate
+    onnx_map = evaluate_exported(exported_files["onnx"], ann, images).stats["mAP"]  # focaldet export evaluate
     return {"ann": ann, "doors": doors, "onnx_map": onnx_map}
 
 
